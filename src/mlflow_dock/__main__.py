@@ -1,0 +1,3 @@
+from mlflow_dock.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""Rendering of the serving image's Dockerfile and its build inputs (pure: no I/O).
+
+Layers go from least to most volatile so that every version of a model whose requirements did
+not change reuses all layers but the last:
+
+    base image -> system packages (only if a requirement needs them) -> Python requirements
+    (installed from requirements.txt copied alone) -> serving runtime settings -> model artifacts
+
+Build-only inputs (pip.conf with index URLs that may hold credentials, a corporate CA bundle) are
+copied into the `deps` stage only. The final stage copies the finished virtualenv out of it, so
+neither the files nor the instructions that used them reach the pushed image or its history.
+Image labels are not written here: they differ per version and are passed to the engine at
+build time, where they cannot invalidate the cached layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+SERVING_PORT = 8080
+MODEL_DIR = "/opt/ml/model"
+VENV_DIR = "/opt/mlflow-dock/venv"
+BUILD_DIR = "/tmp/mlflow-dock-build"  # noqa: S108 - lives only in the discarded deps stage
+RUNTIME_UID = 10001
+
+# Shared libraries some popular ML wheels load at run time but do not ship.
+_SYSTEM_PACKAGES_FOR: Mapping[str, tuple[str, ...]] = {
+    "lightgbm": ("libgomp1",),
+    "xgboost": ("libgomp1",),
+    "catboost": ("libgomp1",),
+    "opencv-python": ("libgl1", "libglib2.0-0"),
+    "prophet": ("build-essential",),
+}
+
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def requirement_name(line: str) -> str | None:
+    """The normalised distribution name of a requirements line, or None for options/comments."""
+    stripped = line.split("#", 1)[0].strip()
+    if not stripped or stripped.startswith("-"):
+        return None
+    match = _REQUIREMENT_NAME.match(stripped)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else None
+
+
+def serving_requirements(model_requirements: str) -> str:
+    """The model's requirements with full `mlflow` swapped for `mlflow-skinny` at the same pin.
+
+    Serving a pyfunc model needs only mlflow-skinny (it brings FastAPI and uvicorn); the full
+    package adds the tracking server, UI, pyarrow and matplotlib: hundreds of MB that serve nothing.
+    """
+    lines = []
+    has_mlflow = False
+    for line in model_requirements.splitlines():
+        name = requirement_name(line)
+        if name == "mlflow":
+            has_mlflow = True
+            rest = line.strip()[len("mlflow") :]
+            rest = re.sub(r"^\[[^\]]*\]", "", rest)  # extras of the full package do not apply
+            lines.append(f"mlflow-skinny{rest}")
+        elif name is not None or line.strip().startswith("-"):
+            lines.append(line.strip())
+    if not has_mlflow:
+        lines.insert(0, "mlflow-skinny")
+    return "\n".join(lines) + "\n"
+
+
+def system_packages_for(requirements: str) -> tuple[str, ...]:
+    wanted: set[str] = set()
+    for line in requirements.splitlines():
+        name = requirement_name(line)
+        if name is not None:
+            wanted.update(_SYSTEM_PACKAGES_FOR.get(name, ()))
+    return tuple(sorted(wanted))
+
+
+def requirements_hash(requirements: str) -> str:
+    return hashlib.sha256(requirements.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class PipOptions:
+    """How pip reaches packages during the build; never part of the final image."""
+
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    has_ca_bundle: bool = False
+
+    def pip_conf(self) -> str:
+        lines = ["[global]", "no-cache-dir = true", "disable-pip-version-check = true"]
+        if self.index_url:
+            lines.append(f"index-url = {self.index_url}")
+        if self.extra_index_urls:
+            lines.append("extra-index-url = " + " ".join(self.extra_index_urls))
+        if self.has_ca_bundle:
+            lines.append(f"cert = {BUILD_DIR}/ca-bundle.crt")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    base_image: str
+    requirements: str
+    system_packages: tuple[str, ...] = ()
+    pip: PipOptions = field(default_factory=PipOptions)
+
+
+_HEALTHCHECK = json.dumps(
+    [
+        "python",
+        "-c",
+        "import urllib.request; "
+        f"urllib.request.urlopen('http://127.0.0.1:{SERVING_PORT}/ping', timeout=4)",
+    ]
+)
+# No nginx in front (so no 5 MB body limit); uvicorn serves MLflow's own scoring app directly.
+_SERVE = json.dumps(
+    [
+        "uvicorn",
+        "--host",
+        "0.0.0.0",  # noqa: S104 - a serving container listens on all interfaces
+        "--port",
+        str(SERVING_PORT),
+        "--no-access-log",
+        "mlflow.pyfunc.scoring_server.app:app",
+    ]
+)
+
+
+def render_dockerfile(spec: ImageSpec) -> str:
+    """The Dockerfile for `spec`; the build context holds requirements.txt, _build/ and model/."""
+    apt = ""
+    if spec.system_packages:
+        apt = (
+            "RUN apt-get update \\\n"
+            " && apt-get install -y --no-install-recommends "
+            + " ".join(spec.system_packages)
+            + " \\\n && rm -rf /var/lib/apt/lists/*\n"
+        )
+    return f"""\
+FROM {spec.base_image} AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    LANG=C.UTF-8
+{apt}RUN mkdir -p /home/mlflow && chown {RUNTIME_UID}:{RUNTIME_UID} /home/mlflow
+
+FROM runtime AS deps
+COPY _build/ {BUILD_DIR}/
+COPY requirements.txt {BUILD_DIR}/requirements.txt
+RUN python3 -m venv {VENV_DIR} \\
+ && PIP_CONFIG_FILE={BUILD_DIR}/pip.conf {VENV_DIR}/bin/python -m pip install \\
+      --no-cache-dir -r {BUILD_DIR}/requirements.txt \\
+ && find {VENV_DIR} -name __pycache__ -prune -exec rm -rf {{}} +
+
+FROM runtime
+COPY --from=deps {VENV_DIR} {VENV_DIR}
+ENV PATH={VENV_DIR}/bin:$PATH \\
+    HOME=/home/mlflow \\
+    __pyfunc_model_path__={MODEL_DIR} \\
+    MLFLOW_DOCK_SERVING_PORT={SERVING_PORT}
+USER {RUNTIME_UID}:{RUNTIME_UID}
+EXPOSE {SERVING_PORT}
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \\
+  CMD {_HEALTHCHECK}
+CMD {_SERVE}
+COPY model/ {MODEL_DIR}/
+"""
+
+
+def image_labels(
+    *,
+    model_name: str,
+    version: str,
+    run_id: str | None,
+    source: str | None,
+    requirements_digest: str,
+    created: str,
+    image_source: str | None = None,
+    extra: Iterable[tuple[str, str]] = (),
+) -> dict[str, str]:
+    labels = {
+        "org.opencontainers.image.title": f"{model_name} v{version}",
+        "org.opencontainers.image.version": version,
+        "org.opencontainers.image.created": created,
+        "org.opencontainers.image.vendor": "mlflow-dock",
+        "io.mlflow-dock.model.name": model_name,
+        "io.mlflow-dock.model.version": version,
+        "io.mlflow-dock.model.run-id": run_id or "",
+        "io.mlflow-dock.model.source": source or "",
+        "io.mlflow-dock.requirements.sha256": requirements_digest,
+    }
+    if image_source:
+        labels["org.opencontainers.image.source"] = image_source
+    labels.update(extra)
+    return labels

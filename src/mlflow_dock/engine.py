@@ -1,0 +1,247 @@
+"""Docker Engine I/O through the docker SDK: build, run (smoke tests), push.
+
+Engine and registry failures surface as text in the SDK's JSON streams or as SDK exceptions;
+`classify_engine_error` is the one place that turns either into a retryable or permanent error.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from mlflow_dock.errors import PermanentError, RetryableError
+
+LogSink = Callable[[str], None]
+
+# Matched against engine/registry messages. Order matters: permanent patterns win, because
+# "denied" beside a 5xx is still a credential problem.
+_PERMANENT_PATTERNS = re.compile(
+    r"unauthorized|authentication required|denied|forbidden|invalid username|"
+    r"no basic auth credentials|manifest unknown|not found: manifest|pull access denied|"
+    r"repository name must|invalid reference format|no matching distribution|"
+    r"could not find a version|resolutionimpossible|dockerfile parse error|"
+    r"unknown instruction|name unknown|blob upload invalid|tag invalid",
+    re.IGNORECASE,
+)
+_RETRYABLE_PATTERNS = re.compile(
+    r"connection refused|connection reset|timed? ?out|timeout|temporary failure|"
+    r"\b5\d\d\b|service unavailable|bad gateway|toomanyrequests|too many requests|eof|"
+    r"i/o timeout|no such host|tls handshake|network is unreachable|read: connection|"
+    r"retrying|protocolerror|remotedisconnected",
+    re.IGNORECASE,
+)
+
+
+def classify_engine_error(message: str, *, what: str) -> Exception:
+    line = " ".join(message.split())[:500]
+    if _PERMANENT_PATTERNS.search(line):
+        return PermanentError(f"{what}: {line}")
+    if _RETRYABLE_PATTERNS.search(line):
+        return RetryableError(f"{what}: {line}")
+    return PermanentError(f"{what}: {line}")
+
+
+def _translate_sdk_error(exc: Exception, what: str) -> Exception:
+    import docker.errors
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return RetryableError(f"{what}: cannot reach the Docker Engine: {exc}")
+    if isinstance(exc, docker.errors.APIError):
+        status = exc.status_code or 0
+        explanation = str(exc.explanation or exc)
+        if status >= 500 and not _PERMANENT_PATTERNS.search(explanation):
+            return RetryableError(f"{what}: Docker Engine error {status}: {explanation}")
+        return classify_engine_error(explanation, what=what)
+    if isinstance(exc, docker.errors.DockerException):
+        return RetryableError(f"{what}: Docker Engine unavailable: {exc}")
+    return classify_engine_error(f"{type(exc).__name__}: {exc}", what=what)
+
+
+_PROGRESS_STATUSES = frozenset({"Preparing", "Waiting", "Pushing"})
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: str
+    digest: str
+
+
+class DockerEngine:
+    def __init__(self, *, base_url: str | None = None, network_mode: str | None = None) -> None:
+        self._base_url = base_url
+        self._network_mode = network_mode
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                if self._base_url:
+                    self._client = docker.DockerClient(base_url=self._base_url, version="auto")
+                else:
+                    self._client = docker.from_env(version="auto")
+            except Exception as exc:
+                raise _translate_sdk_error(exc, "connecting to the Docker Engine") from exc
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except Exception as exc:
+            raise _translate_sdk_error(exc, "pinging the Docker Engine") from exc
+
+    def build(
+        self,
+        context_dir: Path,
+        *,
+        extra_files: dict[str, bytes],
+        tag: str,
+        labels: dict[str, str],
+        log: LogSink,
+        timeout: int,
+    ) -> str:
+        """Build `context_dir` (with its Dockerfile) and return the image id."""
+        what = f"building {tag}"
+        image_id = None
+        # An unnamed temporary file: the context may hold a pip.conf with index credentials,
+        # which must never be left on disk under a name.
+        with _context_tar(context_dir, extra_files) as fileobj:
+            try:
+                stream = self.client.api.build(
+                    fileobj=fileobj,
+                    custom_context=True,
+                    tag=tag,
+                    labels=labels,
+                    rm=True,
+                    forcerm=True,
+                    pull=False,
+                    decode=True,
+                    timeout=timeout,
+                    network_mode=self._network_mode,
+                )
+                for chunk in stream:
+                    if "stream" in chunk:
+                        text = str(chunk["stream"]).rstrip("\n")
+                        if text:
+                            log(text)
+                    if "aux" in chunk and isinstance(chunk["aux"], dict):
+                        image_id = chunk["aux"].get("ID", image_id)
+                    if "error" in chunk:
+                        log(f"ERROR: {chunk['error']}")
+                        raise classify_engine_error(str(chunk["error"]), what=what)
+            except (PermanentError, RetryableError):
+                raise
+            except Exception as exc:
+                raise _translate_sdk_error(exc, what) from exc
+        if image_id is None:
+            try:
+                image_id = self.client.images.get(tag).id
+            except Exception as exc:
+                raise _translate_sdk_error(exc, what) from exc
+        return str(image_id)
+
+    def tag(self, image: str, repository: str, tag: str) -> None:
+        try:
+            self.client.api.tag(image, repository, tag=tag, force=True)
+        except Exception as exc:
+            raise _translate_sdk_error(exc, f"tagging {repository}:{tag}") from exc
+
+    def push(
+        self, repository: str, tag: str, *, username: str, password: str, log: LogSink
+    ) -> PushResult:
+        """Push with credentials passed per call; `docker login` would write them to disk."""
+        what = f"pushing {repository}:{tag}"
+        digest = None
+        try:
+            stream = self.client.api.push(
+                repository,
+                tag=tag,
+                stream=True,
+                decode=True,
+                auth_config={"username": username, "password": password},
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    log(f"ERROR: {chunk['error']}")
+                    raise classify_engine_error(str(chunk["error"]), what=what)
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and aux.get("Digest"):
+                    digest = str(aux["Digest"])
+                status = chunk.get("status")
+                # Per-layer progress lines are noise in a job log; keep state changes only.
+                if status and status not in _PROGRESS_STATUSES:
+                    log(f"{chunk.get('id', '')} {status}".strip())
+        except (PermanentError, RetryableError):
+            raise
+        except Exception as exc:
+            raise _translate_sdk_error(exc, what) from exc
+        if digest is None:
+            raise RetryableError(f"{what}: the engine reported no digest")
+        return PushResult(reference=f"{repository}:{tag}", digest=digest)
+
+    def image_exists(self, reference: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.images.get(reference)
+        except docker.errors.ImageNotFound:
+            return False
+        except Exception as exc:
+            raise _translate_sdk_error(exc, f"inspecting {reference}") from exc
+        return True
+
+    def run_detached(self, image: str, *, name: str, ports: dict[str, int] | None = None) -> Any:
+        try:
+            return self.client.containers.run(
+                image,
+                name=name,
+                detach=True,
+                ports=ports,
+                network_mode=None if ports else self._network_mode,
+            )
+        except Exception as exc:
+            raise _translate_sdk_error(exc, f"starting a container of {image}") from exc
+
+
+@contextmanager
+def _context_tar(context_dir: Path, extra_files: dict[str, bytes]) -> Iterator[IO[bytes]]:
+    """The build context as a tar in an unnamed temporary file.
+
+    `extra_files` (pip.conf, CA bundle) go straight from memory into the tar: pip.conf may hold
+    index credentials, and secrets are never written to disk under a name.
+    """
+    with tempfile.TemporaryFile() as fileobj:
+        with tarfile.open(fileobj=fileobj, mode="w") as tar:
+            for item in sorted(context_dir.iterdir()):
+                tar.add(item, arcname=item.name, filter=_normalise)
+            for name, data in sorted(extra_files.items()):
+                info = _normalise(tarfile.TarInfo(name))
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+        fileobj.seek(0)
+        yield fileobj
+
+
+def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # Fixed owners and times keep identical inputs byte-identical, which keeps the engine's
+    # build cache and therefore the layer digests stable across versions.
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    return info

@@ -1,0 +1,88 @@
+"""The MLflow webhook events mlflow-dock acts on, parsed only after authentication."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from mlflow_dock.errors import PayloadError
+
+SUPPORTED_EVENTS = ("model_version.created", "model_version_alias.created")
+
+_Name = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+_Version = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,17}$")]
+
+
+class _Data(BaseModel):
+    # Newer MLflow servers add keys (e.g. `workspace`); unknown keys must not break delivery.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ModelVersionData(_Data):
+    name: _Name
+    version: _Version
+    source: str | None = None
+    run_id: str | None = None
+
+
+class AliasData(_Data):
+    name: _Name
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    version: _Version
+
+
+class ModelVersionCreated(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["model_version.created"] = "model_version.created"
+    data: ModelVersionData
+
+
+class AliasCreated(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["model_version_alias.created"] = "model_version_alias.created"
+    data: AliasData
+
+
+Event = ModelVersionCreated | AliasCreated
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    entity: str = Field(min_length=1)
+    action: str = Field(min_length=1)
+    data: dict[str, object]
+
+
+def parse_event(body: bytes) -> Event:
+    """Parse an authenticated body; PayloadError says precisely what is wrong."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PayloadError("body must be a JSON object")
+    try:
+        envelope = _Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise PayloadError(_first_error(exc)) from None
+    event = f"{envelope.entity}.{envelope.action}"
+    try:
+        if event == "model_version.created":
+            return ModelVersionCreated(data=ModelVersionData.model_validate(envelope.data))
+        if event == "model_version_alias.created":
+            return AliasCreated(data=AliasData.model_validate(envelope.data))
+    except ValidationError as exc:
+        raise PayloadError(_first_error(exc, prefix="data")) from None
+    raise PayloadError(
+        f"unsupported event '{event}'; supported events: {', '.join(SUPPORTED_EVENTS)}"
+    )
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+    if error["type"] == "missing":
+        return f"missing field '{loc}'"
+    return f"invalid field '{loc}': {error['msg']}"

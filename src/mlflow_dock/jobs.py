@@ -1,0 +1,82 @@
+"""Job records and their state machine (pure: no I/O).
+
+Only the store changes states, and only along the transitions in `_TRANSITIONS`; everything
+else reads `Job` snapshots.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class JobKind(enum.StrEnum):
+    BUILD = "build"
+    ALIAS = "alias"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+
+_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    # RUNNING -> QUEUED: a transient failure waits for its retry, or a crashed process's job is
+    # picked up again on the next start.
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}),
+    # A new event for a version whose build failed asks for it again.
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    if target not in _TRANSITIONS[current]:
+        raise InvalidTransition(f"job cannot go from {current} to {target}")
+
+
+def build_key(model_name: str, version: str) -> str:
+    """The identity of a build: one job per (model, version), whatever the delivery."""
+    # NUL cannot occur in an MLflow model name, so the key cannot be forged by a crafted name.
+    return f"build\x00{model_name}\x00{version}"
+
+
+def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 300.0) -> float:
+    """Exponential backoff for the attempt that just failed (1-based)."""
+    return float(min(cap_seconds, base_seconds * 2 ** max(0, attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: JobKind
+    model_name: str
+    version: str
+    state: JobState
+    alias: str | None = None
+    depends_on: str | None = None
+    attempts: int = 0
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    not_before: datetime | None = None
+    image: str | None = None
+    digest: str | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    error: str | None = None
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,182 @@
+"""Running one job: MLflow model -> image build -> smoke test -> push; or alias -> tag.
+
+This module composes the pieces (MLflow source, Docker Engine, registry client) and knows
+nothing about HTTP or how jobs are scheduled; a Celery task would call `JobRunner.run` too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow_dock import naming
+from mlflow_dock.dockerfile import (
+    ImageSpec,
+    PipOptions,
+    image_labels,
+    render_dockerfile,
+    requirements_hash,
+    serving_requirements,
+    system_packages_for,
+)
+from mlflow_dock.engine import DockerEngine, LogSink
+from mlflow_dock.errors import PermanentError
+from mlflow_dock.jobs import Job, JobKind, JobState
+from mlflow_dock.mlflow_source import MlflowSource, ModelPackage
+from mlflow_dock.registry import RegistryClient
+from mlflow_dock.settings import Settings
+from mlflow_dock.smoke import SmokeTester
+from mlflow_dock.store import JobStore
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    image: str
+    digest: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a model's images go, derived once from settings and the model name."""
+
+    repository: str  # host[/path]/repo, no tag
+    registry_host: str
+    path: str  # repository path inside the registry
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_name: str) -> Target:
+        namespace = settings.image_namespace
+        if namespace is None:
+            namespace = naming.default_namespace(settings.docker_registry, settings.docker_username)
+        repository = naming.image_repository(settings.docker_registry, namespace, model_name)
+        host, _, path = repository.partition("/")
+        return cls(repository=repository, registry_host=host, path=path)
+
+
+RegistryFactory = Callable[[str], RegistryClient]
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: JobStore,
+        source: MlflowSource,
+        engine: DockerEngine,
+        registry_factory: RegistryFactory,
+        smoke: SmokeTester | None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._source = source
+        self._engine = engine
+        self._registry_factory = registry_factory
+        self._smoke = smoke
+        self._work_dir = settings.data_dir / "work"
+
+    def run(self, job: Job, log: LogSink) -> JobOutcome:
+        if job.kind is JobKind.BUILD:
+            return self.build(job.model_name, job.version, log, work_id=job.id)
+        return self._alias(job, log)
+
+    # -- builds -------------------------------------------------------------------------------
+
+    def build(
+        self, model_name: str, version: str, log: LogSink, *, work_id: str | None = None
+    ) -> JobOutcome:
+        target = Target.for_model(self._settings, model_name)
+        info = self._source.get_version(model_name, version)
+        log(f"model '{model_name}' version {version}: source {info.source}, run {info.run_id}")
+        work = self._work_dir / (work_id or uuid.uuid4().hex)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            package = self._source.download(model_name, version, work / "download")
+            log(f"downloaded model, Python {package.python_version}")
+            context = work / "context"
+            extra_files = self._prepare_context(package, context)
+            requirements = (context / "requirements.txt").read_text()
+            tag = naming.version_tag(version)
+            local_ref = f"{target.repository}:{tag}"
+            labels = image_labels(
+                model_name=model_name,
+                version=version,
+                run_id=info.run_id,
+                source=info.source,
+                requirements_digest=requirements_hash(requirements),
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            self._engine.build(
+                context,
+                extra_files=extra_files,
+                tag=local_ref,
+                labels=labels,
+                log=log,
+                timeout=self._settings.build_timeout_seconds,
+            )
+            if self._smoke is not None:
+                example = context / "model" / "serving_input_example.json"
+                self._smoke.check(local_ref, example if package.has_serving_example else None, log)
+            pushed = self._engine.push(
+                target.repository,
+                tag,
+                username=self._settings.docker_username,
+                password=self._settings.docker_registry_password.get_secret_value(),
+                log=log,
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f"pushed {pushed.reference}@{pushed.digest}")
+        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+
+    def _prepare_context(self, package: ModelPackage, context: Path) -> dict[str, bytes]:
+        context.mkdir(parents=True)
+        requirements = serving_requirements(package.requirements)
+        base = self._settings.base_image or f"python:{package.python_version}-slim"
+        base = base.replace("{python_version}", package.python_version)
+        ca_bundle = self._settings.build_ca_bundle
+        pip = PipOptions(
+            index_url=(
+                self._settings.pip_index_url.get_secret_value()
+                if self._settings.pip_index_url
+                else None
+            ),
+            extra_index_urls=self._settings.pip_extra_index_url_list,
+            has_ca_bundle=ca_bundle is not None,
+        )
+        spec = ImageSpec(
+            base_image=base,
+            requirements=requirements,
+            system_packages=system_packages_for(requirements),
+            pip=pip,
+        )
+        (context / "Dockerfile").write_text(render_dockerfile(spec))
+        (context / "requirements.txt").write_text(requirements)
+        shutil.move(str(package.path), str(context / "model"))
+        extra = {"_build/pip.conf": pip.pip_conf().encode()}
+        if ca_bundle is not None:
+            extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
+        return extra
+
+    # -- aliases ------------------------------------------------------------------------------
+
+    def _alias(self, job: Job, log: LogSink) -> JobOutcome:
+        assert job.alias is not None
+        build = self._store.build_for(job.model_name, job.version)
+        if build is None or build.state is not JobState.SUCCEEDED or not build.digest:
+            reason = build.error if build is not None and build.error else "no image was built"
+            raise PermanentError(
+                f"version {job.version} of '{job.model_name}' has no image: {reason}"
+            )
+        target = Target.for_model(self._settings, job.model_name)
+        tag = naming.alias_tag(job.alias)
+        with self._registry_factory(target.registry_host) as registry:
+            digest = registry.tag(target.path, build.digest, tag)
+        reference = f"{target.repository}:{tag}"
+        log(f"tagged {reference} -> {digest}")
+        return JobOutcome(image=reference, digest=digest, tags=(reference,))

@@ -1,0 +1,121 @@
+"""The running service: accepts events, stores jobs, and hands them to the workers.
+
+The three concerns stay apart so each can be replaced alone: `accept` (verify + parse + store)
+never builds anything, the `JobStore` only records, and the `WorkerPool` only runs what it
+claims. Moving builds to a distributed task engine replaces the pool, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mlflow_dock.buildlogs import BuildLogs
+from mlflow_dock.engine import DockerEngine
+from mlflow_dock.events import AliasCreated, ModelVersionCreated, parse_event
+from mlflow_dock.jobs import Job
+from mlflow_dock.mlflow_source import MlflowSource
+from mlflow_dock.pipeline import JobRunner
+from mlflow_dock.registry import RegistryClient
+from mlflow_dock.settings import Settings
+from mlflow_dock.signatures import WebhookVerifier
+from mlflow_dock.smoke import SmokeTester
+from mlflow_dock.store import JobStore
+from mlflow_dock.worker import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: Job
+    duplicate: bool
+
+
+def make_registry_factory(settings: Settings) -> Callable[[str], RegistryClient]:
+    def factory(host: str) -> RegistryClient:
+        return RegistryClient(
+            host,
+            username=settings.docker_username,
+            password=settings.docker_registry_password.get_secret_value(),
+            scheme="http" if settings.registry_insecure else None,
+        )
+
+    return factory
+
+
+def make_runner(settings: Settings, store: JobStore, engine: DockerEngine) -> JobRunner:
+    smoke = (
+        SmokeTester(engine, network_mode=settings.build_network) if settings.smoke_test else None
+    )
+    return JobRunner(
+        settings=settings,
+        store=store,
+        source=MlflowSource(settings.mlflow_tracking_uri),
+        engine=engine,
+        registry_factory=make_registry_factory(settings),
+        smoke=smoke,
+    )
+
+
+class Service:
+    def __init__(self, settings: Settings, *, store: JobStore | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or JobStore.from_url(settings.resolved_database_url)
+        self.logs = BuildLogs(settings.data_dir / "logs", secrets=settings.secret_values())
+        self.verifier = WebhookVerifier(
+            settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
+        )
+        self.engine = DockerEngine(
+            base_url=settings.docker_host, network_mode=settings.build_network
+        )
+        self.runner = make_runner(settings, self.store, self.engine)
+        self.pool = WorkerPool(
+            store=self.store,
+            runner=self.runner,
+            logs=self.logs,
+            concurrency=settings.build_concurrency,
+            max_attempts=settings.max_attempts,
+            backoff_seconds=settings.retry_backoff_seconds,
+        )
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.engine.close()
+        self.store.close()
+
+    def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
+        """Verify, de-duplicate, parse and store one delivery. Raises RequestError subclasses."""
+        delivery_id = self.verifier.verify(body, headers)
+        existing = self.store.job_for_delivery(delivery_id)
+        if existing is not None:
+            logger.info("delivery %s seen before: job %s", delivery_id, existing.id)
+            return Accepted(existing, duplicate=True)
+        event = parse_event(body)
+        data = event.data
+        if isinstance(event, ModelVersionCreated):
+            job, changed = self.store.request_build(
+                data.name, data.version, delivery_id=delivery_id
+            )
+        else:
+            assert isinstance(event, AliasCreated)
+            job, changed = self.store.request_alias(
+                data.name, data.version, event.data.alias, delivery_id=delivery_id
+            )
+        logger.info(
+            "delivery %s: %s for '%s' version %s -> job %s (%s)",
+            delivery_id,
+            event.kind,
+            data.name,
+            data.version,
+            job.id,
+            "queued" if changed else f"existing, {job.state}",
+        )
+        if changed:
+            self.pool.notify()
+        return Accepted(job, duplicate=not changed)

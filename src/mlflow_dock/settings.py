@@ -1,0 +1,187 @@
+"""Configuration, read once at the edges (CLI, ASGI entry point) and passed down.
+
+The six names MLflow users already know (`MLFLOW_WEBHOOK_SECRET`, `DOCKER_USERNAME`, ...) keep
+their spelling; everything mlflow-dock adds carries the `MLFLOW_DOCK_` prefix, and MLflow's and
+Docker's own variables (`MLFLOW_TRACKING_URI`, `DOCKER_HOST`) mean what they mean there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlflow_dock.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path("mlflow-dock-data")
+
+
+def _env(name: str) -> Any:
+    # validation_alias makes the error location the variable's name, which is what the one-line
+    # startup error must show; the field name stays usable in code and tests.
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    webhook_secret: SecretStr = Field(validation_alias=_env("MLFLOW_WEBHOOK_SECRET"))
+    previous_webhook_secret: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_PREVIOUS_WEBHOOK_SECRET")
+    )
+    docker_username: str = Field(validation_alias=_env("DOCKER_USERNAME"))
+    docker_registry_password: SecretStr = Field(validation_alias=_env("DOCKER_REGISTRY_PASSWORD"))
+    docker_registry: str = Field(default="docker.io", validation_alias=_env("DOCKER_REGISTRY"))
+    max_timestamp_age: int = Field(default=300, ge=1, validation_alias=_env("MAX_TIMESTAMP_AGE"))
+    port: int = Field(default=8000, ge=1, le=65535, validation_alias=_env("PORT"))
+    host: str = Field(default="0.0.0.0", validation_alias=_env("MLFLOW_DOCK_HOST"))  # noqa: S104
+
+    mlflow_tracking_uri: str = Field(
+        default="http://localhost:5000", validation_alias=_env("MLFLOW_TRACKING_URI")
+    )
+    docker_host: str | None = Field(default=None, validation_alias=_env("DOCKER_HOST"))
+
+    image_namespace: str | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_IMAGE_NAMESPACE")
+    )
+    base_image: str | None = Field(default=None, validation_alias=_env("MLFLOW_DOCK_BASE_IMAGE"))
+    builder: Literal["layered", "mlflow"] = Field(
+        default="layered", validation_alias=_env("MLFLOW_DOCK_BUILDER")
+    )
+    build_network: str | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_BUILD_NETWORK")
+    )
+    smoke_test: bool = Field(default=True, validation_alias=_env("MLFLOW_DOCK_SMOKE_TEST"))
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, validation_alias=_env("MLFLOW_DOCK_DATA_DIR"))
+    database_url: str | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_DATABASE_URL")
+    )
+    build_concurrency: int = Field(
+        default=1, ge=1, le=64, validation_alias=_env("MLFLOW_DOCK_BUILD_CONCURRENCY")
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, le=100, validation_alias=_env("MLFLOW_DOCK_MAX_ATTEMPTS")
+    )
+    retry_backoff_seconds: float = Field(
+        default=5.0, ge=0, validation_alias=_env("MLFLOW_DOCK_RETRY_BACKOFF_SECONDS")
+    )
+    build_timeout_seconds: int = Field(
+        default=3600, ge=10, validation_alias=_env("MLFLOW_DOCK_BUILD_TIMEOUT_SECONDS")
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_TLS_CERT_FILE")
+    )
+    tls_key_file: Path | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_TLS_KEY_FILE")
+    )
+    registry_insecure: bool = Field(
+        default=False, validation_alias=_env("MLFLOW_DOCK_REGISTRY_INSECURE")
+    )
+    build_ca_bundle: Path | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_BUILD_CA_BUNDLE")
+    )
+    # Index URLs may embed credentials (https://user:token@host/simple), so they are secrets.
+    pip_index_url: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_PIP_INDEX_URL")
+    )
+    pip_extra_index_urls: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_PIP_EXTRA_INDEX_URLS")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias=_env("MLFLOW_DOCK_LOG_LEVEL")
+    )
+
+    @field_validator("docker_registry")
+    @classmethod
+    def _strip_registry(cls, value: str) -> str:
+        value = value.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
+        if not value:
+            raise ValueError("must name a registry host")
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "build_ca_bundle")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = (
+                "MLFLOW_DOCK_TLS_KEY_FILE"
+                if self.tls_key_file is None
+                else ("MLFLOW_DOCK_TLS_CERT_FILE")
+            )
+            raise ValueError(f"{missing}: must be set together with its pair")
+        return self
+
+    @property
+    def webhook_secrets(self) -> tuple[str, ...]:
+        """Current secret first; the previous one is accepted during a rotation."""
+        secrets = [self.webhook_secret.get_secret_value()]
+        if self.previous_webhook_secret is not None:
+            secrets.append(self.previous_webhook_secret.get_secret_value())
+        return tuple(secrets)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def pip_extra_index_url_list(self) -> tuple[str, ...]:
+        if self.pip_extra_index_urls is None:
+            return ()
+        raw = self.pip_extra_index_urls.get_secret_value().replace(",", " ")
+        return tuple(part for part in raw.split() if part)
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every configured secret, for redacting build logs and error reasons."""
+        values = [*self.webhook_secrets, self.docker_registry_password.get_secret_value()]
+        if self.pip_index_url is not None:
+            values.append(self.pip_index_url.get_secret_value())
+        values.extend(self.pip_extra_index_url_list)
+        return tuple(v for v in values if v)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and `.env`), or raise ConfigError with one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    name = ".".join(str(part) for part in error["loc"]) or "configuration"
+    if error["type"] == "missing":
+        return f"{name} is required but not set"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    return f"{name}: {message}"

@@ -1,0 +1,153 @@
+"""Running stored jobs: `execute_job` for one claimed job, `WorkerPool` for the embedded pool.
+
+`execute_job` is the unit a distributed task engine would call on a remote worker; the pool is
+only one way to feed it (threads polling the store, woken when an event is accepted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from mlflow_dock.buildlogs import BuildLogs
+from mlflow_dock.errors import JobError, is_retryable
+from mlflow_dock.jobs import Job, JobState, retry_delay
+from mlflow_dock.pipeline import JobRunner
+from mlflow_dock.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def execute_job(
+    job: Job,
+    *,
+    store: JobStore,
+    runner: JobRunner,
+    logs: BuildLogs,
+    max_attempts: int,
+    backoff_seconds: float,
+) -> Job:
+    """Run a job the caller has claimed and record how it ended. Never raises for job failures."""
+
+    def log(line: str) -> None:
+        logs.append(job.id, line)
+
+    log(
+        f"attempt {job.attempts} of {max_attempts}: {job.kind} job for '{job.model_name}' "
+        f"version {job.version}" + (f" alias '{job.alias}'" if job.alias else "")
+    )
+    try:
+        outcome = runner.run(job, log)
+    except Exception as exc:
+        reason = logs.redact(_one_line(exc))
+        if not isinstance(exc, JobError):
+            logger.exception("job %s crashed", job.id)
+            reason = f"internal error: {reason}"
+        if is_retryable(exc) and job.attempts < max_attempts:
+            delay = retry_delay(job.attempts, backoff_seconds)
+            log(f"transient failure, retrying in {delay:.0f} s: {reason}")
+            logger.warning("job %s will retry in %.0f s: %s", job.id, delay, reason)
+            return store.retry_later(job.id, reason, delay)
+        log(f"FAILED: {reason}")
+        logger.error("job %s failed: %s", job.id, reason)
+        return store.fail(job.id, reason)
+    finished = store.succeed(job.id, image=outcome.image, digest=outcome.digest, tags=outcome.tags)
+    log(f"succeeded in {finished.duration_seconds or 0:.1f} s: {outcome.image}@{outcome.digest}")
+    logger.info("job %s succeeded: %s@%s", job.id, outcome.image, outcome.digest)
+    return finished
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:1000]
+
+
+class WorkerPool:
+    """Threads that claim queued jobs from the store, at most `concurrency` at a time."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        runner: JobRunner,
+        logs: BuildLogs,
+        concurrency: int,
+        max_attempts: int,
+        backoff_seconds: float,
+        poll_seconds: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._logs = logs
+        self._concurrency = concurrency
+        self._max_attempts = max_attempts
+        self._backoff = backoff_seconds
+        self._poll = poll_seconds
+        self._wake = threading.Condition()
+        self._pending_wakeups = 0
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        requeued = self._store.requeue_interrupted()
+        for job in requeued:
+            logger.warning("job %s was interrupted by a restart; queued again", job.id)
+            self._logs.append(job.id, "interrupted by a service restart; queued again")
+        for index in range(self._concurrency):
+            thread = threading.Thread(
+                target=self._loop, name=f"mlflow-dock-worker-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._pending_wakeups += 1
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self.notify()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._store.claim_next()
+            except Exception:
+                logger.exception("claiming a job failed; retrying")
+                job = None
+            if job is None:
+                self._sleep()
+                continue
+            execute_job(
+                job,
+                store=self._store,
+                runner=self._runner,
+                logs=self._logs,
+                max_attempts=self._max_attempts,
+                backoff_seconds=self._backoff,
+            )
+            if job.kind == "build":
+                # A finished build may unblock alias jobs waiting on it.
+                self.notify()
+
+    def _sleep(self) -> None:
+        timeout = self._poll
+        wakeup = self._store.next_wakeup()
+        if wakeup is not None:
+            timeout = max(0.05, min(timeout, (wakeup - datetime.now(UTC)).total_seconds()))
+        with self._wake:
+            if self._pending_wakeups == 0:
+                self._wake.wait(timeout)
+            self._pending_wakeups = max(0, self._pending_wakeups - 1)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+
+__all__ = ["JobState", "WorkerPool", "execute_job"]

@@ -1,0 +1,566 @@
+"""Real collaborators for integration tests and benchmarks.
+
+Plain functions and classes (no pytest), so bench scripts can start the same registry,
+MLflow server and mlflow-dock service as the test suite. Every server runs as a child
+process in its own process group, so ``stop()`` also reaps whatever it spawned
+(uvicorn workers, job runners) and nothing outlives the test session.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SUPPORT_DIR = Path(__file__).resolve().parent
+BASE_IMAGE_SCRIPT = SUPPORT_DIR / "build-base-image.sh"
+DEFAULT_BASE_IMAGE = "mlflow-dock-test-base:bookworm-py3.11"
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+# The interpreter running the tests is the project venv (uv run / .venv/bin/python), which is
+# the one that has mlflow, scikit-learn and mlflow_dock installed.
+PYTHON = sys.executable
+
+# Children must never try to phone home: the network here only reaches package indexes,
+# and a telemetry attempt that hangs would show up as a slow startup.
+_QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class ServerStartError(RuntimeError):
+    """A child server died or never became ready; the message carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def docker_available(timeout: float = 5.0) -> bool:
+    try:
+        import docker
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=int(max(timeout, 1)))
+    except Exception:
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+def missing_integration_prerequisites() -> list[str]:
+    """Human-readable reasons the integration suite cannot run here (empty if it can)."""
+    missing: list[str] = []
+    if not docker_available():
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        missing.append(f"Docker Engine not reachable at {host}")
+    if shutil.which("docker-registry") is None:
+        missing.append("`docker-registry` (CNCF Distribution) not on PATH")
+    if not _have_bcrypt() and shutil.which("htpasswd") is None:
+        missing.append("neither the `bcrypt` package nor `htpasswd` (apache2-utils) available")
+    return missing
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"<no log at {path}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _spawn(argv: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log: IO[bytes] = log_path.open("ab")
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=log_path.parent,
+            start_new_session=True,
+        )
+    finally:
+        # The child holds its own descriptor; keeping ours open would leak one per start.
+        log.close()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # start_new_session=True made the child a group leader, so its pid is the group id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Workers may ignore SIGTERM or outlive a leader that already exited.
+    _signal_group(proc, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _wait_until(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    *,
+    what: str,
+    log_path: Path,
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ServerStartError(
+                f"{what} exited with code {proc.returncode} before becoming ready; "
+                f"log {log_path}:\n{log_tail(log_path)}"
+            )
+        try:
+            if ready():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServerStartError(
+                f"{what} not ready after {timeout:.0f}s; log {log_path}:\n{log_tail(log_path)}"
+            )
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _have_bcrypt() -> bool:
+    try:
+        import bcrypt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def htpasswd_line(username: str, password: str) -> str:
+    try:
+        import bcrypt
+    except ImportError:
+        out = subprocess.run(
+            ["htpasswd", "-Bbn", username, password],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return out.strip()
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+    return f"{username}:{hashed}"
+
+
+@dataclass
+class RegistryServer:
+    host: str
+    url: str
+    username: str
+    password: str
+    storage_dir: Path
+    log_path: Path
+    config_path: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def auth_config(self) -> dict[str, str]:
+        """The docker SDK's per-call ``auth_config`` (tests never `docker login`)."""
+        return {"username": self.username, "password": self.password}
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return (self.username, self.password)
+
+    def stored_bytes(self) -> int:
+        """Bytes of blob data the registry holds; benchmarks compare it before/after pushes."""
+        blobs = self.storage_dir / "docker" / "registry" / "v2" / "blobs"
+        if not blobs.exists():
+            return 0
+        return sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+
+def _registry_config(workdir: Path, port: int, htpasswd_path: Path) -> dict[str, object]:
+    return {
+        "version": 0.1,
+        "log": {"level": "info", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(workdir / "storage")},
+            "delete": {"enabled": True},
+            # The default upload purger scans every 24h and logs noise; tests never need it.
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        },
+        "http": {
+            "addr": f"127.0.0.1:{port}",
+            # Without a fixed secret Distribution logs a warning and invents one per start.
+            "secret": secrets.token_hex(16),
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
+        "auth": {"htpasswd": {"realm": "mlflow-dock-test", "path": str(htpasswd_path)}},
+    }
+
+
+def start_registry(
+    workdir: Path, username: str, password: str, *, timeout: float = 30.0
+) -> RegistryServer:
+    """Start CNCF Distribution (`docker-registry serve`) with htpasswd auth on 127.0.0.1.
+
+    Docker treats 127.0.0.0/8 as an insecure registry, so plain HTTP works for pushes.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    htpasswd_path = workdir / "htpasswd"
+    # Must exist before the registry starts: Distribution otherwise creates one with a random
+    # password for a user "docker" and our credentials would be rejected.
+    htpasswd_path.write_text(htpasswd_line(username, password) + "\n")
+    config_path = workdir / "config.yml"
+    log_path = workdir / "registry.log"
+    env = {**os.environ, **_QUIET_ENV}
+
+    last_error: ServerStartError | None = None
+    # free_port() can race with another process grabbing the port; retry on a new one.
+    for _ in range(3):
+        port = free_port()
+        # JSON is valid YAML, and avoids depending on a YAML emitter here.
+        config_path.write_text(json.dumps(_registry_config(workdir, port, htpasswd_path), indent=2))
+        proc = _spawn(["docker-registry", "serve", str(config_path)], log_path, env)
+        server = RegistryServer(
+            host=f"127.0.0.1:{port}",
+            url=f"http://127.0.0.1:{port}",
+            username=username,
+            password=password,
+            storage_dir=workdir / "storage",
+            log_path=log_path,
+            config_path=config_path,
+            _proc=proc,
+        )
+        try:
+            _wait_until(
+                lambda url=server.url: httpx.get(f"{url}/v2/", timeout=2).status_code == 401,
+                proc,
+                what="docker-registry",
+                log_path=log_path,
+                timeout=timeout,
+            )
+        except ServerStartError as exc:
+            server.stop()
+            last_error = exc
+            continue
+        return server
+    assert last_error is not None
+    raise last_error
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    port: int
+    workdir: Path
+    log_path: Path
+    backend_store_uri: str
+    artifacts_dir: Path
+    encryption_key: str
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+
+def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer:
+    """Start a SQLite-backed `mlflow server` that proxies artifacts over HTTP.
+
+    SQL backend because a file store never delivers webhooks; --serve-artifacts so clients in
+    other processes (the service, containers on the host network) download models over HTTP
+    from ``mlflow-artifacts:/`` instead of needing this machine's file system.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts_dir = workdir / "artifacts"
+    artifacts_dir.mkdir(exist_ok=True)
+    backend = f"sqlite:///{workdir / 'mlflow.db'}"
+    log_path = workdir / "mlflow-server.log"
+    key = base64.urlsafe_b64encode(os.urandom(32)).decode()  # a Fernet key
+    env = {
+        **os.environ,
+        **_QUIET_ENV,
+        # Loopback receivers over plain HTTP are refused by default (SSRF protection).
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        # The server caches the webhook list per event for 60s by default, so a webhook created
+        # by a test would miss the events that test triggers right after.
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        # Fixed per server so stored secrets stay readable for the server's whole life.
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
+        # The job runner forks ~7 huey consumers: +25s startup and most of 2 CPU cores, for a
+        # feature (GenAI jobs) these tests never use. Webhooks are delivered in-process.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    # A tracking URI inherited from the caller's shell must not redirect the server.
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    last_error: ServerStartError | None = None
+    for _ in range(3):
+        port = free_port()
+        argv = [
+            PYTHON,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        proc = _spawn(argv, log_path, env)
+        server = MlflowServer(
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            workdir=workdir,
+            log_path=log_path,
+            backend_store_uri=backend,
+            artifacts_dir=artifacts_dir,
+            encryption_key=key,
+            _proc=proc,
+        )
+        try:
+            _wait_until(
+                lambda url=server.url: httpx.get(f"{url}/health", timeout=2).status_code == 200,
+                proc,
+                what="mlflow server",
+                log_path=log_path,
+                timeout=timeout,
+            )
+        except ServerStartError as exc:
+            server.stop()
+            last_error = exc
+            continue
+        return server
+    assert last_error is not None
+    raise last_error
+
+
+def log_sklearn_model(
+    tracking_uri: str,
+    model_name: str,
+    *,
+    broken: bool = False,
+    input_example: bool = True,
+    timeout: float = 180.0,
+) -> str:
+    """Register a new version of ``model_name`` and return its version string.
+
+    ``broken=True`` registers a pyfunc model whose ``load_context`` raises, so anything that
+    loads it (a serving container's smoke test) fails while logging/registering succeeds.
+    """
+    argv = [PYTHON, str(SUPPORT_DIR / "log_model.py"), "--name", model_name]
+    if broken:
+        argv.append("--broken")
+    if not input_example:
+        argv.append("--no-input-example")
+    env = {
+        **os.environ,
+        **_QUIET_ENV,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        # Run from the repo, MLflow would take this project's uv.lock (54 dev packages) as the
+        # model's requirements; the model must declare what it needs, like a user's would.
+        "MLFLOW_UV_AUTO_DETECT": "false",
+        "MLFLOW_LOG_UV_FILES": "false",
+    }
+    with tempfile.TemporaryDirectory(prefix="mlflow-dock-log-model-") as cwd:
+        proc = subprocess.run(
+            argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"logging model {model_name!r} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return str(json.loads(line)["version"])
+    raise RuntimeError(f"log_model.py printed no version:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+
+
+# --------------------------------------------------------------------------- base image
+
+
+def ensure_base_image(tag: str = DEFAULT_BASE_IMAGE, *, timeout: float = 1200.0) -> str:
+    """Build (or reuse) the offline Debian + Python 3.11 base image and return its tag."""
+    proc = subprocess.run(
+        ["bash", str(BASE_IMAGE_SCRIPT), tag],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{BASE_IMAGE_SCRIPT.name} failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
+        )
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- mlflow-dock
+
+
+SERVICE_COMMAND: tuple[str, ...] = (PYTHON, "-m", "mlflow_dock", "serve")
+
+
+@dataclass
+class ServiceProcess:
+    """A running ``mlflow-dock serve``; ``kill()`` + ``restart()`` simulate a crash."""
+
+    env: dict[str, str]
+    workdir: Path
+    log_path: Path
+    port: int
+    command: tuple[str, ...] = SERVICE_COMMAND
+    startup_timeout: float = 60.0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError("service already running")
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== mlflow-dock start {time.strftime('%H:%M:%S')} =====\n".encode())
+        self._proc = _spawn(list(self.command), self.log_path, self.env)
+        try:
+            _wait_until(
+                lambda: httpx.get(f"{self.url}/health", timeout=2).status_code == 200,
+                self._proc,
+                what="mlflow-dock service",
+                log_path=self.log_path,
+                timeout=self.startup_timeout,
+            )
+        except ServerStartError:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful shutdown (SIGTERM, then wait); returns the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        # Reap anything the service left behind in its group (e.g. build helpers).
+        _signal_group(proc, signal.SIGKILL)
+        return proc.returncode
+
+    def kill(self) -> None:
+        """Abrupt death (SIGKILL to the whole group), as in a crash or OOM kill."""
+        proc = self._proc
+        if proc is None:
+            return
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop if still running, then start again with the same env, port and data dir."""
+        if self.running:
+            self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_service(
+    env: Mapping[str, str],
+    workdir: Path,
+    *,
+    command: tuple[str, ...] | None = None,
+    startup_timeout: float = 60.0,
+) -> ServiceProcess:
+    """Start ``python -m mlflow_dock serve`` with ``env`` layered over ``os.environ``.
+
+    Waits for ``GET /health`` == 200 on ``env['PORT']`` (a free port is chosen if absent).
+    ``command`` exists so the starter itself can be tested against a stand-in.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **_QUIET_ENV, **env}
+    full_env.setdefault("PORT", str(free_port()))
+    service = ServiceProcess(
+        env=full_env,
+        workdir=workdir,
+        log_path=workdir / "service.log",
+        port=int(full_env["PORT"]),
+        command=command or SERVICE_COMMAND,
+        startup_timeout=startup_timeout,
+    )
+    service.start()
+    return service
