@@ -56,7 +56,10 @@ def serving_requirements(model_requirements: str) -> str:
     """
     lines = []
     has_mlflow = False
-    for line in model_requirements.splitlines():
+    for raw in model_requirements.splitlines():
+        # pip's own rule: "#" starts a comment at line start or after whitespace (URLs keep
+        # their "#egg=" fragments). Dropping comments keeps the requirements hash stable.
+        line = re.sub(r"(^|\s)#.*$", "", raw)
         name = requirement_name(line)
         if name == "mlflow":
             has_mlflow = True

@@ -5,11 +5,14 @@ version's image, without a Docker Engine and without rebuilding. The only way to
 same digest is to PUT the very bytes the registry returned for the version's manifest: a
 manifest's digest is the sha256 of its bytes, and registries store whatever they are given.
 
-Why hand-written instead of a maintained client such as oras-py: those clients parse the
-manifest into a dict and serialise it again when pushing (``json.dumps`` with their own
-spacing and key order). Distribution, for one, serves manifests pretty-printed, so the
-re-serialised bytes differ, the alias gets a *new* digest, and any deployment pinned to the
-version digest no longer matches the alias. Here manifests stay ``bytes`` end to end.
+Why hand-written instead of a maintained client such as oras-py: those clients re-serialise
+manifests from dicts. oras-py's ``get_manifest`` returns ``response.json()`` and its
+``upload_manifest`` takes a dict and sends ``json=manifest`` (its own spacing, and always the
+OCI manifest Content-Type). Distribution, for one, serves manifests pretty-printed, so the
+re-serialised bytes differ, the alias gets a *new* digest, and anything pinned to the version's
+digest no longer matches the alias. Here manifests stay ``bytes`` end to end. (oras-py's
+``delete_tag`` also deletes the manifest *by digest*, taking every other tag with it; see
+:meth:`RegistryClient.delete_tag` for why this module never does.)
 
 Scope is deliberately small: manifests only (no blobs), sync ``httpx.Client``, Basic and
 Bearer (Docker token) auth, and every transport error or non-2xx answer translated into
@@ -348,11 +351,15 @@ class RegistryClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        host = host.strip().rstrip("/")
+        host = host.strip()
         if "://" in host:
             # Accept "https://ghcr.io" from settings; an explicit scheme argument still wins.
             given_scheme, _, host = host.partition("://")
             scheme = scheme or given_scheme.lower()
+        host = host.rstrip("/")
+        if "@" in host:
+            # Not echoed: "user:password@host" would put the password in the message.
+            raise ValueError("invalid registry host: credentials belong in username/password")
         if not host or "/" in host:
             raise ValueError(f"invalid registry host {host!r}: expected HOST[:PORT]")
         hostname, port = _split_host(host)
@@ -373,7 +380,8 @@ class RegistryClient:
         self.username = username
         self._password = _Secret(password) if password is not None else None
         self._basic_header: _Secret | None = None
-        if username is not None and password is not None:
+        # An empty username (an unset setting) means anonymous, not a user named "".
+        if username and password is not None:
             raw = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             self._basic_header = _Secret(f"Basic {raw}")
         # Set once the registry has asked for Basic, so later requests skip the 401 round trip.
@@ -501,7 +509,7 @@ class RegistryClient:
                 "registry %s cannot delete tag %s: %s",
                 self.host,
                 _ref(repository, tag),
-                self._detail(response),
+                self._redact(self._detail(response)),
             )
             return False
         if status == 404:
@@ -713,11 +721,15 @@ class RegistryClient:
         code: str | None = None,
     ) -> RegistryError:
         """Build the exception: one line, secrets blanked, whatever the message quoted."""
-        text = " ".join(message.split())
+        cls = RegistryRetryableError if retryable else RegistryPermanentError
+        return cls(self._redact(message), status_code=status_code, code=code)
+
+    def _redact(self, text: str) -> str:
+        # Registries echo request details into error bodies; never pass our secrets on.
+        text = " ".join(text.split())
         for secret in self._secrets():
             text = text.replace(secret, "<redacted>")
-        cls = RegistryRetryableError if retryable else RegistryPermanentError
-        return cls(text, status_code=status_code, code=code)
+        return text
 
     def _detail(self, response: httpx.Response) -> str:
         entries = _error_entries(response)

@@ -60,7 +60,13 @@ def make_runner(settings: Settings, store: JobStore, engine: DockerEngine) -> Jo
 
 
 class Service:
-    def __init__(self, settings: Settings, *, store: JobStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: JobStore | None = None,
+        runner: JobRunner | None = None,
+    ) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or JobStore.from_url(settings.resolved_database_url)
@@ -71,7 +77,7 @@ class Service:
         self.engine = DockerEngine(
             base_url=settings.docker_host, network_mode=settings.build_network
         )
-        self.runner = make_runner(settings, self.store, self.engine)
+        self.runner = runner or make_runner(settings, self.store, self.engine)
         self.pool = WorkerPool(
             store=self.store,
             runner=self.runner,

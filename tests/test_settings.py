@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pytest
+
+from mlflow_dock.errors import ConfigError
+from mlflow_dock.settings import load_settings
+
+REQUIRED = {
+    "MLFLOW_WEBHOOK_SECRET": "whsec-1",
+    "DOCKER_USERNAME": "dock",
+    "DOCKER_REGISTRY_PASSWORD": "pass-xyz",
+}
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    for name in list(__import__("os").environ):
+        if name.startswith(("MLFLOW_DOCK_", "DOCKER_", "MLFLOW_WEBHOOK")) or name in (
+            "PORT",
+            "MAX_TIMESTAMP_AGE",
+            "MLFLOW_TRACKING_URI",
+        ):
+            monkeypatch.delenv(name)
+
+    def set_env(**values: str) -> None:
+        for key, value in {**REQUIRED, **values}.items():
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+
+    return set_env
+
+
+def test_defaults_with_only_required_variables(env):
+    env()
+    s = load_settings()
+    assert s.docker_registry == "docker.io"
+    assert s.max_timestamp_age == 300 and s.port == 8000
+    assert s.build_concurrency == 1 and s.builder == "layered" and s.smoke_test
+    assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith(
+        "jobs.db"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_missing_required_variable_names_it(env, name):
+    env(**{name: None})
+    with pytest.raises(ConfigError, match=f"^{name} is required"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PORT", "eighty", "PORT: "),
+        ("PORT", "70000", "PORT: "),
+        ("MAX_TIMESTAMP_AGE", "0", "MAX_TIMESTAMP_AGE: "),
+        ("MLFLOW_DOCK_BUILD_CONCURRENCY", "0", "MLFLOW_DOCK_BUILD_CONCURRENCY: "),
+        ("MLFLOW_DOCK_SMOKE_TEST", "perhaps", "MLFLOW_DOCK_SMOKE_TEST: "),
+        ("MLFLOW_DOCK_BUILDER", "kaniko", "MLFLOW_DOCK_BUILDER: "),
+        ("MLFLOW_DOCK_TLS_CERT_FILE", "/nonexistent.pem", "MLFLOW_DOCK_TLS_CERT_FILE: "),
+        ("MLFLOW_DOCK_BUILD_CA_BUNDLE", "/nonexistent.crt", "MLFLOW_DOCK_BUILD_CA_BUNDLE: "),
+    ],
+)
+def test_invalid_values_name_the_variable(env, name, value, message):
+    env(**{name: value})
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_tls_files_come_in_pairs(env, tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    env(MLFLOW_DOCK_TLS_CERT_FILE=str(cert))
+    with pytest.raises(ConfigError, match="MLFLOW_DOCK_TLS_KEY_FILE"):
+        load_settings()
+
+
+def test_secrets_never_in_repr_or_errors(env):
+    env(PORT="bad", MLFLOW_DOCK_PIP_INDEX_URL="https://u:idx-token@corp/simple")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "pass-xyz" not in str(info.value)
+    env(MLFLOW_DOCK_PIP_INDEX_URL="https://u:idx-token@corp/simple", PORT="8000")
+    s = load_settings()
+    for text in (repr(s), str(s), s.model_dump_json()):
+        assert "whsec-1" not in text and "pass-xyz" not in text and "idx-token" not in text
+
+
+def test_rotation_accepts_previous_secret(env):
+    env(MLFLOW_DOCK_PREVIOUS_WEBHOOK_SECRET="whsec-0")
+    assert load_settings().webhook_secrets == ("whsec-1", "whsec-0")
+
+
+def test_registry_scheme_and_slash_are_stripped(env):
+    env(DOCKER_REGISTRY="https://us-central1-docker.pkg.dev/proj/repo/")
+    assert load_settings().docker_registry == "us-central1-docker.pkg.dev/proj/repo"
+
+
+def test_dotenv_file_is_read(env, tmp_path):
+    env(MLFLOW_WEBHOOK_SECRET=None)
+    (tmp_path / ".env").write_text("MLFLOW_WEBHOOK_SECRET=from-dotenv\n")
+    assert load_settings().webhook_secret.get_secret_value() == "from-dotenv"
+
+
+def test_extra_index_urls_split_on_spaces_and_commas(env):
+    env(MLFLOW_DOCK_PIP_EXTRA_INDEX_URLS="https://a/simple, https://b/simple")
+    assert load_settings().pip_extra_index_url_list == ("https://a/simple", "https://b/simple")
