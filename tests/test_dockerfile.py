@@ -38,7 +38,7 @@ def test_image_hygiene():
     assert "HEALTHCHECK" in final_stage and "/ping" in final_stage
     assert "--no-cache-dir" in text
     assert "nginx" not in text
-    assert '"0.0.0.0"' in final_stage
+    assert "--host 0.0.0.0" in final_stage and "${PORT:-8080}" in final_stage
 
 
 def test_build_inputs_stay_in_the_deps_stage():

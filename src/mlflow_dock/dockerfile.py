@@ -117,20 +117,19 @@ _HEALTHCHECK = json.dumps(
     [
         "python",
         "-c",
-        "import urllib.request; "
-        f"urllib.request.urlopen('http://127.0.0.1:{SERVING_PORT}/ping', timeout=4)",
+        "import os, urllib.request; urllib.request.urlopen("
+        f"'http://127.0.0.1:%s/ping' % os.environ.get('PORT', '{SERVING_PORT}'), timeout=4)",
     ]
 )
-# No nginx in front (so no 5 MB body limit); uvicorn serves MLflow's own scoring app directly.
+# No nginx in front (so no 5 MB body limit): uvicorn serves MLflow's own scoring app directly.
+# A shell form only to honour $PORT, which platforms such as Cloud Run and Knative inject.
 _SERVE = json.dumps(
     [
-        "uvicorn",
-        "--host",
-        "0.0.0.0",  # noqa: S104 - a serving container listens on all interfaces
-        "--port",
-        str(SERVING_PORT),
-        "--no-access-log",
-        "mlflow.pyfunc.scoring_server.app:app",
+        "sh",
+        "-c",
+        'exec uvicorn --host 0.0.0.0 --port "${PORT:-'
+        + str(SERVING_PORT)
+        + '}" --no-access-log mlflow.pyfunc.scoring_server.app:app',
     ]
 )
 

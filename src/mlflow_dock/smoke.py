@@ -74,15 +74,8 @@ class SmokeTester:
                 name=name,
                 detach=True,
                 network_mode="host",
-                command=[
-                    "uvicorn",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--no-access-log",
-                    "mlflow.pyfunc.scoring_server.app:app",
-                ],
+                # The image's own CMD honours $PORT, so the smoke test runs what users run.
+                environment={"PORT": str(port)},
             )
             return container, f"http://127.0.0.1:{port}"
         container = client.containers.run(

@@ -8,6 +8,7 @@ Prints one JSON line ``{"version": "N", ...}`` as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 
@@ -25,12 +26,31 @@ class BrokenModel(mlflow.pyfunc.PythonModel):
         raise RuntimeError("mlflow-dock test model: deliberately broken")
 
 
+def pinned(*distributions: str) -> list[str]:
+    """Requirements pinned to what is installed here, as MLflow's inference would write."""
+    return [f"{dist}=={importlib.metadata.version(dist)}" for dist in distributions]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--broken", action="store_true")
     parser.add_argument("--no-input-example", action="store_true")
+    parser.add_argument(
+        "--requirements",
+        help="JSON list of pip requirements; 'infer' lets MLflow infer them (slow, ~13s)",
+    )
     args = parser.parse_args()
+    if args.requirements == "infer":
+        requirements = None
+    elif args.requirements:
+        requirements = json.loads(args.requirements)
+    elif args.broken:
+        requirements = pinned("mlflow", "cloudpickle", "numpy", "pandas")
+    else:
+        # The set MLflow 3.17 infers for this model, minus the test-process noise it also picks
+        # up (pytest, rich); skops because 3.17 saves sklearn models as model.skops by default.
+        requirements = pinned("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
 
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
@@ -50,6 +70,7 @@ def main() -> int:
                 python_model=BrokenModel(),
                 signature=signature,
                 input_example=example,
+                pip_requirements=requirements,
                 registered_model_name=args.name,
             )
         else:
@@ -58,6 +79,7 @@ def main() -> int:
                 model,
                 name="model",
                 input_example=example,
+                pip_requirements=requirements,
                 registered_model_name=args.name,
             )
 

@@ -1,0 +1,207 @@
+"""The product loop against real parts: MLflow server -> signed webhook -> mlflow-dock ->
+Docker Engine -> authenticated CNCF Distribution registry -> a serving container."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+from support.servers import free_port, log_sklearn_model
+
+from mlflow_dock import naming
+from mlflow_dock.registry import RegistryClient
+from mlflow_dock.signatures import sign
+
+BUILD_TIMEOUT = 900
+
+
+def wait_for_job(service, predicate, *, timeout=BUILD_TIMEOUT, what="job"):
+    deadline = time.monotonic() + timeout
+    jobs: list[dict] = []
+    while time.monotonic() < deadline:
+        jobs = httpx.get(f"{service.url}/builds", timeout=10).json()
+        for job in jobs:
+            if predicate(job):
+                if job["state"] in ("succeeded", "failed"):
+                    return job
+        time.sleep(1)
+    raise AssertionError(f"no finished {what} within {timeout} s; jobs: {jobs}")
+
+
+def build_of(model, version):
+    return lambda j: j["kind"] == "build" and j["model_name"] == model and j["version"] == version
+
+
+def alias_of(model, alias):
+    return lambda j: j["kind"] == "alias" and j["model_name"] == model and j["alias"] == alias
+
+
+def signed_delivery(service, secret, payload, delivery_id):
+    body = json.dumps(payload).encode()
+    ts = str(int(time.time()))
+    return httpx.post(
+        f"{service.url}/webhook",
+        content=body,
+        headers={
+            "X-MLflow-Delivery-Id": delivery_id,
+            "X-MLflow-Timestamp": ts,
+            "X-MLflow-Signature": sign(secret, delivery_id, ts, body),
+            "Content-Type": "application/json",
+        },
+        timeout=10,
+    )
+
+
+def predict(docker_client, image, registry):
+    """Pull the pushed image afresh, run it and ask it for predictions."""
+    docker_client.images.remove(image, force=True)
+    docker_client.images.pull(image, auth_config=registry.auth_config)
+    port = free_port()
+    container = docker_client.containers.run(
+        image, detach=True, network_mode="host", environment={"PORT": str(port)}
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(container.logs().decode()[-3000:])
+        payload = {
+            "dataframe_split": {
+                "columns": [
+                    "sepal length (cm)",
+                    "sepal width (cm)",
+                    "petal length (cm)",
+                    "petal width (cm)",
+                ],
+                "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]],
+            }
+        }
+        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"]
+    finally:
+        container.remove(force=True)
+
+
+def test_registered_versions_and_aliases_become_images(
+    service_factory,
+    webhook_factory,
+    mlflow_server,
+    mlflow_client,
+    registry,
+    docker_client,
+    model_name,
+):
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
+    webhook_factory(f"{service.url}/webhook", service_factory.secret)
+    time.sleep(2)  # MLflow caches the webhook list (TTL 1 s in the fixture server)
+
+    registered = time.monotonic()
+    version = log_sklearn_model(mlflow_server.url, model_name)
+    job = wait_for_job(service, build_of(model_name, version))
+    first_seconds = time.monotonic() - registered
+    assert job["state"] == "succeeded", job
+    repository = f"{registry.host}/{naming.repository_name(model_name)}"
+    assert naming.repository_name(model_name) != model_name  # the name needed sanitising
+    assert job["image"] == f"{repository}:{version}"
+    assert job["digest"].startswith("sha256:")
+    detail = httpx.get(f"{service.url}/builds/{job['id']}").json()
+    assert any("pushed" in line for line in detail["log_tail"])
+    assert all(registry.password not in line for line in detail["log_tail"])
+
+    image = f"{repository}:{version}"
+    predictions = predict(docker_client, image, registry)
+    assert predictions == [0, 2]
+    labels = docker_client.images.get(image).labels
+    assert labels["org.opencontainers.image.version"] == version
+    assert labels["io.mlflow-dock.model.name"] == model_name
+    config = docker_client.images.get(image).attrs["Config"]
+    assert config["User"] == "10001:10001" and "8080/tcp" in config["ExposedPorts"]
+
+    # Alias -> tag at the same digest, via the registry, no rebuild.
+    mlflow_client.set_registered_model_alias(model_name, "champion", version)
+    alias_job = wait_for_job(service, alias_of(model_name, "champion"), timeout=120)
+    assert alias_job["state"] == "succeeded", alias_job
+    with RegistryClient(
+        registry.host, username=registry.username, password=registry.password
+    ) as client:
+        path = repository.split("/", 1)[1]
+        assert client.manifest_digest(path, "champion") == job["digest"]
+
+    # Replays and second events for the same version build nothing new.
+    payload = {
+        "entity": "model_version",
+        "action": "created",
+        "data": {"name": model_name, "version": version},
+    }
+    delivery = str(uuid.uuid4())
+    first = signed_delivery(service, service_factory.secret, payload, delivery)
+    replay = signed_delivery(service, service_factory.secret, payload, delivery)
+    other = signed_delivery(service, service_factory.secret, payload, str(uuid.uuid4()))
+    assert first.status_code == replay.status_code == other.status_code == 202
+    assert first.json()["job_id"] == replay.json()["job_id"] == other.json()["job_id"] == job["id"]
+    builds = [
+        j
+        for j in httpx.get(f"{service.url}/builds", params={"model": model_name}).json()
+        if j["kind"] == "build"
+    ]
+    assert len(builds) == 1 and builds[0]["attempts"] == 1
+
+    # A second version with the same requirements: timed for the record, checked for behaviour.
+    registered = time.monotonic()
+    second = log_sklearn_model(mlflow_server.url, model_name)
+    job2 = wait_for_job(service, build_of(model_name, second))
+    second_seconds = time.monotonic() - registered
+    assert job2["state"] == "succeeded", job2
+    print(
+        f"\nTIMING registration->pushed image: first version {first_seconds:.1f} s, "
+        f"second version {second_seconds:.1f} s"
+    )
+
+
+def test_killed_mid_build_resumes_after_restart(
+    service_factory, webhook_factory, mlflow_server, model_name
+):
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
+    webhook_factory(f"{service.url}/webhook", service_factory.secret)
+    time.sleep(2)
+    version = log_sklearn_model(mlflow_server.url, model_name)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = httpx.get(f"{service.url}/builds", params={"model": model_name}).json()
+        if jobs and jobs[0]["state"] == "running":
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"build never started: {jobs}")
+    service.kill()
+
+    service.start()
+    job = wait_for_job(service, build_of(model_name, version))
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 2
+    detail = httpx.get(f"{service.url}/builds/{job['id']}", params={"log_lines": 500}).json()
+    assert any("interrupted by a service restart" in line for line in detail["log_tail"])
+
+
+def test_unknown_model_version_fails_at_once_with_a_reason(service_factory):
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
+    payload = {
+        "entity": "model_version",
+        "action": "created",
+        "data": {"name": "No Such Model", "version": "1"},
+    }
+    response = signed_delivery(service, service_factory.secret, payload, str(uuid.uuid4()))
+    assert response.status_code == 202
+    job = wait_for_job(service, build_of("No Such Model", "1"), timeout=60)
+    assert job["state"] == "failed" and job["attempts"] == 1
+    assert "No Such Model" in job["error"]
