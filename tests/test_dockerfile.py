@@ -4,7 +4,9 @@ from mlflow_dock.dockerfile import (
     ImageSpec,
     PipOptions,
     image_labels,
-    render_dockerfile,
+    render_model_dockerfile,
+    render_runtime_dockerfile,
+    runtime_key,
     requirement_name,
     serving_requirements,
     system_packages_for,
@@ -17,6 +19,10 @@ def spec(**kw) -> ImageSpec:
     return ImageSpec(base_image="python:3.11-slim", requirements=REQS, **kw)
 
 
+def render_dockerfile(s: ImageSpec) -> str:
+    return render_runtime_dockerfile(s)
+
+
 def test_layers_go_from_least_to_most_volatile():
     text = render_dockerfile(spec())
     order = [
@@ -24,10 +30,25 @@ def test_layers_go_from_least_to_most_volatile():
         text.index("COPY requirements.txt"),
         text.index("pip install"),
         text.index("COPY --from=deps"),
-        text.index("COPY model/"),
     ]
     assert order == sorted(order)
-    assert text.rstrip().splitlines()[-1].startswith("COPY model/")
+    assert "model/" not in text
+
+
+def test_model_is_the_only_layer_on_top_of_the_runtime():
+    text = render_model_dockerfile("mlflow-dock-runtime:abc")
+    assert text.splitlines() == ["FROM mlflow-dock-runtime:abc", "COPY model/ /opt/ml/model/"]
+
+
+def test_runtime_key_changes_with_every_input():
+    base = runtime_key(spec(), ca_bundle=None)
+    assert base == runtime_key(spec(), ca_bundle=None)
+    assert base != runtime_key(spec(), ca_bundle=b"cert")
+    assert base != runtime_key(ImageSpec(base_image="other", requirements=REQS), ca_bundle=None)
+    assert base != runtime_key(
+        ImageSpec(base_image="python:3.11-slim", requirements=REQS + "x\n"), ca_bundle=None
+    )
+    assert base != runtime_key(spec(pip=PipOptions(index_url="https://i/simple")), ca_bundle=None)
 
 
 def test_image_hygiene():

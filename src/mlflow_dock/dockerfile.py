@@ -9,6 +9,8 @@ not change reuses all layers but the last:
 Build-only inputs (pip.conf with index URLs that may hold credentials, a corporate CA bundle) are
 copied into the `deps` stage only. The final stage copies the finished virtualenv out of it, so
 neither the files nor the instructions that used them reach the pushed image or its history.
+The runtime (everything but the model) is built once per distinct input and tagged locally;
+each version's image is `FROM` that runtime plus one `COPY` of the model.
 Image labels are not written here: they differ per version and are passed to the engine at
 build time, where they cannot invalidate the cached layers.
 """
@@ -134,8 +136,11 @@ _SERVE = json.dumps(
 )
 
 
-def render_dockerfile(spec: ImageSpec) -> str:
-    """The Dockerfile for `spec`; the build context holds requirements.txt, _build/ and model/."""
+def render_runtime_dockerfile(spec: ImageSpec) -> str:
+    """Everything but the model: built once per runtime key and tagged locally.
+
+    The build context holds requirements.txt and _build/ (pip.conf, CA bundle).
+    """
     apt = ""
     if spec.system_packages:
         apt = (
@@ -170,8 +175,30 @@ EXPOSE {SERVING_PORT}
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \\
   CMD {_HEALTHCHECK}
 CMD {_SERVE}
-COPY model/ {MODEL_DIR}/
 """
+
+
+def render_model_dockerfile(runtime_image: str) -> str:
+    """One version's image: the shared runtime image plus the model as the only new layer.
+
+    A separate build rather than one multi-stage Dockerfile because the classic builder does not
+    reuse its cache for `COPY --from`: every version would re-copy (and re-push) the whole
+    virtualenv as a new layer.
+    """
+    return f"FROM {runtime_image}\nCOPY model/ {MODEL_DIR}/\n"
+
+
+def runtime_key(spec: ImageSpec, *, ca_bundle: bytes | None) -> str:
+    """Identity of a runtime image: equal keys give interchangeable images."""
+    digest = hashlib.sha256()
+    for part in (
+        render_runtime_dockerfile(spec).encode(),
+        spec.requirements.encode(),
+        spec.pip.pip_conf().encode(),
+        ca_bundle or b"",
+    ):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
 
 
 def image_labels(

@@ -7,6 +7,7 @@ nothing about HTTP or how jobs are scheduled; a Celery task would call `JobRunne
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from mlflow_dock.dockerfile import (
     ImageSpec,
     PipOptions,
     image_labels,
-    render_dockerfile,
+    render_model_dockerfile,
+    render_runtime_dockerfile,
     requirements_hash,
+    runtime_key,
     serving_requirements,
     system_packages_for,
 )
@@ -58,6 +61,9 @@ class Target:
         return cls(repository=repository, registry_host=host, path=path)
 
 
+# Local-only images holding everything but a model; never pushed under this name.
+RUNTIME_REPOSITORY = "mlflow-dock-runtime"
+
 RegistryFactory = Callable[[str], RegistryClient]
 
 
@@ -79,6 +85,8 @@ class JobRunner:
         self._registry_factory = registry_factory
         self._smoke = smoke
         self._work_dir = settings.data_dir / "work"
+        self._locks_guard = threading.Lock()
+        self._runtime_locks: dict[str, threading.Lock] = {}
 
     def run(self, job: Job, log: LogSink) -> JobOutcome:
         if job.kind is JobKind.BUILD:
@@ -98,9 +106,12 @@ class JobRunner:
         try:
             package = self._source.download(model_name, version, work / "download")
             log(f"downloaded model, Python {package.python_version}")
-            context = work / "context"
-            extra_files = self._prepare_context(package, context)
-            requirements = (context / "requirements.txt").read_text()
+            spec, extra_files = self._image_spec(package)
+            runtime = self._ensure_runtime(spec, extra_files, work / "runtime", log)
+            context = work / "image"
+            context.mkdir(parents=True)
+            (context / "Dockerfile").write_text(render_model_dockerfile(runtime))
+            shutil.move(str(package.path), str(context / "model"))
             tag = naming.version_tag(version)
             local_ref = f"{target.repository}:{tag}"
             labels = image_labels(
@@ -108,12 +119,12 @@ class JobRunner:
                 version=version,
                 run_id=info.run_id,
                 source=info.source,
-                requirements_digest=requirements_hash(requirements),
+                requirements_digest=requirements_hash(spec.requirements),
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             self._engine.build(
                 context,
-                extra_files=extra_files,
+                extra_files={},
                 tag=local_ref,
                 labels=labels,
                 log=log,
@@ -134,18 +145,14 @@ class JobRunner:
         log(f"pushed {pushed.reference}@{pushed.digest}")
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
-    def _prepare_context(self, package: ModelPackage, context: Path) -> dict[str, bytes]:
-        context.mkdir(parents=True)
+    def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
         requirements = serving_requirements(package.requirements)
         base = self._settings.base_image or f"python:{package.python_version}-slim"
         base = base.replace("{python_version}", package.python_version)
         ca_bundle = self._settings.build_ca_bundle
+        index_url = self._settings.pip_index_url
         pip = PipOptions(
-            index_url=(
-                self._settings.pip_index_url.get_secret_value()
-                if self._settings.pip_index_url
-                else None
-            ),
+            index_url=index_url.get_secret_value() if index_url else None,
             extra_index_urls=self._settings.pip_extra_index_url_list,
             has_ca_bundle=ca_bundle is not None,
         )
@@ -155,13 +162,49 @@ class JobRunner:
             system_packages=system_packages_for(requirements),
             pip=pip,
         )
-        (context / "Dockerfile").write_text(render_dockerfile(spec))
-        (context / "requirements.txt").write_text(requirements)
-        shutil.move(str(package.path), str(context / "model"))
         extra = {"_build/pip.conf": pip.pip_conf().encode()}
         if ca_bundle is not None:
             extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
-        return extra
+        return spec, extra
+
+    def _ensure_runtime(
+        self, spec: ImageSpec, extra_files: dict[str, bytes], context: Path, log: LogSink
+    ) -> str:
+        """The local runtime image for `spec`, built only if this engine does not have it."""
+        key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
+        reference = f"{RUNTIME_REPOSITORY}:{key[:40]}"
+        with self._locks_guard:
+            lock = self._runtime_locks.setdefault(key, threading.Lock())
+        # Concurrent versions of one model wait for a single runtime build instead of each
+        # installing the same requirements.
+        with lock:
+            return self._build_runtime_once(spec, extra_files, context, key, reference, log)
+
+    def _build_runtime_once(
+        self,
+        spec: ImageSpec,
+        extra_files: dict[str, bytes],
+        context: Path,
+        key: str,
+        reference: str,
+        log: LogSink,
+    ) -> str:
+        if self._engine.image_exists(reference):
+            log(f"reusing runtime image {reference}")
+            return reference
+        log(f"building runtime image {reference} (requirements changed or first build here)")
+        context.mkdir(parents=True)
+        (context / "Dockerfile").write_text(render_runtime_dockerfile(spec))
+        (context / "requirements.txt").write_text(spec.requirements)
+        self._engine.build(
+            context,
+            extra_files=extra_files,
+            tag=reference,
+            labels={"io.mlflow-dock.runtime-key": key},
+            log=log,
+            timeout=self._settings.build_timeout_seconds,
+        )
+        return reference
 
     # -- aliases ------------------------------------------------------------------------------
 

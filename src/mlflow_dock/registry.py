@@ -14,9 +14,10 @@ digest no longer matches the alias. Here manifests stay ``bytes`` end to end. (o
 ``delete_tag`` also deletes the manifest *by digest*, taking every other tag with it; see
 :meth:`RegistryClient.delete_tag` for why this module never does.)
 
-Scope is deliberately small: manifests only (no blobs), sync ``httpx.Client``, Basic and
-Bearer (Docker token) auth, and every transport error or non-2xx answer translated into
-:mod:`mlflow_dock.errors` in one place, :meth:`RegistryClient._error`.
+Scope is deliberately small: manifests, plus the few blob operations that registry-side image
+assembly needs (:mod:`mlflow_dock.assembly`: check, upload, mount, read a config), sync
+``httpx.Client``, Basic and Bearer (Docker token) auth, and every transport error or non-2xx
+answer translated into :mod:`mlflow_dock.errors` in one place, :meth:`RegistryClient._error`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import IO, Final
 
 import httpx
 
@@ -70,6 +72,9 @@ _REPOSITORY_RE: Final = re.compile(
 )
 _TAG_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE: Final = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
+
+_UPLOAD_CHUNK: Final = 1 << 20
+_BLOB_TYPE: Final = "application/octet-stream"
 
 _TOKEN_DEFAULT_TTL: Final = 60.0  # the Docker token spec's default for a missing expires_in
 _DETAIL_MAX: Final = 300
@@ -291,7 +296,39 @@ class _Op:
     doing: str  # "getting manifest team/x:v1"
     repository: str | None = None
     reference: str | None = None
-    kind: str = "other"  # "get_manifest" turns 404 into "manifest ... not found"; "token"
+    # "get_manifest"/"get_blob" turn 404 into "manifest/blob ... not found"; "token"
+    kind: str = "other"
+
+
+# A request body: bytes, or a factory of chunks so that a file is streamed rather than read
+# into memory, and streamed again from its start if a challenge makes us resend the request.
+_Content = bytes | Callable[[], Iterable[bytes]] | None
+
+
+def _file_chunks(data: IO[bytes] | Path, start: int) -> Callable[[], Iterator[bytes]]:
+    def chunks() -> Iterator[bytes]:
+        if isinstance(data, Path):
+            with data.open("rb") as file:
+                yield from iter(lambda: file.read(_UPLOAD_CHUNK), b"")
+        else:
+            data.seek(start)
+            yield from iter(lambda: data.read(_UPLOAD_CHUNK), b"")
+
+    return chunks
+
+
+def _blob_digest_and_size(data: IO[bytes] | Path, start: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in _file_chunks(data, start)():
+        digest.update(chunk)
+        size += len(chunk)
+    return "sha256:" + digest.hexdigest(), size
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
 
 
 def _ref(repository: str, reference: str) -> str:
@@ -436,9 +473,17 @@ class RegistryClient:
         return manifest
 
     def put_manifest(self, repository: str, tag: str, manifest: Manifest) -> str:
-        """PUT ``manifest.body`` byte for byte under ``tag``; returns the manifest's digest."""
+        """PUT ``manifest.body`` byte for byte under ``tag``; returns the manifest's digest.
+
+        ``tag`` may also be the manifest's own digest, which stores it untagged (see
+        :meth:`put_manifest_by_digest`).
+        """
         repository = self._repository(repository)
         self._check_reference(tag)
+        if ":" in tag and _digest_matches(manifest.body, tag) is False:
+            raise self._fail(
+                f"cannot put manifest {manifest.digest} under another digest {tag} in {repository}"
+            )
         op = _Op(f"putting manifest {_ref(repository, tag)}", repository, tag)
         response = self._send(
             "PUT",
@@ -457,6 +502,14 @@ class RegistryClient:
                 f"not as the {manifest.digest} that was sent"
             )
         return manifest.digest
+
+    def put_manifest_by_digest(self, repository: str, manifest: Manifest) -> str:
+        """Store ``manifest`` without a tag (``PUT /v2/<repo>/manifests/<digest>``).
+
+        It can then be pulled and tested by digest before any tag points users at it. Note that a
+        registry garbage collection run with untagged-manifest deletion may remove it meanwhile.
+        """
+        return self.put_manifest(repository, manifest.digest, manifest)
 
     def tag(self, repository: str, source_reference: str, tag: str) -> str:
         """Point ``tag`` at the manifest of ``source_reference``; returns the digest."""
@@ -518,6 +571,110 @@ class RegistryClient:
             return self.manifest_digest(repository, tag) is None
         raise self._error(op, response=response)
 
+    # ------------------------------------------------------------------ blobs
+
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        """Whether ``repository`` holds blob ``digest`` (HEAD)."""
+        repository = self._repository(repository)
+        self._check_digest(digest)
+        return self._blob_exists(repository, digest, _PULL)
+
+    def get_blob(self, repository: str, digest: str) -> bytes:
+        """The blob's bytes, verified against ``digest``; for small blobs such as image configs.
+
+        Redirects are followed (registries serve blobs from object storage or a CDN); httpx
+        drops our Authorization header when a redirect leaves the registry's origin.
+        """
+        repository = self._repository(repository)
+        self._check_digest(digest)
+        op = _Op(f"getting blob {repository}@{digest}", repository, digest, kind="get_blob")
+        response = self._send("GET", self._blob_path(repository, digest), op, _PULL)
+        if response.status_code != 200:
+            raise self._error(op, response=response)
+        body = response.content
+        if _digest_matches(body, digest) is False:
+            raise self._fail(
+                f"registry {self.host} sent blob {repository}@{digest} whose content digest is "
+                f"{Manifest.digest_of(body)}"
+            )
+        return body
+
+    def upload_blob(
+        self,
+        repository: str,
+        data: bytes | IO[bytes] | Path,
+        digest: str | None = None,
+        *,
+        mount_from: str | None = None,
+    ) -> str:
+        """Make ``repository`` hold ``data`` as a blob; returns its digest.
+
+        Nothing is sent if the blob is already there; with ``mount_from`` (another repository of
+        this registry) the registry is first asked to link the blob from there. Otherwise a
+        monolithic upload: POST opens a session, one PUT ``?digest=`` sends the whole body. A
+        file (a binary file object, read from its current position, or a path) is streamed, and
+        its digest computed in a first pass if not given.
+        """
+        repository = self._repository(repository)
+        content: _Content
+        if isinstance(data, bytes):
+            actual = Manifest.digest_of(data)
+            if digest is not None and digest != actual:
+                raise self._fail(
+                    f"cannot upload a blob whose digest is {actual} as {digest} to {repository}"
+                )
+            digest, size, content = actual, len(data), data
+        else:
+            start = 0 if isinstance(data, Path) else data.tell()
+            if digest is None:
+                digest, size = _blob_digest_and_size(data, start)
+            elif isinstance(data, Path):
+                size = data.stat().st_size
+            else:
+                size = data.seek(0, 2) - start
+            content = _file_chunks(data, start)
+        self._check_digest(digest)
+        # Asking for push up front: one token then serves every request of the upload.
+        if self._blob_exists(repository, digest, _PUSH):
+            return digest
+        op = _Op(f"uploading blob {repository}@{digest}", repository, digest)
+        location = self._start_upload(repository, digest, mount_from, op)
+        if location is None:
+            return digest
+        url = location.copy_add_param("digest", digest)
+        headers = {"Content-Type": _BLOB_TYPE, "Content-Length": str(size)}
+        if _origin(url) == _origin(httpx.URL(self.base_url)):
+            response = self._send("PUT", str(url), op, _PUSH, headers, content)
+        else:
+            # An upload session elsewhere (object storage) gets the data, not our credentials.
+            response = self._request("PUT", str(url), op, headers, content, None)
+        if response.status_code not in {201, 204}:
+            raise self._error(op, response=response)
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise self._fail(f"registry {self.host} stored blob {repository}@{digest} as {stored}")
+        return digest
+
+    def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
+        """Link blob ``digest`` from ``from_repository`` into ``repository`` without copying.
+
+        True if the blob is now in ``repository``; False if the registry declined (it may not
+        mount, or we may not read ``from_repository``), in which case the caller uploads it.
+        """
+        repository = self._repository(repository)
+        self._check_digest(digest)
+        op = _Op(f"mounting blob {digest} into {repository}", repository, digest)
+        location = self._start_upload(repository, digest, from_repository, op)
+        if location is None:
+            return True
+        # The registry opened a regular upload session instead; do not leave it dangling.
+        if _origin(location) == _origin(httpx.URL(self.base_url)):
+            try:
+                self._send("DELETE", str(location), op, _PUSH)
+            except RegistryError as exc:
+                log.info("could not cancel upload session in %s: %s", repository, exc)
+        return False
+
     def ping(self) -> None:
         """Check the registry speaks the v2 API and accepts our credentials."""
         op = _Op("checking /v2/")
@@ -554,9 +711,48 @@ class RegistryClient:
         if not (_TAG_RE.fullmatch(reference) or _DIGEST_RE.fullmatch(reference)):
             raise self._fail(f"invalid tag or digest {reference!r}")
 
+    def _check_digest(self, digest: str) -> None:
+        if not _DIGEST_RE.fullmatch(digest):
+            raise self._fail(f"invalid digest {digest!r}")
+
     @staticmethod
     def _manifest_path(repository: str, reference: str) -> str:
         return f"/v2/{repository}/manifests/{reference}"
+
+    @staticmethod
+    def _blob_path(repository: str, digest: str) -> str:
+        return f"/v2/{repository}/blobs/{digest}"
+
+    def _blob_exists(self, repository: str, digest: str, actions: tuple[str, ...]) -> bool:
+        op = _Op(f"checking blob {repository}@{digest}", repository, digest)
+        response = self._send("HEAD", self._blob_path(repository, digest), op, actions)
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404:
+            return False
+        raise self._error(op, response=response)
+
+    def _start_upload(
+        self, repository: str, digest: str, mount_from: str | None, op: _Op
+    ) -> httpx.URL | None:
+        """POST an upload session: its absolute URL, or None if the blob was mounted."""
+        path = f"/v2/{repository}/blobs/uploads/"
+        extra_scope = None
+        if mount_from is not None:
+            mount_from = self._repository(mount_from)
+            path += "?" + str(httpx.QueryParams({"mount": digest, "from": mount_from}))
+            # Token registries mount only with pull access to the source repository.
+            extra_scope = f"repository:{mount_from}:pull"
+        response = self._send("POST", path, op, _PUSH, extra_scope=extra_scope)
+        if response.status_code == 201 and mount_from is not None:
+            return None
+        location = response.headers.get("Location")
+        if response.status_code != 202 or not location:
+            if response.status_code == 202:
+                raise self._fail(f"registry {self.host} opened an upload without a Location")
+            raise self._error(op, response=response)
+        # Relative on some registries (GHCR, ACR), absolute on others (Distribution, Hub).
+        return httpx.URL(self.base_url + path).join(location)
 
     def _media_type(self, response: httpx.Response, op: _Op) -> str:
         content_type: str = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -581,16 +777,22 @@ class RegistryClient:
         op: _Op,
         actions: tuple[str, ...],
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: _Content = None,
+        *,
+        extra_scope: str | None = None,
     ) -> httpx.Response:
-        """One request, retried once with credentials if the registry challenges it."""
-        url = self.base_url + path
+        """One request, retried once with credentials if the registry challenges it.
+
+        ``path`` is relative to the registry, or an absolute URL of its own origin (an upload
+        session's Location).
+        """
+        url = path if path.startswith(("http://", "https://")) else self.base_url + path
         repository = op.repository if actions else None
-        sent_auth = self._cached_auth(repository, actions)
+        sent_auth = self._cached_auth(repository, actions, extra_scope)
         response = self._request(method, url, op, headers, content, sent_auth)
         if response.status_code != 401:
             return response
-        auth = self._answer_challenge(response, repository, actions, op, sent_auth)
+        auth = self._answer_challenge(response, repository, actions, op, sent_auth, extra_scope)
         if auth is None:
             return response
         return self._request(method, url, op, headers, content, auth)
@@ -601,7 +803,7 @@ class RegistryClient:
         url: str,
         op: _Op,
         headers: Mapping[str, str] | None,
-        content: bytes | None,
+        content: _Content,
         auth: str | None,
         params: httpx.QueryParams | None = None,
     ) -> httpx.Response:
@@ -613,7 +815,7 @@ class RegistryClient:
                 method,
                 url,
                 headers=all_headers,
-                content=content,
+                content=content() if callable(content) else content,
                 params=params,
                 # Manifests and tokens may be served from a CDN; httpx drops Authorization on
                 # redirects to another origin. Writes must not be replayed elsewhere.
@@ -622,10 +824,13 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise self._error(op, exc=exc) from exc
 
-    def _cached_auth(self, repository: str | None, actions: tuple[str, ...]) -> str | None:
+    def _cached_auth(
+        self, repository: str | None, actions: tuple[str, ...], extra_scope: str | None = None
+    ) -> str | None:
         if self._bearer is not None:
             realm, service = self._bearer
-            cached = self._tokens.get((realm, service, _merge_scopes(None, repository, actions)))
+            scope = _merge_scopes(extra_scope, repository, actions)
+            cached = self._tokens.get((realm, service, scope))
             if cached is not None and cached[1] > _now():
                 return f"Bearer {cached[0].value}"
             return None
@@ -640,6 +845,7 @@ class RegistryClient:
         actions: tuple[str, ...],
         op: _Op,
         sent_auth: str | None,
+        extra_scope: str | None = None,
     ) -> str | None:
         """The Authorization value to retry with, or None if retrying cannot help."""
         challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
@@ -647,7 +853,8 @@ class RegistryClient:
             realm = challenge.params.get("realm")
             if challenge.scheme == "bearer" and realm:
                 service = challenge.params.get("service")
-                scope = _merge_scopes(challenge.params.get("scope"), repository, actions)
+                challenged = " ".join(filter(None, (challenge.params.get("scope"), extra_scope)))
+                scope = _merge_scopes(challenged, repository, actions)
                 self._bearer = (realm, service)
                 cached = self._tokens.get((realm, service, scope))
                 # A cached token for this exact scope that we did not just send (the challenge
@@ -786,6 +993,12 @@ class RegistryClient:
         if status == 404 and op.kind == "get_manifest" and op.repository and op.reference:
             return self._fail(
                 f"manifest {_ref(op.repository, op.reference)} not found",
+                status_code=status,
+                code=code,
+            )
+        if status == 404 and op.kind == "get_blob" and op.repository and op.reference:
+            return self._fail(
+                f"blob {op.repository}@{op.reference} not found",
                 status_code=status,
                 code=code,
             )
