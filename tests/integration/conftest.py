@@ -18,6 +18,7 @@ import docker
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities.webhook import Webhook
+
 from support.servers import (
     SYSTEM_CA_BUNDLE,
     MlflowServer,
@@ -91,9 +92,7 @@ def base_image() -> str:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    server = start_registry(
-        tmp_path_factory.mktemp("registry"), "dock", secrets.token_urlsafe(18)
-    )
+    server = start_registry(tmp_path_factory.mktemp("registry"), "dock", secrets.token_urlsafe(18))
     yield server
     server.stop()
     # Pushed serving images run to hundreds of MB; pytest keeps 3 old basetemps, logs suffice.
@@ -231,4 +230,3 @@ def service_factory(
     if _test_failed(request):
         for service in factory.services:
             print(f"----- {service.log_path} (tail) -----\n{log_tail(service.log_path, 200)}")
-

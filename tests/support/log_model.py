@@ -13,13 +13,13 @@ import json
 import sys
 
 import mlflow
-import mlflow.pyfunc
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 
-class BrokenModel(mlflow.pyfunc.PythonModel):
+class BrokenModel(PythonModel):
     """Logs fine, but fails whenever a serving process loads it."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         raise RuntimeError("mlflow-dock test model: deliberately broken at load time")
 
     def predict(self, context: object, model_input: object, params: object = None) -> object:

@@ -49,6 +49,12 @@ _QUIET_ENV = {
 class ServerStartError(RuntimeError):
     """A child server died or never became ready; the message carries its log tail."""
 
+    def __init__(self, message: str, *, exited: bool) -> None:
+        super().__init__(message)
+        # Only an early exit (e.g. the port was taken meanwhile) is worth a retry; a server
+        # that hangs would just hang again.
+        self.exited = exited
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -126,14 +132,19 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> N
         return
     if proc.poll() is None:
         _signal_group(proc, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Workers may ignore SIGTERM or outlive a leader that already exited.
     _signal_group(proc, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+
+
+def _answers(url: str, status: int) -> Callable[[], bool]:
+    def check() -> bool:
+        return httpx.get(url, timeout=2).status_code == status
+
+    return check
 
 
 def _wait_until(
@@ -149,7 +160,8 @@ def _wait_until(
         if proc.poll() is not None:
             raise ServerStartError(
                 f"{what} exited with code {proc.returncode} before becoming ready; "
-                f"log {log_path}:\n{log_tail(log_path)}"
+                f"log {log_path}:\n{log_tail(log_path)}",
+                exited=True,
             )
         try:
             if ready():
@@ -158,7 +170,8 @@ def _wait_until(
             pass
         if time.monotonic() > deadline:
             raise ServerStartError(
-                f"{what} not ready after {timeout:.0f}s; log {log_path}:\n{log_tail(log_path)}"
+                f"{what} not ready after {timeout:.0f}s; log {log_path}:\n{log_tail(log_path)}",
+                exited=False,
             )
         time.sleep(0.2)
 
@@ -277,7 +290,7 @@ def start_registry(
         )
         try:
             _wait_until(
-                lambda url=server.url: httpx.get(f"{url}/v2/", timeout=2).status_code == 401,
+                _answers(f"{server.url}/v2/", 401),
                 proc,
                 what="docker-registry",
                 log_path=log_path,
@@ -285,6 +298,8 @@ def start_registry(
             )
         except ServerStartError as exc:
             server.stop()
+            if not exc.exited:
+                raise
             last_error = exc
             continue
         return server
@@ -376,7 +391,7 @@ def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer
         )
         try:
             _wait_until(
-                lambda url=server.url: httpx.get(f"{url}/health", timeout=2).status_code == 200,
+                _answers(f"{server.url}/health", 200),
                 proc,
                 what="mlflow server",
                 log_path=log_path,
@@ -384,6 +399,8 @@ def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer
             )
         except ServerStartError as exc:
             server.stop()
+            if not exc.exited:
+                raise
             last_error = exc
             continue
         return server
@@ -465,6 +482,7 @@ def register_model_version(
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     # MLflow 3 refuses a `models:/m-...` source unless model_id names that logged model.
+    assert source.source, f"{from_model} v{from_version} has no source"
     model_id = source.model_id or source.source.rsplit("/", 1)[-1]
     created = client.create_model_version(
         model_name, source=source.source, run_id=source.run_id, model_id=model_id
@@ -532,7 +550,7 @@ class ServiceProcess:
         self._proc = _spawn(list(self.command), self.log_path, self.env)
         try:
             _wait_until(
-                lambda: httpx.get(f"{self.url}/health", timeout=2).status_code == 200,
+                _answers(f"{self.url}/health", 200),
                 self._proc,
                 what="mlflow-dock service",
                 log_path=self.log_path,

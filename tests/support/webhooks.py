@@ -142,8 +142,7 @@ class WebhookRecorder:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/webhook"
+        return f"http://127.0.0.1:{self._server.server_port}/webhook"
 
     def wait_for(
         self,
