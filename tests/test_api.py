@@ -48,6 +48,8 @@ def settings(tmp_path) -> Settings:
         data_dir=tmp_path,
         retry_backoff_seconds=0.05,
         max_attempts=2,
+        mlflow_write_back=False,
+        reconcile_interval_seconds=0,
     )
 
 

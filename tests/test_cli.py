@@ -72,3 +72,26 @@ def test_help_lists_commands():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "serve" in result.stdout and "build" in result.stdout
+
+
+def test_parse_since():
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow_dock.cli import parse_since
+
+    now = datetime(2026, 11, 26, tzinfo=UTC)
+    assert parse_since("7d", now=now) == now - timedelta(days=7)
+    assert parse_since("90m", now=now) == now - timedelta(minutes=90)
+    assert parse_since("2026-11-01", now=now) == datetime(2026, 11, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="--since"):
+        parse_since("last tuesday", now=now)
+
+
+def test_backfill_bad_since_is_one_line(tmp_path):
+    env = {"MLFLOW_WEBHOOK_SECRET": "s", "DOCKER_USERNAME": "u", "DOCKER_REGISTRY_PASSWORD": "p"}
+    result = run_cli("backfill", "--since", "yesterday-ish", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mlflow-dock: error: --since: 'yesterday-ish' is neither an ISO date/time nor an age "
+        "like 30m, 12h, 7d"
+    ]

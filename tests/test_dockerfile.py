@@ -6,8 +6,8 @@ from mlflow_dock.dockerfile import (
     image_labels,
     render_model_dockerfile,
     render_runtime_dockerfile,
-    runtime_key,
     requirement_name,
+    runtime_key,
     serving_requirements,
     system_packages_for,
 )

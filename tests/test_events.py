@@ -64,3 +64,10 @@ def test_alias_created():
 def test_bad_payloads_say_what_is_wrong(raw, message):
     with pytest.raises(PayloadError, match=message):
         parse_event(raw)
+
+
+def test_alias_deleted_has_no_version():
+    from mlflow_dock.events import AliasDeleted
+
+    event = parse_event(body("model_version_alias", "deleted", {"name": "m", "alias": "champion"}))
+    assert isinstance(event, AliasDeleted) and event.data.alias == "champion"

@@ -121,3 +121,26 @@ def test_list_filters(store):
     assert [j.model_name for j in store.list(model_name="a")] == ["a"]
     assert len(store.list(state=JobState.QUEUED)) == 2
     assert store.count_by_state()[JobState.QUEUED] == 2
+
+
+def test_unalias_remembers_the_alias_target_and_runs_after_earlier_alias_ops(store):
+    build, _ = store.request_build("m", "1")
+    store.claim_next()
+    store.succeed(build.id, image="r/m:1", digest="sha256:" + "a" * 64)
+    set_alias, _ = store.request_alias("m", "1", "champion")
+    unset, _ = store.request_unalias("m", "champion", delivery_id="u1")
+    assert unset.kind is JobKind.UNALIAS and unset.version == "1"
+    assert store.claim_next().id == set_alias.id
+    assert store.claim_next() is None  # the delete waits for the set to finish
+    store.succeed(set_alias.id, image="r/m:champion", digest="sha256:" + "a" * 64)
+    assert store.claim_next().id == unset.id
+
+
+def test_fail_records_whether_retrying_could_help(store):
+    job, _ = store.request_build("m", "1")
+    store.claim_next()
+    assert store.fail(job.id, "registry 503", permanent=False).permanent is False
+
+
+def test_watch_since_is_set_once(store):
+    assert store.watch_since() == store.watch_since()

@@ -6,7 +6,11 @@ Settings are read here, once; every failure the user can fix ends as one line on
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, NoReturn
 
 import typer
@@ -29,9 +33,15 @@ def _die(message: str, code: int) -> NoReturn:
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigError as exc:
         _die(str(exc), 2)
+    # MLflow's client retries each request up to 7 times with growing backoff (minutes in
+    # total); our jobs already retry with their own backoff, so keep MLflow's layer short.
+    # setdefault: an operator's explicit value still wins.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    return settings
 
 
 def _configure_logging(level: str) -> None:
@@ -108,6 +118,98 @@ def build(
     finally:
         engine.close()
     typer.echo(f"{outcome.image}@{outcome.digest}")
+
+
+def parse_since(value: str, *, now: datetime | None = None) -> datetime:
+    """An ISO date/time (UTC if no zone) or a relative age such as 30m, 12h, 7d."""
+    now = now or datetime.now(UTC)
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return now - timedelta(seconds=int(match.group(1)) * unit)
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since: '{value}' is neither an ISO date/time nor an age like 30m, 12h, 7d"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command()
+def backfill(
+    model: Annotated[str | None, typer.Option("--model", help="only this registered model")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="only versions created after: ISO date/time or 30m/12h/7d"),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="run the queued jobs here and wait (default: leave them to `serve`)",
+        ),
+    ] = False,
+) -> None:
+    """Queue builds (and alias tags) for model versions that have no image yet."""
+    from mlflow_dock.buildlogs import BuildLogs
+    from mlflow_dock.engine import DockerEngine
+    from mlflow_dock.jobs import TERMINAL_STATES, JobState
+    from mlflow_dock.mlflow_source import MlflowSource
+    from mlflow_dock.reconcile import Reconciler
+    from mlflow_dock.service import make_runner
+    from mlflow_dock.store import JobStore
+    from mlflow_dock.worker import WorkerPool
+
+    settings = _settings()
+    _configure_logging("warning")
+    try:
+        cutoff = parse_since(since) if since else None
+    except ValueError as exc:
+        _die(str(exc), 2)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore.from_url(settings.resolved_database_url)
+    try:
+        queued = Reconciler(MlflowSource(settings.mlflow_tracking_uri), store).run_once(
+            model=model, since=cutoff
+        )
+    except MlflowDockError as exc:
+        _die(" ".join(str(exc).split()), 1)
+    typer.echo(f"queued {len(queued)} job(s)")
+    for job in queued:
+        label = f"alias '{job.alias}' -> " if job.alias else ""
+        typer.echo(f"  {job.id}  {job.model_name}  {label}version {job.version}")
+    if not wait or not queued:
+        if queued:
+            typer.echo("a running `mlflow-dock serve` using the same data directory builds them")
+        return
+    engine = DockerEngine(base_url=settings.docker_host, network_mode=settings.build_network)
+    pool = WorkerPool(
+        store=store,
+        runner=make_runner(settings, store, engine),
+        logs=BuildLogs(settings.data_dir / "logs", secrets=settings.secret_values()),
+        concurrency=settings.build_concurrency,
+        max_attempts=settings.max_attempts,
+        backoff_seconds=settings.retry_backoff_seconds,
+    )
+    # recover=False: a service may be running on the same store; its running jobs are its own.
+    pool.start(recover=False)
+    ids = [job.id for job in queued]
+    try:
+        while not all(store.get(i).state in TERMINAL_STATES for i in ids):
+            time.sleep(1)
+    finally:
+        pool.stop()
+        engine.close()
+    failed = 0
+    for job in (store.get(i) for i in ids):
+        if job.state is JobState.SUCCEEDED:
+            typer.echo(f"ok      {job.model_name} {job.version}: {job.image}@{job.digest}")
+        else:
+            failed += 1
+            typer.echo(f"failed  {job.model_name} {job.version}: {job.error}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

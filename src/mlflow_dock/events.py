@@ -9,7 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from mlflow_dock.errors import PayloadError
 
-SUPPORTED_EVENTS = ("model_version.created", "model_version_alias.created")
+SUPPORTED_EVENTS = (
+    "model_version.created",
+    "model_version_alias.created",
+    "model_version_alias.deleted",
+)
 
 _Name = Annotated[str, StringConstraints(min_length=1, max_length=500)]
 _Version = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,17}$")]
@@ -33,6 +37,12 @@ class AliasData(_Data):
     version: _Version
 
 
+class AliasDeletedData(_Data):
+    # MLflow's payload names no version: the alias is simply gone.
+    name: _Name
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+
 class ModelVersionCreated(BaseModel):
     model_config = ConfigDict(frozen=True)
     kind: Literal["model_version.created"] = "model_version.created"
@@ -45,7 +55,13 @@ class AliasCreated(BaseModel):
     data: AliasData
 
 
-Event = ModelVersionCreated | AliasCreated
+class AliasDeleted(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["model_version_alias.deleted"] = "model_version_alias.deleted"
+    data: AliasDeletedData
+
+
+Event = ModelVersionCreated | AliasCreated | AliasDeleted
 
 
 class _Envelope(BaseModel):
@@ -73,6 +89,8 @@ def parse_event(body: bytes) -> Event:
             return ModelVersionCreated(data=ModelVersionData.model_validate(envelope.data))
         if event == "model_version_alias.created":
             return AliasCreated(data=AliasData.model_validate(envelope.data))
+        if event == "model_version_alias.deleted":
+            return AliasDeleted(data=AliasDeletedData.model_validate(envelope.data))
     except ValidationError as exc:
         raise PayloadError(_first_error(exc, prefix="data")) from None
     raise PayloadError(

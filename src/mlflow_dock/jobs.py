@@ -20,7 +20,8 @@ class JobState(enum.StrEnum):
 
 class JobKind(enum.StrEnum):
     BUILD = "build"
-    ALIAS = "alias"
+    ALIAS = "alias"  # point the alias tag at the version's image
+    UNALIAS = "unalias"  # remove the alias tag where the registry allows it
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
@@ -74,6 +75,10 @@ class Job:
     digest: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
     error: str | None = None
+    # Something worth knowing about a successful job (e.g. why a tag could not be removed).
+    note: str | None = None
+    # Set on failed jobs: True when retrying cannot help (reconciliation leaves those alone).
+    permanent: bool = False
 
     @property
     def duration_seconds(self) -> float | None:

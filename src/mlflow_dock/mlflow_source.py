@@ -31,6 +31,7 @@ class ModelVersionInfo:
     source: str | None
     run_id: str | None
     status: str | None
+    created_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,7 @@ class MlflowSource:
             mv = self._client().get_model_version(name, version)
         except Exception as exc:
             raise translate_mlflow_error(exc, what) from exc
-        return ModelVersionInfo(
-            name=mv.name,
-            version=str(mv.version),
-            source=mv.source,
-            run_id=mv.run_id,
-            status=mv.status,
-        )
+        return _version_info(mv)
 
     def download(self, name: str, version: str, dest: Path) -> ModelPackage:
         from mlflow.artifacts import download_artifacts
@@ -86,35 +81,93 @@ class MlflowSource:
         what = f"downloading model '{name}' version {version}"
         dest.mkdir(parents=True, exist_ok=True)
         try:
+            # Resolve through the client: download_artifacts() ignores its registry_uri for
+            # models:/ URIs and falls back to the process-global (default: local) registry.
+            uri = self._client().get_model_version_download_uri(name, version)
             local = download_artifacts(
-                artifact_uri=f"models:/{name}/{version}",
-                dst_path=str(dest),
-                tracking_uri=self._tracking_uri,
-                registry_uri=self._tracking_uri,
+                artifact_uri=uri, dst_path=str(dest), tracking_uri=self._tracking_uri
             )
         except Exception as exc:
             raise translate_mlflow_error(exc, what) from exc
         return read_package(Path(local))
 
-    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+    def update_tags(
+        self, name: str, version: str, set_tags: dict[str, str], delete_tags: tuple[str, ...]
+    ) -> None:
+        from mlflow.exceptions import MlflowException
+
         client = self._client()
-        for key, value in tags.items():
+        for key, value in set_tags.items():
             client.set_model_version_tag(name, version, key, value)
+        for key in delete_tags:
+            try:
+                client.delete_model_version_tag(name, version, key)
+            except MlflowException as exc:
+                # Deleting a tag that is not there is the outcome we wanted.
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
 
     def list_versions(self, name: str | None = None) -> list[ModelVersionInfo]:
-        client = self._client()
-        filter_string = f"name = '{name}'" if name else None
-        out: list[ModelVersionInfo] = []
-        token = None
-        while True:
-            page = client.search_model_versions(filter_string, page_token=token)
-            out.extend(
-                ModelVersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, mv.status)
-                for mv in page
-            )
-            token = page.token
-            if not token:
-                return out
+        what = "listing model versions" + (f" of '{name}'" if name else "")
+        filter_string = _name_filter(name) if name else None
+        try:
+            client = self._client()
+            out: list[ModelVersionInfo] = []
+            token = None
+            while True:
+                page = client.search_model_versions(filter_string, page_token=token)
+                out.extend(_version_info(mv) for mv in page)
+                token = page.token
+                if not token:
+                    return [v for v in out if name is None or v.name == name]
+        except Exception as exc:
+            raise translate_mlflow_error(exc, what) from exc
+
+    def list_aliases(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        """(model, alias, version) for every alias currently set."""
+        what = "listing aliases" + (f" of '{name}'" if name else "")
+        try:
+            client = self._client()
+            if name:
+                models = [client.get_registered_model(name)]
+            else:
+                models, token = [], None
+                while True:
+                    page = client.search_registered_models(page_token=token)
+                    models.extend(page)
+                    token = page.token
+                    if not token:
+                        break
+        except Exception as exc:
+            raise translate_mlflow_error(exc, what) from exc
+        return [
+            (model.name, alias, str(version))
+            for model in models
+            for alias, version in sorted((model.aliases or {}).items())
+        ]
+
+
+def _name_filter(name: str) -> str | None:
+    """A search filter for one model name, or None when only client-side filtering is safe.
+
+    MLflow's filter parser has no escape sequences; it accepts either quote character, so use
+    the one the name does not contain.
+    """
+    for quote in ("'", '"'):
+        if quote not in name:
+            return f"name = {quote}{name}{quote}"
+    return None
+
+
+def _version_info(mv: Any) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        source=mv.source,
+        run_id=mv.run_id,
+        status=str(mv.status) if mv.status is not None else None,
+        created_ms=mv.creation_timestamp,
+    )
 
 
 def read_package(path: Path) -> ModelPackage:

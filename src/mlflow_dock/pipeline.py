@@ -41,6 +41,7 @@ class JobOutcome:
     image: str
     digest: str
     tags: tuple[str, ...] = ()
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class JobRunner:
     def run(self, job: Job, log: LogSink) -> JobOutcome:
         if job.kind is JobKind.BUILD:
             return self.build(job.model_name, job.version, log, work_id=job.id)
+        if job.kind is JobKind.UNALIAS:
+            return self._unalias(job, log)
         return self._alias(job, log)
 
     # -- builds -------------------------------------------------------------------------------
@@ -223,3 +226,24 @@ class JobRunner:
         reference = f"{target.repository}:{tag}"
         log(f"tagged {reference} -> {digest}")
         return JobOutcome(image=reference, digest=digest, tags=(reference,))
+
+    def _unalias(self, job: Job, log: LogSink) -> JobOutcome:
+        assert job.alias is not None
+        target = Target.for_model(self._settings, job.model_name)
+        tag = naming.alias_tag(job.alias)
+        reference = f"{target.repository}:{tag}"
+        with self._registry_factory(target.registry_host) as registry:
+            digest = registry.manifest_digest(target.path, tag)
+            if digest is None:
+                log(f"{reference} does not exist; nothing to remove")
+                return JobOutcome(image=reference, digest="", note="tag did not exist")
+            if registry.delete_tag(target.path, tag):
+                log(f"removed tag {reference} (was {digest})")
+                return JobOutcome(image=reference, digest=digest)
+        # Deleting by digest instead would remove the image for every other tag using it.
+        note = (
+            f"registry {target.registry_host} cannot delete a tag without deleting its manifest, "
+            f"which other tags may use; {reference} was left in place"
+        )
+        log(note)
+        return JobOutcome(image=reference, digest=digest, note=note)

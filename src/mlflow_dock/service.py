@@ -13,16 +13,18 @@ from dataclasses import dataclass
 
 from mlflow_dock.buildlogs import BuildLogs
 from mlflow_dock.engine import DockerEngine
-from mlflow_dock.events import AliasCreated, ModelVersionCreated, parse_event
+from mlflow_dock.events import AliasCreated, AliasDeleted, ModelVersionCreated, parse_event
 from mlflow_dock.jobs import Job
 from mlflow_dock.mlflow_source import MlflowSource
 from mlflow_dock.pipeline import JobRunner
+from mlflow_dock.reconcile import ReconcileLoop, Reconciler
 from mlflow_dock.registry import RegistryClient
 from mlflow_dock.settings import Settings
 from mlflow_dock.signatures import WebhookVerifier
 from mlflow_dock.smoke import SmokeTester
 from mlflow_dock.store import JobStore
 from mlflow_dock.worker import WorkerPool
+from mlflow_dock.writeback import MlflowWriteBack
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class Service:
             base_url=settings.docker_host, network_mode=settings.build_network
         )
         self.runner = runner or make_runner(settings, self.store, self.engine)
+        self.source = MlflowSource(settings.mlflow_tracking_uri)
+        self.writeback = MlflowWriteBack(self.source) if settings.mlflow_write_back else None
         self.pool = WorkerPool(
             store=self.store,
             runner=self.runner,
@@ -85,15 +89,42 @@ class Service:
             concurrency=settings.build_concurrency,
             max_attempts=settings.max_attempts,
             backoff_seconds=settings.retry_backoff_seconds,
+            on_change=self._job_changed,
         )
+        self.reconcile: ReconcileLoop | None = None
+        if settings.reconcile_interval_seconds > 0:
+            self.reconcile = ReconcileLoop(
+                Reconciler(self.source, self.store),
+                interval=settings.reconcile_interval_seconds,
+                # Only versions registered since this store first started: pointing mlflow-dock
+                # at an existing registry must not rebuild its whole history (`backfill` does).
+                since=self.store.watch_since(),
+                on_queued=self._queued,
+            )
 
     def start(self) -> None:
+        if self.writeback is not None:
+            self.writeback.start()
         self.pool.start()
+        if self.reconcile is not None:
+            self.reconcile.start()
 
     def stop(self) -> None:
+        if self.reconcile is not None:
+            self.reconcile.stop()
         self.pool.stop()
+        if self.writeback is not None:
+            self.writeback.stop()
         self.engine.close()
         self.store.close()
+
+    def _job_changed(self, job: Job) -> None:
+        if self.writeback is not None:
+            self.writeback.job_changed(job)
+
+    def _queued(self, job: Job) -> None:
+        self._job_changed(job)
+        self.pool.notify()
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
         """Verify, de-duplicate, parse and store one delivery. Raises RequestError subclasses."""
@@ -106,22 +137,26 @@ class Service:
         data = event.data
         if isinstance(event, ModelVersionCreated):
             job, changed = self.store.request_build(
-                data.name, data.version, delivery_id=delivery_id
+                event.data.name, event.data.version, delivery_id=delivery_id
+            )
+        elif isinstance(event, AliasCreated):
+            job, changed = self.store.request_alias(
+                event.data.name, event.data.version, event.data.alias, delivery_id=delivery_id
             )
         else:
-            assert isinstance(event, AliasCreated)
-            job, changed = self.store.request_alias(
-                data.name, data.version, event.data.alias, delivery_id=delivery_id
+            assert isinstance(event, AliasDeleted)
+            job, changed = self.store.request_unalias(
+                event.data.name, event.data.alias, delivery_id=delivery_id
             )
         logger.info(
-            "delivery %s: %s for '%s' version %s -> job %s (%s)",
+            "delivery %s: %s for '%s' -> %s job %s (%s)",
             delivery_id,
             event.kind,
             data.name,
-            data.version,
+            job.kind,
             job.id,
             "queued" if changed else f"existing, {job.state}",
         )
         if changed:
-            self.pool.notify()
+            self._queued(job)
         return Accepted(job, duplicate=not changed)

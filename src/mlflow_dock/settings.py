@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     build_timeout_seconds: int = Field(
         default=3600, ge=10, validation_alias=_env("MLFLOW_DOCK_BUILD_TIMEOUT_SECONDS")
     )
+    reconcile_interval_seconds: int = Field(
+        default=300, ge=0, validation_alias=_env("MLFLOW_DOCK_RECONCILE_INTERVAL")
+    )
+    mlflow_write_back: bool = Field(
+        default=True, validation_alias=_env("MLFLOW_DOCK_MLFLOW_WRITE_BACK")
+    )
     tls_cert_file: Path | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_TLS_CERT_FILE")
     )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -71,6 +72,8 @@ class _JobRow(_Base):
     digest: Mapped[str | None] = mapped_column(String(100))
     tags_json: Mapped[str] = mapped_column(Text, default="[]")
     error: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class _DeliveryRow(_Base):
@@ -79,6 +82,13 @@ class _DeliveryRow(_Base):
     delivery_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _MetaRow(_Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -106,6 +116,8 @@ def _to_job(row: _JobRow) -> Job:
         digest=row.digest,
         tags=tuple(json.loads(row.tags_json or "[]")),
         error=row.error,
+        note=row.note,
+        permanent=bool(row.permanent),
     )
 
 
@@ -184,21 +196,56 @@ class JobStore:
         self, model_name: str, version: str, alias: str, *, delivery_id: str | None = None
     ) -> tuple[Job, bool]:
         """Queue an alias job that runs once the version's build has finished."""
+        return self._request_alias_op(JobKind.ALIAS, model_name, version, alias, delivery_id)
+
+    def request_unalias(
+        self, model_name: str, alias: str, *, delivery_id: str | None = None
+    ) -> tuple[Job, bool]:
+        """Queue removal of an alias tag (MLflow's deleted event names no version)."""
+        return self._request_alias_op(JobKind.UNALIAS, model_name, "", alias, delivery_id)
+
+    def _request_alias_op(
+        self,
+        kind: JobKind,
+        model_name: str,
+        version: str,
+        alias: str,
+        delivery_id: str | None,
+    ) -> tuple[Job, bool]:
         with self._write() as session:
             if delivery_id is not None:
                 existing = self._delivery_job(session, delivery_id)
                 if existing is not None:
                     return _to_job(existing), False
-            build, _ = self._ensure_build(session, model_name, version)
+            depends_on = None
+            if kind is JobKind.ALIAS:
+                build, _ = self._ensure_build(session, model_name, version)
+                depends_on = build.id
+            else:
+                # The deleted event names no version; the alias's last target is where its
+                # MLflow tag has to be removed.
+                version = (
+                    session.execute(
+                        select(_JobRow.version)
+                        .where(
+                            _JobRow.kind == JobKind.ALIAS.value,
+                            _JobRow.model_name == model_name,
+                            _JobRow.alias == alias,
+                        )
+                        .order_by(_JobRow.created_at.desc())
+                        .limit(1)
+                    ).scalar_one_or_none()
+                    or ""
+                )
             now = utcnow()
             row = _JobRow(
                 id=str(uuid.uuid4()),
-                kind=JobKind.ALIAS.value,
+                kind=kind.value,
                 dedupe_key=None,
                 model_name=model_name,
                 version=version,
                 alias=alias,
-                depends_on=build.id,
+                depends_on=depends_on,
                 state=JobState.QUEUED.value,
                 attempts=0,
                 created_at=now,
@@ -254,6 +301,7 @@ class JobStore:
             row.state = JobState.QUEUED.value
             row.attempts = 0
             row.error = None
+            row.permanent = False
             row.not_before = None
             row.finished_at = None
             row.updated_at = now
@@ -266,18 +314,29 @@ class JobStore:
         """Atomically move the oldest runnable job to RUNNING and return it."""
         now = utcnow()
         dep = aliased(_JobRow)
+        prior = aliased(_JobRow)
+        terminal = [s.value for s in TERMINAL_STATES]
+        # Operations on one alias run in the order their events arrived, so a set followed by
+        # a delete (or a move) cannot be reordered by concurrent workers.
+        earlier_alias_op_pending = (
+            select(prior.id)
+            .where(
+                prior.kind.in_([JobKind.ALIAS.value, JobKind.UNALIAS.value]),
+                prior.model_name == _JobRow.model_name,
+                prior.alias == _JobRow.alias,
+                prior.created_at < _JobRow.created_at,
+                prior.state.not_in(terminal),
+            )
+            .exists()
+        )
         with self._write() as session:
             candidates = session.execute(
                 select(_JobRow.id)
                 .outerjoin(dep, dep.id == _JobRow.depends_on)
                 .where(_JobRow.state == JobState.QUEUED.value)
                 .where(or_(_JobRow.not_before.is_(None), _JobRow.not_before <= now))
-                .where(
-                    or_(
-                        _JobRow.depends_on.is_(None),
-                        dep.state.in_([s.value for s in TERMINAL_STATES]),
-                    )
-                )
+                .where(or_(_JobRow.depends_on.is_(None), dep.state.in_(terminal)))
+                .where(or_(_JobRow.alias.is_(None), ~earlier_alias_op_pending))
                 .order_by(_JobRow.created_at)
                 .limit(5)
             ).scalars()
@@ -309,7 +368,15 @@ class JobStore:
             ).scalar_one_or_none()
             return _aware(value)
 
-    def succeed(self, job_id: str, *, image: str, digest: str, tags: tuple[str, ...] = ()) -> Job:
+    def succeed(
+        self,
+        job_id: str,
+        *,
+        image: str,
+        digest: str,
+        tags: tuple[str, ...] = (),
+        note: str | None = None,
+    ) -> Job:
         return self._transition(
             job_id,
             JobState.SUCCEEDED,
@@ -318,10 +385,13 @@ class JobStore:
             tags_json=json.dumps(list(tags)),
             finished_at=utcnow(),
             error=None,
+            note=note,
         )
 
-    def fail(self, job_id: str, reason: str) -> Job:
-        return self._transition(job_id, JobState.FAILED, error=reason, finished_at=utcnow())
+    def fail(self, job_id: str, reason: str, *, permanent: bool = True) -> Job:
+        return self._transition(
+            job_id, JobState.FAILED, error=reason, permanent=permanent, finished_at=utcnow()
+        )
 
     def retry_later(self, job_id: str, reason: str, delay_seconds: float) -> Job:
         return self._transition(
@@ -394,6 +464,35 @@ class JobStore:
             query = query.where(_JobRow.state == state.value)
         with self._sessions() as session:
             return [_to_job(r) for r in session.execute(query).scalars()]
+
+    def builds_by_version(self) -> dict[tuple[str, str], Job]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(_JobRow).where(_JobRow.kind == JobKind.BUILD.value)
+            ).scalars()
+            return {(r.model_name, r.version): _to_job(r) for r in rows}
+
+    def latest_alias_ops(self) -> dict[tuple[str, str], Job]:
+        """The newest alias/unalias job per (model, alias)."""
+        latest: dict[tuple[str, str], Job] = {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(_JobRow)
+                .where(_JobRow.kind.in_([JobKind.ALIAS.value, JobKind.UNALIAS.value]))
+                .order_by(_JobRow.created_at)
+            ).scalars()
+            for row in rows:
+                latest[(row.model_name, row.alias or "")] = _to_job(row)
+        return latest
+
+    def watch_since(self) -> datetime:
+        """When this store first started watching MLflow (set once, on first call)."""
+        with self._write() as session:
+            row = session.get(_MetaRow, "watch_since")
+            if row is None:
+                row = _MetaRow(key="watch_since", value=utcnow().isoformat())
+                session.add(row)
+            return datetime.fromisoformat(row.value)
 
     def count_by_state(self) -> dict[JobState, int]:
         counts = {state: 0 for state in JobState}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from mlflow_dock.buildlogs import BuildLogs
@@ -27,12 +28,31 @@ def execute_job(
     logs: BuildLogs,
     max_attempts: int,
     backoff_seconds: float,
+    on_change: Callable[[Job], None] = lambda _job: None,
 ) -> Job:
-    """Run a job the caller has claimed and record how it ended. Never raises for job failures."""
+    """Run a job the caller has claimed and record how it ended. Never raises for job failures.
+
+    `on_change` sees the job as claimed and as it ended (e.g. to write tags back to MLflow).
+    """
 
     def log(line: str) -> None:
         logs.append(job.id, line)
 
+    on_change(job)
+    ended = _run_and_record(job, log, store, runner, logs, max_attempts, backoff_seconds)
+    on_change(ended)
+    return ended
+
+
+def _run_and_record(
+    job: Job,
+    log: Callable[[str], None],
+    store: JobStore,
+    runner: JobRunner,
+    logs: BuildLogs,
+    max_attempts: int,
+    backoff_seconds: float,
+) -> Job:
     log(
         f"attempt {job.attempts} of {max_attempts}: {job.kind} job for '{job.model_name}' "
         f"version {job.version}" + (f" alias '{job.alias}'" if job.alias else "")
@@ -51,8 +71,12 @@ def execute_job(
             return store.retry_later(job.id, reason, delay)
         log(f"FAILED: {reason}")
         logger.error("job %s failed: %s", job.id, reason)
-        return store.fail(job.id, reason)
-    finished = store.succeed(job.id, image=outcome.image, digest=outcome.digest, tags=outcome.tags)
+        return store.fail(job.id, reason, permanent=not is_retryable(exc))
+    finished = store.succeed(
+        job.id, image=outcome.image, digest=outcome.digest, tags=outcome.tags, note=outcome.note
+    )
+    if outcome.note:
+        log(f"note: {outcome.note}")
     log(f"succeeded in {finished.duration_seconds or 0:.1f} s: {outcome.image}@{outcome.digest}")
     logger.info("job %s succeeded: %s@%s", job.id, outcome.image, outcome.digest)
     return finished
@@ -76,7 +100,9 @@ class WorkerPool:
         max_attempts: int,
         backoff_seconds: float,
         poll_seconds: float = 2.0,
+        on_change: Callable[[Job], None] = lambda _job: None,
     ) -> None:
+        self._on_change = on_change
         self._store = store
         self._runner = runner
         self._logs = logs
@@ -89,8 +115,13 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        requeued = self._store.requeue_interrupted()
+    def start(self, *, recover: bool = True) -> None:
+        """Start the threads; `recover` requeues jobs a crashed process left running.
+
+        Only the process that owns the store may recover: a second process (e.g. a foreground
+        backfill beside a running service) would steal the service's running jobs.
+        """
+        requeued = self._store.requeue_interrupted() if recover else []
         for job in requeued:
             logger.warning("job %s was interrupted by a restart; queued again", job.id)
             self._logs.append(job.id, "interrupted by a service restart; queued again")
@@ -130,6 +161,7 @@ class WorkerPool:
                 logs=self._logs,
                 max_attempts=self._max_attempts,
                 backoff_seconds=self._backoff,
+                on_change=self._on_change,
             )
             if job.kind == "build":
                 # A finished build may unblock alias jobs waiting on it.
