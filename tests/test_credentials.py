@@ -727,6 +727,39 @@ def test_google_endpoint_500_is_retryable(token_endpoint: TokenEndpoint) -> None
     assert provider.get().username == "oauth2accesstoken"
 
 
+def test_google_outage_inside_the_margin_serves_the_current_token(
+    token_endpoint: TokenEndpoint,
+) -> None:
+    start = time.time()
+    clock = FakeClock(start)
+    provider = GoogleCredentials(registry_host=GAR_HOST, clock=clock, refresh_margin=300)
+    first = provider.get()
+    token_endpoint.mode = "500"
+    clock.now = start + 3600 - 200  # due for refresh, but still valid for 200 s
+    assert provider.get() is first
+    assert token_endpoint.attempts == 1 + 3
+    clock.now += 10  # within the retry interval: no new attempt
+    assert provider.get() is first
+    assert token_endpoint.attempts == 4
+
+    token_endpoint.mode = "ok"
+    clock.now += 30  # retry interval over: refreshed
+    second = provider.get()
+    assert second.password != first.password
+    assert token_endpoint.attempts == 5
+
+
+def test_google_outage_near_expiry_is_retryable(token_endpoint: TokenEndpoint) -> None:
+    start = time.time()
+    clock = FakeClock(start)
+    provider = GoogleCredentials(registry_host=GAR_HOST, clock=clock)
+    provider.get()
+    token_endpoint.mode = "500"
+    clock.now = start + 3600 - 30  # too close to expiry to push with
+    with pytest.raises(RetryableError, match="Google token endpoint unavailable"):
+        provider.get()
+
+
 def test_google_invalid_grant_is_permanent(token_endpoint: TokenEndpoint) -> None:
     token_endpoint.mode = "invalid_grant"
     provider = GoogleCredentials(registry_host=GAR_HOST)

@@ -171,29 +171,78 @@ def _one_line(text: str) -> str:
     return line if len(line) <= _MESSAGE_LIMIT else line[: _MESSAGE_LIMIT - 3] + "..."
 
 
+@dataclass(frozen=True)
+class _Entry:
+    credentials: Credentials
+    refresh_at: float
+    expires_at: float
+    # Set after a transient refresh failure: until then the old token is served untried.
+    retry_at: float = 0.0
+
+
 class _TokenCache:
-    """Credentials plus the wall-clock time to replace them, refreshed by one thread at a time.
+    """Credentials cached until `margin` before they expire, refreshed by one thread at a time.
 
     Readers take the fast path without the lock (reading one attribute is atomic); callers that
     find the token stale queue on the lock, so N concurrent pushes cause one fetch, not N.
+
+    A transient refresh failure inside the margin is not a job failure: the old token still
+    works, so it is served (and the refresh retried after `retry_interval`) until it is within
+    `grace` of expiring; only then does the RetryableError reach the caller.
     """
 
-    def __init__(self, *, fetch: Callable[[], tuple[Credentials, float]], clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        fetch: Callable[[], tuple[Credentials, float]],
+        clock: Clock,
+        margin: float,
+        grace: float = 60.0,
+        retry_interval: float = 30.0,
+    ) -> None:
         self._fetch = fetch
         self._clock = clock
+        self._margin = margin
+        self._grace = grace
+        self._retry_interval = retry_interval
         self._lock = threading.Lock()
-        self._entry: tuple[Credentials, float] | None = None
+        self._entry: _Entry | None = None
+
+    def _fresh(self, entry: _Entry | None, now: float) -> bool:
+        if entry is None:
+            return False
+        if now < entry.refresh_at:
+            return True
+        return now < entry.retry_at and now < entry.expires_at - self._grace
 
     def get(self) -> Credentials:
         entry = self._entry
-        if entry is not None and self._clock() < entry[1]:
-            return entry[0]
+        if entry is not None and self._fresh(entry, self._clock()):
+            return entry.credentials
         with self._lock:
             entry = self._entry
-            if entry is not None and self._clock() < entry[1]:
-                return entry[0]
-            credentials, refresh_at = self._fetch()
-            self._entry = (credentials, refresh_at)
+            now = self._clock()
+            if entry is not None and self._fresh(entry, now):
+                return entry.credentials
+            try:
+                credentials, expires_at = self._fetch()
+            except RetryableError as exc:
+                if entry is None or now >= entry.expires_at - self._grace:
+                    raise
+                logger.warning(
+                    "%s; using the current token (expires in %.0f s), retrying in %.0f s",
+                    exc,
+                    entry.expires_at - now,
+                    self._retry_interval,
+                )
+                self._entry = _Entry(
+                    entry.credentials,
+                    entry.refresh_at,
+                    entry.expires_at,
+                    retry_at=now + self._retry_interval,
+                )
+                return entry.credentials
+            self._entry = _Entry(credentials, expires_at - self._margin, expires_at)
             return credentials
 
     def invalidate(self) -> None:
@@ -313,7 +362,7 @@ class EcrCredentials:
         self._margin = refresh_margin
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._cache = _TokenCache(fetch=self._fetch, clock=clock)
+        self._cache = _TokenCache(fetch=self._fetch, clock=clock, margin=refresh_margin)
         self._known_repositories: set[str] = set()
         self._warned_short_lived = False
 
@@ -432,8 +481,7 @@ class EcrCredentials:
             ) from None
         now = self._clock()
         expires_at = _epoch(entry.get("expiresAt"), default=now + 3600.0)
-        refresh_at = expires_at - self._margin
-        if refresh_at <= now and not self._warned_short_lived:
+        if expires_at - self._margin <= now and not self._warned_short_lived:
             # Happens with a badly skewed clock (or a fake ECR); the token is still used, just
             # fetched again on every call instead of being cached.
             self._warned_short_lived = True
@@ -445,7 +493,7 @@ class EcrCredentials:
                 self._margin,
             )
         logger.debug("fetched an ECR token for %s, valid until %s", host, expires_at)
-        return Credentials(username=username, password=password), refresh_at
+        return Credentials(username=username, password=password), expires_at
 
 
 def _epoch(value: Any, *, default: float) -> float:
@@ -515,11 +563,10 @@ class GoogleCredentials:
         self._credentials_factory = credentials_factory
         self._request_factory = request_factory
         self._clock = clock
-        self._margin = refresh_margin
         self._timeout = timeout
         self._google: Any = None
         self._request: Any = None
-        self._cache = _TokenCache(fetch=self._fetch, clock=clock)
+        self._cache = _TokenCache(fetch=self._fetch, clock=clock, margin=refresh_margin)
 
     def __repr__(self) -> str:
         return f"GoogleCredentials(registry_host={self.registry_host!r})"
@@ -552,9 +599,7 @@ class GoogleCredentials:
         expiry = getattr(self._google, "expiry", None)
         # google-auth keeps expiry as a naive UTC datetime.
         expires_at = _epoch(expiry, default=now + _ASSUMED_GOOGLE_LIFETIME)
-        return Credentials(username=GOOGLE_TOKEN_USERNAME, password=str(token)), (
-            expires_at - self._margin
-        )
+        return Credentials(username=GOOGLE_TOKEN_USERNAME, password=str(token)), expires_at
 
     def _load(self) -> Any:
         if self._credentials_factory is not None:
