@@ -61,6 +61,18 @@ class MlflowSource:
     def __init__(self, tracking_uri: str) -> None:
         self._tracking_uri = tracking_uri
 
+    @staticmethod
+    def import_client() -> None:
+        """Import MLflow's client once, on the calling thread.
+
+        mlflow is imported lazily (it takes seconds), but a first import racing in several
+        threads (workers, write-back, reconciliation) deadlocks in importlib and leaves
+        half-initialised modules behind; the service calls this before starting threads.
+        """
+        import mlflow.artifacts
+        import mlflow.exceptions
+        import mlflow.tracking  # noqa: F401
+
     def _client(self) -> Any:
         # Imported lazily: mlflow is heavy and only the worker needs it.
         from mlflow import MlflowClient

@@ -103,6 +103,7 @@ class Service:
             )
 
     def start(self) -> None:
+        MlflowSource.import_client()
         if self.writeback is not None:
             self.writeback.start()
         self.pool.start()

@@ -46,6 +46,16 @@ def created_to_pushed(mlflow_client, job) -> float:
     return finished - created / 1000
 
 
+def wait_for_tags(mlflow_client, model, version, key, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tags = mlflow_client.get_model_version(model, version).tags
+        if key in tags:
+            return tags
+        time.sleep(0.5)
+    raise AssertionError(f"tag {key} never appeared on {model} v{version}: {tags}")
+
+
 def signed_delivery(service, secret, payload, delivery_id):
     body = json.dumps(payload).encode()
     ts = str(int(time.time()))
@@ -108,7 +118,15 @@ def test_registered_versions_and_aliases_become_images(
     model_name,
 ):
     service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
-    webhook_factory(f"{service.url}/webhook", service_factory.secret)
+    webhook_factory(
+        f"{service.url}/webhook",
+        service_factory.secret,
+        events=(
+            "model_version.created",
+            "model_version_alias.created",
+            "model_version_alias.deleted",
+        ),
+    )
     time.sleep(2)  # MLflow caches the webhook list (TTL 1 s in the fixture server)
 
     version = log_sklearn_model(mlflow_server.url, model_name)
@@ -141,6 +159,13 @@ def test_registered_versions_and_aliases_become_images(
         path = repository.split("/", 1)[1]
         assert client.manifest_digest(path, "champion") == job["digest"]
 
+    # Results are written back to the version in MLflow.
+    tags = wait_for_tags(mlflow_client, model_name, version, "mlflow_dock.image")
+    assert tags["mlflow_dock.image"] == f"{repository}@{job['digest']}"
+    assert tags["mlflow_dock.status"] == "succeeded"
+    tags = wait_for_tags(mlflow_client, model_name, version, "mlflow_dock.alias.champion")
+    assert tags["mlflow_dock.alias.champion"] == f"{repository}:champion"
+
     # Replays and second events for the same version build nothing new.
     payload = {
         "entity": "model_version",
@@ -164,6 +189,31 @@ def test_registered_versions_and_aliases_become_images(
     second = log_sklearn_model(mlflow_server.url, model_name)
     job2 = wait_for_job(service, build_of(model_name, second))
     assert job2["state"] == "succeeded", job2
+    # Moving the alias moves the tag; deleting it is recorded (Distribution 2.8 cannot delete
+    # a tag without deleting the manifest, so the tag stays and the job says why).
+    mlflow_client.set_registered_model_alias(model_name, "champion", second)
+    moved = wait_for_job(
+        service,
+        lambda j: alias_of(model_name, "champion")(j) and j["version"] == second,
+        timeout=120,
+    )
+    assert moved["state"] == "succeeded"
+    with RegistryClient(
+        registry.host, username=registry.username, password=registry.password
+    ) as client:
+        assert client.manifest_digest(path, "champion") == job2["digest"]
+    mlflow_client.delete_registered_model_alias(model_name, "champion")
+    removed = wait_for_job(
+        service, lambda j: j["kind"] == "unalias" and j["model_name"] == model_name, timeout=120
+    )
+    assert removed["state"] == "succeeded" and removed["version"] == second
+    detail = httpx.get(f"{service.url}/builds/{removed['id']}").json()
+    assert any("left in place" in line for line in detail["log_tail"])
+    with RegistryClient(
+        registry.host, username=registry.username, password=registry.password
+    ) as client:
+        assert client.manifest_digest(path, second) == job2["digest"]
+
     print(
         "\nTIMING model_version.created -> image pushed: "
         f"first version {created_to_pushed(mlflow_client, job):.1f} s, "
@@ -209,3 +259,18 @@ def test_unknown_model_version_fails_at_once_with_a_reason(service_factory):
     job = wait_for_job(service, build_of("No Such Model", "1"), timeout=60)
     assert job["state"] == "failed" and job["attempts"] == 1
     assert "No Such Model" in job["error"]
+
+
+def test_versions_registered_while_down_are_built_on_start(
+    service_factory, mlflow_server, mlflow_client, model_name
+):
+    """No webhook at all: reconciliation alone must find the version."""
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host", MLFLOW_DOCK_SMOKE_TEST="false")
+    service.stop()  # the store now remembers when it started watching
+    version = log_sklearn_model(mlflow_server.url, model_name)
+    mlflow_client.set_registered_model_alias(model_name, "prod", version)
+    service.start()
+    job = wait_for_job(service, build_of(model_name, version))
+    assert job["state"] == "succeeded", job
+    alias_job = wait_for_job(service, alias_of(model_name, "prod"), timeout=120)
+    assert alias_job["state"] == "succeeded" and alias_job["digest"] == job["digest"]
