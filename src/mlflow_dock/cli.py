@@ -71,9 +71,17 @@ def serve() -> None:
             "ssl_certfile": str(settings.tls_cert_file),
             "ssl_keyfile": str(settings.tls_key_file),
         }
+    from mlflow_dock.service import Service
+
+    try:
+        # Built here rather than in the app's lifespan so a configuration problem found while
+        # wiring (e.g. registry credentials) is one line on stderr, not a lifespan traceback.
+        service = Service(settings)
+    except MlflowDockError as exc:
+        _die(str(exc), 2)
     try:
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, service=service),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,

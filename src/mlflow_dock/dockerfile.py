@@ -178,14 +178,27 @@ CMD {_SERVE}
 """
 
 
-def render_model_dockerfile(runtime_image: str) -> str:
+def render_model_dockerfile(runtime_image: str, labels: Mapping[str, str] | None = None) -> str:
     """One version's image: the shared runtime image plus the model as the only new layer.
 
     A separate build rather than one multi-stage Dockerfile because the classic builder does not
     reuse its cache for `COPY --from`: every version would re-copy (and re-push) the whole
-    virtualenv as a new layer.
+    virtualenv as a new layer. Labels go in one instruction after the model: labels passed to
+    the engine's build API cost one committed container each (~85 ms apiece).
     """
-    return f"FROM {runtime_image}\nCOPY model/ {MODEL_DIR}/\n"
+    text = f"FROM {runtime_image}\nCOPY model/ {MODEL_DIR}/\n"
+    if labels:
+        pairs = " \\\n      ".join(
+            f"{_quote(key)}={_quote(value)}" for key, value in sorted(labels.items())
+        )
+        text += f"LABEL {pairs}\n"
+    return text
+
+
+def _quote(value: str) -> str:
+    # Dockerfile double-quoted words honour backslash escapes; a newline cannot be escaped.
+    cleaned = " ".join(value.splitlines())
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
 def runtime_key(spec: ImageSpec, *, ca_bundle: bytes | None) -> str:
@@ -193,6 +206,9 @@ def runtime_key(spec: ImageSpec, *, ca_bundle: bytes | None) -> str:
     digest = hashlib.sha256()
     for part in (
         render_runtime_dockerfile(spec).encode(),
+        # The model layer's recipe too: registry assembly reuses a runtime only if the layer it
+        # appends would be the one the engine builds.
+        render_model_dockerfile("").encode(),
         spec.requirements.encode(),
         spec.pip.pip_conf().encode(),
         ca_bundle or b"",

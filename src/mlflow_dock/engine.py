@@ -194,6 +194,25 @@ class DockerEngine:
             raise RetryableError(f"{what}: the engine reported no digest")
         return PushResult(reference=f"{repository}:{tag}", digest=digest)
 
+    def pull(self, repository: str, reference: str, *, username: str, password: str) -> None:
+        """Pull `repository@digest` or `repository:tag` with per-call credentials."""
+        what = f"pulling {repository} {reference}"
+        try:
+            stream = self.client.api.pull(
+                repository,
+                tag=reference,
+                stream=True,
+                decode=True,
+                auth_config={"username": username, "password": password},
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    raise classify_engine_error(str(chunk["error"]), what=what)
+        except (PermanentError, RetryableError):
+            raise
+        except Exception as exc:
+            raise _translate_sdk_error(exc, what) from exc
+
     def image_exists(self, reference: str) -> bool:
         import docker.errors
 

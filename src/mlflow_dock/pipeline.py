@@ -1,7 +1,14 @@
-"""Running one job: MLflow model -> image build -> smoke test -> push; or alias -> tag.
+"""Running one job: MLflow model -> image -> smoke test -> registry; or alias -> tag.
 
 This module composes the pieces (MLflow source, Docker Engine, registry client) and knows
 nothing about HTTP or how jobs are scheduled; a Celery task would call `JobRunner.run` too.
+
+A version reaches the registry one of two ways:
+- fast path: when the registry already holds an earlier version built from the same runtime
+  (same requirements, base image, pip options, Dockerfile), the new image is assembled in the
+  registry: one new model layer on the earlier version's layers, no engine build, no push;
+- engine path: otherwise the runtime image is built (once per runtime key, then reused), the
+  version image is `FROM` it plus the model, and it is pushed.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlflow_dock import naming
+from mlflow_dock import assembly, naming
+from mlflow_dock.credentials import CredentialProvider, EcrCredentials, StaticCredentials
 from mlflow_dock.dockerfile import (
     ImageSpec,
     PipOptions,
@@ -26,7 +34,7 @@ from mlflow_dock.dockerfile import (
     serving_requirements,
     system_packages_for,
 )
-from mlflow_dock.engine import DockerEngine, LogSink
+from mlflow_dock.engine import DockerEngine, LogSink, PushResult
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs import Job, JobKind, JobState
 from mlflow_dock.mlflow_source import MlflowSource, ModelPackage
@@ -34,6 +42,8 @@ from mlflow_dock.registry import RegistryClient
 from mlflow_dock.settings import Settings
 from mlflow_dock.smoke import SmokeTester
 from mlflow_dock.store import JobStore
+
+RUNTIME_KEY_LABEL = "io.mlflow-dock.runtime-key"
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,9 @@ class Target:
     def for_model(cls, settings: Settings, model_name: str) -> Target:
         namespace = settings.image_namespace
         if namespace is None:
-            namespace = naming.default_namespace(settings.docker_registry, settings.docker_username)
+            namespace = naming.default_namespace(
+                settings.docker_registry, settings.docker_username or ""
+            )
         repository = naming.image_repository(settings.docker_registry, namespace, model_name)
         host, _, path = repository.partition("/")
         return cls(repository=repository, registry_host=host, path=path)
@@ -68,6 +80,18 @@ RUNTIME_REPOSITORY = "mlflow-dock-runtime"
 RegistryFactory = Callable[[str], RegistryClient]
 
 
+@dataclass
+class _Prepared:
+    """A downloaded version and everything derived from it, shared by both paths."""
+
+    package: ModelPackage
+    spec: ImageSpec
+    extra_files: dict[str, bytes]
+    key: str
+    labels: dict[str, str]
+    example: Path | None
+
+
 class JobRunner:
     def __init__(
         self,
@@ -76,6 +100,7 @@ class JobRunner:
         store: JobStore,
         source: MlflowSource,
         engine: DockerEngine,
+        credentials: CredentialProvider,
         registry_factory: RegistryFactory,
         smoke: SmokeTester | None,
     ) -> None:
@@ -83,6 +108,7 @@ class JobRunner:
         self._store = store
         self._source = source
         self._engine = engine
+        self._credentials = credentials
         self._registry_factory = registry_factory
         self._smoke = smoke
         self._work_dir = settings.data_dir / "work"
@@ -110,13 +136,7 @@ class JobRunner:
             package = self._source.download(model_name, version, work / "download")
             log(f"downloaded model, Python {package.python_version}")
             spec, extra_files = self._image_spec(package)
-            runtime = self._ensure_runtime(spec, extra_files, work / "runtime", log)
-            context = work / "image"
-            context.mkdir(parents=True)
-            (context / "Dockerfile").write_text(render_model_dockerfile(runtime))
-            shutil.move(str(package.path), str(context / "model"))
-            tag = naming.version_tag(version)
-            local_ref = f"{target.repository}:{tag}"
+            key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
             labels = image_labels(
                 model_name=model_name,
                 version=version,
@@ -125,28 +145,23 @@ class JobRunner:
                 requirements_digest=requirements_hash(spec.requirements),
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
             )
-            self._engine.build(
-                context,
-                extra_files={},
-                tag=local_ref,
-                labels=labels,
-                log=log,
-                timeout=self._settings.build_timeout_seconds,
+            example = package.path / "serving_input_example.json"
+            prepared = _Prepared(
+                package,
+                spec,
+                extra_files,
+                key,
+                labels,
+                example if package.has_serving_example else None,
             )
-            if self._smoke is not None:
-                example = context / "model" / "serving_input_example.json"
-                self._smoke.check(local_ref, example if package.has_serving_example else None, log)
-            pushed = self._engine.push(
-                target.repository,
-                tag,
-                username=self._settings.docker_username,
-                password=self._settings.docker_registry_password.get_secret_value(),
-                log=log,
-            )
+            self._ensure_repository(target)
+            outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
+            if outcome is None:
+                outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        log(f"pushed {pushed.reference}@{pushed.digest}")
-        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+        log(f"pushed {outcome.image}@{outcome.digest}")
+        return outcome
 
     def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
         requirements = serving_requirements(package.requirements)
@@ -170,44 +185,124 @@ class JobRunner:
             extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
         return spec, extra
 
-    def _ensure_runtime(
-        self, spec: ImageSpec, extra_files: dict[str, bytes], context: Path, log: LogSink
-    ) -> str:
-        """The local runtime image for `spec`, built only if this engine does not have it."""
-        key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
-        reference = f"{RUNTIME_REPOSITORY}:{key[:40]}"
-        with self._locks_guard:
-            lock = self._runtime_locks.setdefault(key, threading.Lock())
-        # Concurrent versions of one model wait for a single runtime build instead of each
-        # installing the same requirements.
-        with lock:
-            return self._build_runtime_once(spec, extra_files, context, key, reference, log)
+    def _ensure_repository(self, target: Target) -> None:
+        if not self._settings.ecr_create_repositories:
+            return
+        creator = self._credentials
+        if not isinstance(creator, EcrCredentials):
+            creator = EcrCredentials(
+                registry_host=target.registry_host, endpoint_url=self._settings.ecr_endpoint_url
+            )
+        creator.ensure_repository(target.path)
 
-    def _build_runtime_once(
-        self,
-        spec: ImageSpec,
-        extra_files: dict[str, bytes],
-        context: Path,
-        key: str,
-        reference: str,
-        log: LogSink,
-    ) -> str:
-        if self._engine.image_exists(reference):
-            log(f"reusing runtime image {reference}")
-            return reference
-        log(f"building runtime image {reference} (requirements changed or first build here)")
+    # -- fast path: assemble in the registry -------------------------------------------------
+
+    def _assemble_in_registry(
+        self, target: Target, model_name: str, version: str, prepared: _Prepared, log: LogSink
+    ) -> JobOutcome | None:
+        previous = self._store.latest_image(
+            model_name, repository=target.repository, exclude_version=version
+        )
+        if previous is None or previous.digest is None:
+            return None
+        tag = naming.version_tag(version)
+        with self._registry_factory(target.registry_host) as registry:
+            try:
+                staged = assembly.prepare(
+                    registry,
+                    target.path,
+                    previous_reference=previous.digest,
+                    model_dir=prepared.package.path,
+                    labels=prepared.labels,
+                    require_labels={RUNTIME_KEY_LABEL: prepared.key},
+                )
+            except assembly.NotAssemblable as exc:
+                log(f"registry assembly not possible ({exc}); building with the engine")
+                return None
+            log(
+                f"assembled {target.repository}@{staged.digest} in the registry on top of "
+                f"version {previous.version}'s layers"
+            )
+            if self._smoke is not None:
+                # Stored untagged: nothing is published until the smoke test passes.
+                creds = self._credentials.get()
+                self._engine.pull(
+                    target.repository,
+                    staged.digest,
+                    username=creds.username,
+                    password=creds.password,
+                )
+                self._smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
+            image = staged.tag(tag)
+        reference = f"{target.repository}:{tag}"
+        return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
+
+    # -- engine path --------------------------------------------------------------------------
+
+    def _build_with_engine(
+        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome:
+        runtime = self._ensure_runtime(prepared, work / "runtime", log)
+        context = work / "image"
         context.mkdir(parents=True)
-        (context / "Dockerfile").write_text(render_runtime_dockerfile(spec))
-        (context / "requirements.txt").write_text(spec.requirements)
+        (context / "Dockerfile").write_text(render_model_dockerfile(runtime, prepared.labels))
+        shutil.move(str(prepared.package.path), str(context / "model"))
+        tag = naming.version_tag(version)
+        local_ref = f"{target.repository}:{tag}"
         self._engine.build(
             context,
-            extra_files=extra_files,
-            tag=reference,
-            labels={"io.mlflow-dock.runtime-key": key},
+            extra_files={},
+            tag=local_ref,
+            labels={},
             log=log,
             timeout=self._settings.build_timeout_seconds,
         )
-        return reference
+        if self._smoke is not None:
+            example = context / "model" / "serving_input_example.json"
+            self._smoke.check(local_ref, example if prepared.example else None, log)
+        pushed = self._push(target.repository, tag, log)
+        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+
+    def _push(self, repository: str, tag: str, log: LogSink) -> PushResult:
+        creds = self._credentials.get()
+        try:
+            return self._engine.push(
+                repository, tag, username=creds.username, password=creds.password, log=log
+            )
+        except PermanentError:
+            if isinstance(self._credentials, StaticCredentials):
+                raise
+            # A cloud token can be revoked or expire early; one fresh token is worth a try.
+            self._credentials.invalidate()
+            creds = self._credentials.get()
+            return self._engine.push(
+                repository, tag, username=creds.username, password=creds.password, log=log
+            )
+
+    def _ensure_runtime(self, prepared: _Prepared, context: Path, log: LogSink) -> str:
+        """The local runtime image for the spec, built only if this engine does not have it."""
+        reference = f"{RUNTIME_REPOSITORY}:{prepared.key[:40]}"
+        with self._locks_guard:
+            lock = self._runtime_locks.setdefault(prepared.key, threading.Lock())
+        # Concurrent versions of one model wait for a single runtime build instead of each
+        # installing the same requirements.
+        with lock:
+            if self._engine.image_exists(reference):
+                log(f"reusing runtime image {reference}")
+                return reference
+            log(f"building runtime image {reference} (new requirements or first build here)")
+            context.mkdir(parents=True)
+            (context / "Dockerfile").write_text(render_runtime_dockerfile(prepared.spec))
+            (context / "requirements.txt").write_text(prepared.spec.requirements)
+            self._engine.build(
+                context,
+                extra_files=prepared.extra_files,
+                tag=reference,
+                labels={RUNTIME_KEY_LABEL: prepared.key},
+                log=log,
+                timeout=self._settings.build_timeout_seconds,
+            )
+            return reference
 
     # -- aliases ------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mlflow_dock.buildlogs import BuildLogs
+from mlflow_dock.credentials import CredentialProvider
 from mlflow_dock.engine import DockerEngine
 from mlflow_dock.events import AliasCreated, AliasDeleted, ModelVersionCreated, parse_event
 from mlflow_dock.jobs import Job
@@ -19,7 +20,7 @@ from mlflow_dock.mlflow_source import MlflowSource
 from mlflow_dock.pipeline import JobRunner
 from mlflow_dock.reconcile import ReconcileLoop, Reconciler
 from mlflow_dock.registry import RegistryClient
-from mlflow_dock.settings import Settings
+from mlflow_dock.settings import Settings, registry_credentials
 from mlflow_dock.signatures import WebhookVerifier
 from mlflow_dock.smoke import SmokeTester
 from mlflow_dock.store import JobStore
@@ -35,19 +36,30 @@ class Accepted:
     duplicate: bool
 
 
-def make_registry_factory(settings: Settings) -> Callable[[str], RegistryClient]:
+def make_registry_factory(
+    settings: Settings, credentials: CredentialProvider
+) -> Callable[[str], RegistryClient]:
     def factory(host: str) -> RegistryClient:
+        # Credentials are fetched per client, i.e. per job: cloud tokens expire within hours.
+        creds = credentials.get()
         return RegistryClient(
             host,
-            username=settings.docker_username,
-            password=settings.docker_registry_password.get_secret_value(),
+            username=creds.username,
+            password=creds.password,
             scheme="http" if settings.registry_insecure else None,
         )
 
     return factory
 
 
-def make_runner(settings: Settings, store: JobStore, engine: DockerEngine) -> JobRunner:
+def make_runner(
+    settings: Settings,
+    store: JobStore,
+    engine: DockerEngine,
+    credentials: CredentialProvider | None = None,
+) -> JobRunner:
+    """Wire a JobRunner from settings; raises ConfigError for unusable registry credentials."""
+    credentials = credentials or registry_credentials(settings)
     smoke = (
         SmokeTester(engine, network_mode=settings.build_network) if settings.smoke_test else None
     )
@@ -56,7 +68,8 @@ def make_runner(settings: Settings, store: JobStore, engine: DockerEngine) -> Jo
         store=store,
         source=MlflowSource(settings.mlflow_tracking_uri),
         engine=engine,
-        registry_factory=make_registry_factory(settings),
+        credentials=credentials,
+        registry_factory=make_registry_factory(settings, credentials),
         smoke=smoke,
     )
 

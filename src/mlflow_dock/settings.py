@@ -8,7 +8,7 @@ Docker's own variables (`MLFLOW_TRACKING_URI`, `DOCKER_HOST`) mean what they mea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -21,6 +21,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_dock.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow_dock.credentials import CredentialProvider
 
 DEFAULT_DATA_DIR = Path("mlflow-dock-data")
 
@@ -45,8 +48,11 @@ class Settings(BaseSettings):
     previous_webhook_secret: SecretStr | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_PREVIOUS_WEBHOOK_SECRET")
     )
-    docker_username: str = Field(validation_alias=_env("DOCKER_USERNAME"))
-    docker_registry_password: SecretStr = Field(validation_alias=_env("DOCKER_REGISTRY_PASSWORD"))
+    # Optional only for Amazon ECR and Google registries, which can use cloud credentials.
+    docker_username: str | None = Field(default=None, validation_alias=_env("DOCKER_USERNAME"))
+    docker_registry_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("DOCKER_REGISTRY_PASSWORD")
+    )
     docker_registry: str = Field(default="docker.io", validation_alias=_env("DOCKER_REGISTRY"))
     max_timestamp_age: int = Field(default=300, ge=1, validation_alias=_env("MAX_TIMESTAMP_AGE"))
     port: int = Field(default=8000, ge=1, le=65535, validation_alias=_env("PORT"))
@@ -89,6 +95,12 @@ class Settings(BaseSettings):
     )
     mlflow_write_back: bool = Field(
         default=True, validation_alias=_env("MLFLOW_DOCK_MLFLOW_WRITE_BACK")
+    )
+    ecr_endpoint_url: str | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_ECR_ENDPOINT_URL")
+    )
+    ecr_create_repositories: bool = Field(
+        default=False, validation_alias=_env("MLFLOW_DOCK_ECR_CREATE_REPOSITORIES")
     )
     tls_cert_file: Path | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_TLS_CERT_FILE")
@@ -134,6 +146,22 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _registry_credentials(self) -> Settings:
+        from mlflow_dock.credentials import is_ecr_host, is_google_host, registry_hostname
+
+        host = registry_hostname(self.docker_registry)
+        cloud = is_ecr_host(host) or is_google_host(host)
+        if self.docker_registry_password is None and not cloud:
+            raise ValueError("DOCKER_REGISTRY_PASSWORD is required but not set")
+        if self.docker_registry_password is not None and not self.docker_username:
+            raise ValueError("DOCKER_USERNAME is required but not set")
+        if self.ecr_create_repositories and not is_ecr_host(host):
+            raise ValueError(
+                "MLFLOW_DOCK_ECR_CREATE_REPOSITORIES needs an Amazon ECR DOCKER_REGISTRY"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = (
@@ -167,11 +195,26 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> tuple[str, ...]:
         """Every configured secret, for redacting build logs and error reasons."""
-        values = [*self.webhook_secrets, self.docker_registry_password.get_secret_value()]
+        values = list(self.webhook_secrets)
+        if self.docker_registry_password is not None:
+            values.append(self.docker_registry_password.get_secret_value())
         if self.pip_index_url is not None:
             values.append(self.pip_index_url.get_secret_value())
         values.extend(self.pip_extra_index_url_list)
         return tuple(v for v in values if v)
+
+
+def registry_credentials(settings: Settings) -> CredentialProvider:
+    """The credential provider the settings describe (static, ECR or Google); ConfigError."""
+    from mlflow_dock.credentials import make_provider
+
+    password = settings.docker_registry_password
+    return make_provider(
+        registry=settings.docker_registry,
+        username=settings.docker_username,
+        password=password.get_secret_value() if password is not None else None,
+        ecr_endpoint_url=settings.ecr_endpoint_url,
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -465,6 +465,24 @@ class JobStore:
         with self._sessions() as session:
             return [_to_job(r) for r in session.execute(query).scalars()]
 
+    def latest_image(self, model_name: str, *, repository: str, exclude_version: str) -> Job | None:
+        """The newest successful build of another version pushed to `repository`."""
+        with self._sessions() as session:
+            row = session.execute(
+                select(_JobRow)
+                .where(
+                    _JobRow.kind == JobKind.BUILD.value,
+                    _JobRow.model_name == model_name,
+                    _JobRow.state == JobState.SUCCEEDED.value,
+                    _JobRow.version != exclude_version,
+                    _JobRow.digest.is_not(None),
+                    _JobRow.image.startswith(f"{repository}:", autoescape=True),
+                )
+                .order_by(_JobRow.finished_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            return _to_job(row) if row else None
+
     def builds_by_version(self) -> dict[tuple[str, str], Job]:
         with self._sessions() as session:
             rows = session.execute(

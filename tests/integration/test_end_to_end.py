@@ -3,11 +3,13 @@ Docker Engine -> authenticated CNCF Distribution registry -> a serving container
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from datetime import datetime
 
+import docker.errors
 import httpx
 import pytest
 
@@ -74,7 +76,8 @@ def signed_delivery(service, secret, payload, delivery_id):
 
 def predict(docker_client, image, registry):
     """Pull the pushed image afresh, run it and ask it for predictions."""
-    docker_client.images.remove(image, force=True)
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        docker_client.images.remove(image, force=True)
     docker_client.images.pull(image, auth_config=registry.auth_config)
     port = free_port()
     container = docker_client.containers.run(
@@ -189,6 +192,21 @@ def test_registered_versions_and_aliases_become_images(
     second = log_sklearn_model(mlflow_server.url, model_name)
     job2 = wait_for_job(service, build_of(model_name, second))
     assert job2["state"] == "succeeded", job2
+    # Identical requirements: the second version shares every layer but the model's.
+    with RegistryClient(
+        registry.host, username=registry.username, password=registry.password
+    ) as client:
+        layers1 = [
+            d["digest"] for d in json.loads(client.get_manifest(path, version).body)["layers"]
+        ]
+        layers2 = [
+            d["digest"] for d in json.loads(client.get_manifest(path, second).body)["layers"]
+        ]
+    assert layers1[:-1] == layers2[:-1] and layers1[-1] != layers2[-1]
+    detail2 = httpx.get(f"{service.url}/builds/{job2['id']}", params={"log_lines": 500}).json()
+    assert any("assembled" in line for line in detail2["log_tail"])
+    assert predict(docker_client, f"{repository}:{second}", registry) == [0, 2]
+
     # Moving the alias moves the tag; deleting it is recorded (Distribution 2.8 cannot delete
     # a tag without deleting the manifest, so the tag stays and the job says why).
     mlflow_client.set_registered_model_alias(model_name, "champion", second)
