@@ -91,7 +91,7 @@ class SmokeTester:
             container.reload()
             if container.status in ("exited", "dead"):
                 raise PermanentError(
-                    "smoke test: the container exited before answering /ping; log tail: "
+                    "smoke test: the container exited before answering /ping: "
                     + _log_tail(container)
                 )
             try:
@@ -107,8 +107,12 @@ class SmokeTester:
 
 
 def _log_tail(container: Any, lines: int = 15) -> str:
+    """The container's last log line first (usually the exception), then the tail for context."""
     try:
         raw = container.logs(tail=lines).decode("utf-8", "replace")
     except Exception:
         return "(container log unavailable)"
-    return " | ".join(line.strip() for line in raw.splitlines() if line.strip())[-1500:]
+    kept = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not kept:
+        return "(the container logged nothing)"
+    return f"{kept[-1][:300]}; log tail: " + " | ".join(kept)[-1200:]

@@ -1,0 +1,139 @@
+"""What the layered builder promises about images: a failing image is never published, and
+build-only inputs (index credentials, CA bundle) never reach the image or its history."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+import uuid
+
+import httpx
+
+from mlflow_dock import naming
+from mlflow_dock.registry import RegistryClient
+from mlflow_dock.signatures import sign
+from support.servers import log_sklearn_model
+
+# The sklearn model's own pins: the broken model shares its runtime image, so the test exercises
+# the smoke test rather than another 60 s of pip installs.
+SKLEARN_REQUIREMENTS = [
+    f"{dist}=={importlib.metadata.version(dist)}"
+    for dist in ("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
+]
+
+
+def deliver_created(service, secret, model_name, version):
+    body = json.dumps(
+        {
+            "entity": "model_version",
+            "action": "created",
+            "data": {"name": model_name, "version": version},
+        }
+    ).encode()
+    delivery, ts = str(uuid.uuid4()), str(int(time.time()))
+    response = httpx.post(
+        f"{service.url}/webhook",
+        content=body,
+        headers={
+            "X-MLflow-Delivery-Id": delivery,
+            "X-MLflow-Timestamp": ts,
+            "X-MLflow-Signature": sign(secret, delivery, ts, body),
+        },
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def wait_finished(service, job_id, timeout=900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{service.url}/builds/{job_id}", params={"log_lines": 2000}).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_failing_smoke_test_publishes_nothing(
+    service_factory, mlflow_server, mlflow_client, registry, model_name
+):
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
+    secret = service_factory.secret
+    path = naming.repository_name(model_name)
+    client = RegistryClient(registry.host, username=registry.username, password=registry.password)
+
+    # Engine path: a broken first version is built, fails its smoke test and is never pushed.
+    broken = log_sklearn_model(
+        mlflow_server.url, model_name, broken=True, pip_requirements=SKLEARN_REQUIREMENTS
+    )
+    job = wait_finished(service, deliver_created(service, secret, model_name, broken))
+    assert job["state"] == "failed" and job["error"].startswith("smoke test"), job
+    assert "deliberately broken" in job["error"]  # the container's log tail is the reason
+    assert client.manifest_digest(path, broken) is None
+
+    # Registry path: a good version, then a broken one assembled untagged, never tagged.
+    good = log_sklearn_model(mlflow_server.url, model_name, pip_requirements=SKLEARN_REQUIREMENTS)
+    assert (
+        wait_finished(service, deliver_created(service, secret, model_name, good))["state"]
+        == "succeeded"
+    )
+    broken2 = log_sklearn_model(
+        mlflow_server.url, model_name, broken=True, pip_requirements=SKLEARN_REQUIREMENTS
+    )
+    job2 = wait_finished(service, deliver_created(service, secret, model_name, broken2))
+    assert job2["state"] == "failed" and job2["error"].startswith("smoke test"), job2
+    assert any("assembled" in line for line in job2["log_tail"])
+    assert client.manifest_digest(path, broken2) is None
+    assert client.manifest_digest(path, good) is not None
+
+    # The failure is visible where data scientists look, too.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tags = mlflow_client.get_model_version(model_name, broken2).tags
+        if tags.get("mlflow_dock.status") == "failed":
+            break
+        time.sleep(0.5)
+    assert tags.get("mlflow_dock.status") == "failed"
+    assert tags["mlflow_dock.error"].startswith("smoke test")
+    client.close()
+
+
+def test_index_credentials_and_ca_bundle_stay_out_of_the_image(
+    service_factory, mlflow_server, docker_client, registry, model_name
+):
+    index_secret = f"idx-{uuid.uuid4().hex[:12]}"
+    index_url = f"https://dock-user:{index_secret}@pypi.org/simple"
+    service = service_factory(
+        MLFLOW_DOCK_BUILD_NETWORK="host",
+        MLFLOW_DOCK_SMOKE_TEST="false",
+        MLFLOW_DOCK_PIP_INDEX_URL=index_url,
+    )
+    version = log_sklearn_model(mlflow_server.url, model_name)
+    job = wait_finished(
+        service, deliver_created(service, service_factory.secret, model_name, version)
+    )
+    assert job["state"] == "succeeded", job
+    log = "\n".join(job["log_tail"])
+    # pip used the configured index (and masked its password itself) ...
+    assert "Looking in indexes: https://dock-user:****@pypi.org/simple" in log
+    # ... and nothing of ours wrote the secret anywhere the user can read.
+    assert index_secret not in log
+    assert index_secret not in service.log_text()
+    assert index_secret not in json.dumps(httpx.get(f"{service.url}/builds").json())
+
+    image = docker_client.images.get(job["image"])
+    steps = "\n".join(step["CreatedBy"] for step in image.history())
+    assert "/opt/ml/model" in steps and "/opt/mlflow-dock/venv" in steps
+    assert index_secret not in steps
+    assert "ca-bundle.crt" not in steps and "mlflow-dock-build" not in steps
+    listing = docker_client.containers.run(
+        job["image"],
+        ["sh", "-c", "ls -a /tmp; ls /opt/mlflow-dock; cat /etc/pip.conf 2>/dev/null; true"],
+        remove=True,
+        network_mode="host",
+    ).decode()
+    assert "mlflow-dock-build" not in listing and index_secret not in listing
+    config = json.dumps(image.attrs["Config"])
+    assert index_secret not in config and "PIP_CONFIG_FILE" not in config
