@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from mlflow_dock.buildlogs import BuildLogs
 from mlflow_dock.credentials import CredentialProvider
 from mlflow_dock.engine import DockerEngine
+from mlflow_dock.errors import MlflowDockError
 from mlflow_dock.events import AliasCreated, AliasDeleted, ModelVersionCreated, parse_event
 from mlflow_dock.jobs import Job
 from mlflow_dock.mlflow_source import MlflowSource
@@ -117,6 +118,12 @@ class Service:
 
     def start(self) -> None:
         MlflowSource.import_client()
+        try:
+            self.engine.ping()
+        except MlflowDockError as exc:
+            # Not fatal: the engine may come up later and jobs retry; but say so at once, since
+            # a missing socket mount or group is otherwise only found at the first build.
+            logger.warning("Docker Engine not reachable yet: %s", exc)
         if self.writeback is not None:
             self.writeback.start()
         self.pool.start()
