@@ -167,8 +167,47 @@ class DockerEngine:
         """Push with credentials passed per call; `docker login` would write them to disk."""
         what = f"pushing {repository}:{tag}"
         digest = None
+        for chunk in self._registry_stream(
+            "push", repository, tag, username=username, password=password, log=log, what=what
+        ):
+            aux = chunk.get("aux")
+            if isinstance(aux, dict) and aux.get("Digest"):
+                digest = str(aux["Digest"])
+            status = chunk.get("status")
+            # Per-layer progress lines are noise in a job log; keep state changes only.
+            if status and status not in _PROGRESS_STATUSES:
+                log(f"{chunk.get('id', '')} {status}".strip())
+        if digest is None:
+            raise RetryableError(f"{what}: the engine reported no digest")
+        return PushResult(reference=f"{repository}:{tag}", digest=digest)
+
+    def pull(self, repository: str, reference: str, *, username: str, password: str) -> None:
+        """Pull `repository@digest` or `repository:tag` with per-call credentials."""
+        for _chunk in self._registry_stream(
+            "pull",
+            repository,
+            reference,
+            username=username,
+            password=password,
+            log=lambda _line: None,
+            what=f"pulling {repository} {reference}",
+        ):
+            pass
+
+    def _registry_stream(
+        self,
+        operation: str,
+        repository: str,
+        tag: str,
+        *,
+        username: str,
+        password: str,
+        log: LogSink,
+        what: str,
+    ) -> Iterator[dict[str, Any]]:
+        """The engine's JSON progress stream of a push or pull, errors translated."""
         try:
-            stream = self.client.api.push(
+            stream = getattr(self.client.api, operation)(
                 repository,
                 tag=tag,
                 stream=True,
@@ -179,35 +218,7 @@ class DockerEngine:
                 if "error" in chunk:
                     log(f"ERROR: {chunk['error']}")
                     raise classify_engine_error(str(chunk["error"]), what=what)
-                aux = chunk.get("aux")
-                if isinstance(aux, dict) and aux.get("Digest"):
-                    digest = str(aux["Digest"])
-                status = chunk.get("status")
-                # Per-layer progress lines are noise in a job log; keep state changes only.
-                if status and status not in _PROGRESS_STATUSES:
-                    log(f"{chunk.get('id', '')} {status}".strip())
-        except (PermanentError, RetryableError):
-            raise
-        except Exception as exc:
-            raise _translate_sdk_error(exc, what) from exc
-        if digest is None:
-            raise RetryableError(f"{what}: the engine reported no digest")
-        return PushResult(reference=f"{repository}:{tag}", digest=digest)
-
-    def pull(self, repository: str, reference: str, *, username: str, password: str) -> None:
-        """Pull `repository@digest` or `repository:tag` with per-call credentials."""
-        what = f"pulling {repository} {reference}"
-        try:
-            stream = self.client.api.pull(
-                repository,
-                tag=reference,
-                stream=True,
-                decode=True,
-                auth_config={"username": username, "password": password},
-            )
-            for chunk in stream:
-                if "error" in chunk:
-                    raise classify_engine_error(str(chunk["error"]), what=what)
+                yield chunk
         except (PermanentError, RetryableError):
             raise
         except Exception as exc:

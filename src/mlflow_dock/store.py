@@ -121,6 +121,32 @@ def _to_job(row: _JobRow) -> Job:
     )
 
 
+def _new_row(
+    kind: JobKind,
+    model_name: str,
+    version: str,
+    *,
+    dedupe_key: str | None = None,
+    alias: str | None = None,
+    depends_on: str | None = None,
+) -> _JobRow:
+    now = utcnow()
+    return _JobRow(
+        id=str(uuid.uuid4()),
+        kind=kind.value,
+        dedupe_key=dedupe_key,
+        model_name=model_name,
+        version=version,
+        alias=alias,
+        depends_on=depends_on,
+        state=JobState.QUEUED.value,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+        tags_json="[]",
+    )
+
+
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -237,21 +263,7 @@ class JobStore:
                     ).scalar_one_or_none()
                     or ""
                 )
-            now = utcnow()
-            row = _JobRow(
-                id=str(uuid.uuid4()),
-                kind=kind.value,
-                dedupe_key=None,
-                model_name=model_name,
-                version=version,
-                alias=alias,
-                depends_on=depends_on,
-                state=JobState.QUEUED.value,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-                tags_json="[]",
-            )
+            row = _new_row(kind, model_name, version, alias=alias, depends_on=depends_on)
             session.add(row)
             session.flush()
             if delivery_id is not None:
@@ -276,18 +288,7 @@ class JobStore:
         row = session.execute(select(_JobRow).where(_JobRow.dedupe_key == key)).scalar_one_or_none()
         now = utcnow()
         if row is None:
-            row = _JobRow(
-                id=str(uuid.uuid4()),
-                kind=JobKind.BUILD.value,
-                dedupe_key=key,
-                model_name=model_name,
-                version=version,
-                state=JobState.QUEUED.value,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-                tags_json="[]",
-            )
+            row = _new_row(JobKind.BUILD, model_name, version, dedupe_key=key)
             session.add(row)
             try:
                 session.flush()
