@@ -796,3 +796,29 @@ def test_google_no_adc_anywhere_is_permanent(
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     with pytest.raises(PermanentError, match=rf"for {GAR_HOST}: no usable Google"):
         GoogleCredentials(registry_host=GAR_HOST).get()
+
+
+def test_ecr_delete_tag_keeps_the_image_for_other_tags(moto: str) -> None:
+    """ECR's BatchDeleteImage by tag, against moto's server: the other tag survives."""
+    provider = EcrCredentials(registry_host=ECR_HOST, endpoint_url=moto)
+    provider.ensure_repository("team/iris")
+    client = boto3.client("ecr", region_name=REGION, endpoint_url=moto)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": 2,
+                "digest": "sha256:" + "1" * 64,
+            },
+            "layers": [],
+        }
+    )
+    for tag in ("3", "champion"):
+        client.put_image(repositoryName="team/iris", imageManifest=manifest, imageTag=tag)
+
+    assert provider.delete_tag("team/iris", "champion") is True
+    assert provider.delete_tag("team/iris", "champion") is True  # already gone: fine
+    images = client.describe_images(repositoryName="team/iris")["imageDetails"]
+    assert [sorted(i.get("imageTags", [])) for i in images] == [["3"]]

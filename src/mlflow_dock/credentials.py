@@ -399,6 +399,29 @@ class EcrCredentials:
         # set.add is atomic; a lost race only costs one more DescribeRepositories.
         self._known_repositories.add(repository)
 
+    def delete_tag(self, name: str, tag: str) -> bool:
+        """Remove one tag with ECR's BatchDeleteImage by tag: the image itself stays while any
+        other tag (or digest reference) uses it, unlike a DELETE of the manifest."""
+        repository = name.strip("/").removeprefix(f"{self.registry.host}/")
+        try:
+            response = self._ecr().batch_delete_image(
+                registryId=self.registry.account_id,
+                repositoryName=repository,
+                imageIds=[{"imageTag": tag}],
+            )
+        except Exception as exc:
+            raise translate_aws_error(
+                exc, registry=self.registry.host, action=f"deleting tag {repository}:{tag}"
+            ) from exc
+        for failure in response.get("failures") or []:
+            # A tag that is already gone is the outcome we wanted.
+            if failure.get("failureCode") != "ImageNotFound":
+                raise PermanentError(
+                    f"ECR {self.registry.host} refused deleting tag {repository}:{tag}: "
+                    f"{failure.get('failureCode')}: {failure.get('failureReason')}"
+                )
+        return True
+
     def _create_repository(self, client: Any, repository: str) -> None:
         try:
             # MUTABLE because alias tags (e.g. "champion") move from version to version.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlflow_dock import assembly, naming
+from mlflow_dock import assembly, naming, stock
 from mlflow_dock.credentials import CredentialProvider, EcrCredentials, StaticCredentials
 from mlflow_dock.dockerfile import (
     ImageSpec,
@@ -155,9 +155,13 @@ class JobRunner:
                 example if package.has_serving_example else None,
             )
             self._ensure_repository(target)
-            outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
-            if outcome is None:
-                outcome = self._build_with_engine(target, version, prepared, work, log)
+            if self._settings.builder == "mlflow":
+                # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
+                outcome = self._build_stock(target, version, prepared, work, log)
+            else:
+                outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
+                if outcome is None:
+                    outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log(f"pushed {outcome.image}@{outcome.digest}")
@@ -263,6 +267,35 @@ class JobRunner:
         pushed = self._push(target.repository, tag, log)
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
+    def _build_stock(
+        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome:
+        """MLFLOW_DOCK_BUILDER=mlflow: MLflow's own Dockerfile (see stock.py), then as above."""
+        context = work / "stock"
+        log("building with MLflow's stock Dockerfile (MLFLOW_DOCK_BUILDER=mlflow)")
+        extra_files = stock.render_stock_context(
+            prepared.package.path,
+            context,
+            base_image=self._settings.base_image,
+            python_version=prepared.package.python_version,
+            pip=prepared.spec.pip,
+            ca_bundle=prepared.extra_files.get("_build/ca-bundle.crt"),
+        )
+        tag = naming.version_tag(version)
+        local_ref = f"{target.repository}:{tag}"
+        self._engine.build(
+            context,
+            extra_files=extra_files,
+            tag=local_ref,
+            labels=prepared.labels,
+            log=log,
+            timeout=self._settings.build_timeout_seconds,
+        )
+        if self._smoke is not None:
+            self._smoke.check(local_ref, prepared.example, log)
+        pushed = self._push(target.repository, tag, log)
+        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+
     def _push(self, repository: str, tag: str, log: LogSink) -> PushResult:
         creds = self._credentials.get()
         try:
@@ -332,7 +365,14 @@ class JobRunner:
             if digest is None:
                 log(f"{reference} does not exist; nothing to remove")
                 return JobOutcome(image=reference, digest="", note="tag did not exist")
-            if registry.delete_tag(target.path, tag):
+            # ECR deletes one tag with its own API (BatchDeleteImage by tag); elsewhere the
+            # OCI 1.1 tag deletion, which registries without it refuse.
+            deleted = (
+                self._credentials.delete_tag(target.path, tag)
+                if isinstance(self._credentials, EcrCredentials)
+                else registry.delete_tag(target.path, tag)
+            )
+            if deleted:
                 log(f"removed tag {reference} (was {digest})")
                 return JobOutcome(image=reference, digest=digest)
         # Deleting by digest instead would remove the image for every other tag using it.
