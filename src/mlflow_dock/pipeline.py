@@ -155,13 +155,14 @@ class JobRunner:
                 example if package.has_serving_example else None,
             )
             self._ensure_repository(target)
+            outcome: JobOutcome | None
             if self._settings.builder == "mlflow":
                 # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
                 outcome = self._build_stock(target, version, prepared, work, log)
             else:
                 outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
-                if outcome is None:
-                    outcome = self._build_with_engine(target, version, prepared, work, log)
+            if outcome is None:
+                outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log(f"pushed {outcome.image}@{outcome.digest}")
