@@ -15,30 +15,15 @@ import pytest
 
 from mlflow_dock import naming
 from mlflow_dock.registry import RegistryClient
-from mlflow_dock.signatures import sign
-from support.servers import free_port, log_sklearn_model
-
-BUILD_TIMEOUT = 900
-
-
-def wait_for_job(service, predicate, *, timeout=BUILD_TIMEOUT, what="job"):
-    deadline = time.monotonic() + timeout
-    jobs: list[dict] = []
-    while time.monotonic() < deadline:
-        jobs = httpx.get(f"{service.url}/builds", timeout=10).json()
-        for job in jobs:
-            if predicate(job) and job["state"] in ("succeeded", "failed"):
-                return job
-        time.sleep(1)
-    raise AssertionError(f"no finished {what} within {timeout} s; jobs: {jobs}")
-
-
-def build_of(model, version):
-    return lambda j: j["kind"] == "build" and j["model_name"] == model and j["version"] == version
-
-
-def alias_of(model, alias):
-    return lambda j: j["kind"] == "alias" and j["model_name"] == model and j["alias"] == alias
+from support.jobs import (
+    alias_of,
+    build_of,
+    created_payload,
+    invoke,
+    signed_delivery,
+    wait_for_job,
+)
+from support.servers import log_sklearn_model
 
 
 def created_to_pushed(mlflow_client, job) -> float:
@@ -58,57 +43,14 @@ def wait_for_tags(mlflow_client, model, version, key, timeout=60):
     raise AssertionError(f"tag {key} never appeared on {model} v{version}: {tags}")
 
 
-def signed_delivery(service, secret, payload, delivery_id):
-    body = json.dumps(payload).encode()
-    ts = str(int(time.time()))
-    return httpx.post(
-        f"{service.url}/webhook",
-        content=body,
-        headers={
-            "X-MLflow-Delivery-Id": delivery_id,
-            "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": sign(secret, delivery_id, ts, body),
-            "Content-Type": "application/json",
-        },
-        timeout=10,
-    )
-
-
 def predict(docker_client, image, registry):
     """Pull the pushed image afresh, run it and ask it for predictions."""
     with contextlib.suppress(docker.errors.ImageNotFound):
         docker_client.images.remove(image, force=True)
     docker_client.images.pull(image, auth_config=registry.auth_config)
-    port = free_port()
-    container = docker_client.containers.run(
-        image, detach=True, network_mode="host", environment={"PORT": str(port)}
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError(container.logs().decode()[-3000:])
-        payload = {
-            "dataframe_split": {
-                "columns": [
-                    "sepal length (cm)",
-                    "sepal width (cm)",
-                    "petal length (cm)",
-                    "petal width (cm)",
-                ],
-                "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]],
-            }
-        }
-        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=30)
-        assert response.status_code == 200, response.text
-        return response.json()["predictions"]
-    finally:
-        container.remove(force=True)
+    response = invoke(docker_client, image)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
 
 
 def test_registered_versions_and_aliases_become_images(
@@ -170,11 +112,7 @@ def test_registered_versions_and_aliases_become_images(
     assert tags["mlflow_dock.alias.champion"] == f"{repository}:champion"
 
     # Replays and second events for the same version build nothing new.
-    payload = {
-        "entity": "model_version",
-        "action": "created",
-        "data": {"name": model_name, "version": version},
-    }
+    payload = created_payload(model_name, version)
     delivery = str(uuid.uuid4())
     first = signed_delivery(service, service_factory.secret, payload, delivery)
     replay = signed_delivery(service, service_factory.secret, payload, delivery)
@@ -267,11 +205,7 @@ def test_killed_mid_build_resumes_after_restart(
 
 def test_unknown_model_version_fails_at_once_with_a_reason(service_factory):
     service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
-    payload = {
-        "entity": "model_version",
-        "action": "created",
-        "data": {"name": "No Such Model", "version": "1"},
-    }
+    payload = created_payload("No Such Model", "1")
     response = signed_delivery(service, service_factory.secret, payload, str(uuid.uuid4()))
     assert response.status_code == 202
     job = wait_for_job(service, build_of("No Such Model", "1"), timeout=60)

@@ -12,7 +12,7 @@ import httpx
 
 from mlflow_dock import naming
 from mlflow_dock.registry import RegistryClient
-from mlflow_dock.signatures import sign
+from support.jobs import created_payload, job_detail, signed_delivery, wait_for_job
 from support.servers import log_sklearn_model
 
 # The sklearn model's own pins: the broken model shares its runtime image, so the test exercises
@@ -24,36 +24,14 @@ SKLEARN_REQUIREMENTS = [
 
 
 def deliver_created(service, secret, model_name, version):
-    body = json.dumps(
-        {
-            "entity": "model_version",
-            "action": "created",
-            "data": {"name": model_name, "version": version},
-        }
-    ).encode()
-    delivery, ts = str(uuid.uuid4()), str(int(time.time()))
-    response = httpx.post(
-        f"{service.url}/webhook",
-        content=body,
-        headers={
-            "X-MLflow-Delivery-Id": delivery,
-            "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": sign(secret, delivery, ts, body),
-        },
-        timeout=10,
-    )
+    response = signed_delivery(service, secret, created_payload(model_name, version))
     assert response.status_code == 202, response.text
     return response.json()["job_id"]
 
 
 def wait_finished(service, job_id, timeout=900):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{service.url}/builds/{job_id}", params={"log_lines": 2000}).json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+    wait_for_job(service, lambda j: j["id"] == job_id, timeout=timeout)
+    return job_detail(service, job_id, log_lines=2000)
 
 
 def test_failing_smoke_test_publishes_nothing(

@@ -13,27 +13,15 @@ import docker.errors
 import httpx
 
 from mlflow_dock import naming
-from support.servers import free_port, log_sklearn_model
+from support.jobs import build_of, invoke, wait_for_job
+from support.servers import log_sklearn_model
 
 # Measured here at about 3 minutes on 2 CPUs; generous for a cold pip cache and slow mirrors.
 BUILD_TIMEOUT = 900
 
 
 def wait_for_build(service: Any, model: str, version: str) -> dict[str, Any]:
-    deadline = time.monotonic() + BUILD_TIMEOUT
-    jobs: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        jobs = httpx.get(f"{service.url}/builds", timeout=10).json()
-        for job in jobs:
-            if (
-                job["kind"] == "build"
-                and job["model_name"] == model
-                and job["version"] == version
-                and job["state"] in ("succeeded", "failed")
-            ):
-                return job
-        time.sleep(2)
-    raise AssertionError(f"no finished build within {BUILD_TIMEOUT} s; jobs: {jobs}")
+    return wait_for_job(service, build_of(model, version), timeout=BUILD_TIMEOUT)
 
 
 def seconds(job: dict[str, Any], start: str, end: str) -> float:
@@ -45,38 +33,11 @@ def seconds(job: dict[str, Any], start: str, end: str) -> float:
 
 def predict_on_host_port(docker_client: Any, image: str) -> list[Any]:
     """Run the image as platforms do (host network, $PORT injected) and ask for predictions."""
-    port = free_port()
-    container = docker_client.containers.run(
-        image, detach=True, network_mode="host", environment={"PORT": str(port)}
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                # nginx answers 502 until uvicorn is up; only a 200 means ready.
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(container.logs().decode()[-3000:])
-        payload = {
-            "dataframe_split": {
-                "columns": [
-                    "sepal length (cm)",
-                    "sepal width (cm)",
-                    "petal length (cm)",
-                    "petal width (cm)",
-                ],
-                "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]],
-            }
-        }
-        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=30)
-        assert response.status_code == 200, response.text
-        # Stock serving: nginx in front, as MLflow documents it.
-        assert "nginx" in response.headers.get("server", ""), response.headers
-        return list(response.json()["predictions"])
-    finally:
-        container.remove(force=True)
+    response = invoke(docker_client, image)
+    assert response.status_code == 200, response.text
+    # Stock serving: nginx in front, as MLflow documents it.
+    assert "nginx" in response.headers.get("server", ""), response.headers
+    return list(response.json()["predictions"])
 
 
 def test_mlflow_builder_pushes_mlflows_stock_image(
