@@ -11,12 +11,18 @@ three versions of the same small scikit-learn model (identical requirements), th
   --env-manager local`` (called in-process through the same backend the CLI uses, so neither
   side pays an interpreter start), then ``docker build`` with exactly the argv of MLflow's own
   ``build_image_from_context`` plus ``--network host``, then a push through the Docker SDK;
-* mlflow-dock: versions 1 and 2 through ``make_runner(...).build()`` (the public in-process
-  API, so any fast path the runner takes is measured as is) with the smoke test off, then
-  version 3 with the smoke test on.
+* mlflow-dock: versions 1 and 2 with the smoke test off, then version 3 with the smoke test
+  on, each the way the service runs a build: ``store.request_build`` + ``store.claim_next`` in
+  the service's own JobStore, then ``mlflow_dock.worker.execute_job`` with
+  ``make_runner(...)`` (the public in-process API), which records the outcome (image, digest)
+  in that store. That record is what lets a later version take the registry-native fast path
+  (``JobRunner.build`` looks the previous version's digest up with ``store.latest_image``):
+  a version that can be assembled in the registry gets no engine build and no push, and is
+  measured as users get it.
 
 It prints a markdown table (also written to ``bench/results/latest.md``; build logs go to
-``bench/results/logs/``) with build, push and end-to-end times, image sizes, registry growth
+``bench/results/logs/``) with the path each version took (engine build, or assembly in the
+registry), download, build, push, assemble and end-to-end times, image sizes, registry growth
 and stock/mlflow-dock ratios, plus the targets the numbers are meant to be read against.
 
 How the comparison is kept fair:
@@ -50,6 +56,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -57,7 +64,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,11 +95,14 @@ from tests.support.servers import (  # noqa: E402
     start_registry,
 )
 
+from mlflow_dock.buildlogs import BuildLogs  # noqa: E402
 from mlflow_dock.engine import DockerEngine  # noqa: E402
+from mlflow_dock.jobs import JobState  # noqa: E402
 from mlflow_dock.naming import repository_name  # noqa: E402
 from mlflow_dock.service import make_runner  # noqa: E402
 from mlflow_dock.settings import Settings  # noqa: E402
 from mlflow_dock.store import JobStore  # noqa: E402
+from mlflow_dock.worker import execute_job  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
@@ -118,9 +128,12 @@ class RunResult:
     side: str  # "stock" | "mlflow-dock"
     version: str
     label: str = ""
+    # mlflow-dock only: "engine (runtime built)", "engine (runtime reused)" or "registry".
+    path: str = ""
     download: float | None = None
     build: float | None = None
     push: float | None = None
+    assemble: float | None = None  # registry-native fast path: layer + config + manifest + tag
     smoke: float | None = None
     end_to_end: float | None = None
     image: str = ""
@@ -134,10 +147,11 @@ class RunResult:
 
     @property
     def other(self) -> float | None:
-        """Time not in a named phase: metadata calls, context tarring, registry-native work."""
+        """Time not in a named phase: job bookkeeping, metadata calls, runtime-key hashing."""
         if self.end_to_end is None:
             return None
-        named = sum(x for x in (self.download, self.build, self.push, self.smoke) if x)
+        phases = (self.download, self.build, self.push, self.assemble, self.smoke)
+        named = sum(x for x in phases if x)
         return max(self.end_to_end - named, 0.0)
 
 
@@ -160,24 +174,49 @@ def cpu_busy(sample_seconds: float = 2.0) -> float:
     return 1.0 - (idle1 - idle0) / total
 
 
+# A container running longer than this is a leftover (e.g. a smoke test container of a killed
+# test run), not a build or a smoke test in progress: it would keep the machine "busy" forever
+# while costing no CPU. Real activity still shows up in the CPU sample.
+STALE_CONTAINER_SECONDS = 600.0
+
+
+def active_containers(client: docker.DockerClient) -> list[str]:
+    """Names of running containers started recently enough to be builds or smoke tests."""
+    active = []
+    now = datetime.now(UTC)
+    for container in client.containers.list():
+        started = str(container.attrs.get("State", {}).get("StartedAt", ""))
+        try:
+            # Docker gives nanoseconds ("2026-11-26T16:01:02.123456789Z"); keep microseconds.
+            head, _, frac = started.rstrip("Z").partition(".")
+            since = datetime.fromisoformat(f"{head}.{(frac or '0')[:6]}+00:00")
+        except ValueError:
+            active.append(container.name)
+            continue
+        if (now - since).total_seconds() < STALE_CONTAINER_SECONDS:
+            active.append(container.name)
+    return active
+
+
 def wait_until_quiet(client: docker.DockerClient, max_wait: float, threshold: float) -> float:
     """Wait (up to max_wait) for other work on this shared machine to stop; return CPU busy.
 
     Other users' builds on the same 2 cores would be measured as ours; waiting for a quiet
-    machine is cheaper than re-running. Running containers are builds or smoke tests.
+    machine is cheaper than re-running. Recently started containers are builds or smoke tests;
+    long-running ones are leftovers and only count through the CPU they use.
     """
     deadline = time.monotonic() + max_wait
     announced = False
     while True:
         busy = cpu_busy()
-        running = client.containers.list()
+        running = active_containers(client)
         if (busy < threshold and not running) or time.monotonic() > deadline:
             if announced or busy >= threshold or running:
-                print(f"  machine: CPU {busy:.0%} busy, {len(running)} running container(s)")
+                print(f"  machine: CPU {busy:.0%} busy, {len(running)} active container(s)")
             return busy
         if not announced:
             print(
-                f"  waiting for a quiet machine (CPU {busy:.0%} busy, {len(running)} running "
+                f"  waiting for a quiet machine (CPU {busy:.0%} busy, {len(running)} active "
                 f"container(s); up to {max_wait:.0f}s)...",
                 flush=True,
             )
@@ -293,6 +332,12 @@ def sdk_push(client: docker.DockerClient, repository: str, tag: str, auth: dict[
     return digest
 
 
+def sdk_pull(client: docker.DockerClient, repository: str, tag: str, auth: dict[str, str]) -> None:
+    for chunk in client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth):
+        if "error" in chunk:
+            raise RuntimeError(f"pulling {repository}:{tag}: {chunk['error']}")
+
+
 def image_size(client: docker.DockerClient, reference: str) -> int | None:
     try:
         return int(client.images.get(reference).attrs["Size"])
@@ -388,7 +433,7 @@ def run_stock(
     import mlflow
     from mlflow.models.flavor_backend_registry import get_flavor_backend
 
-    result = RunResult(side="stock", version=version)
+    result = RunResult(side="stock", version=version, path="docker build + push")
     model_uri = f"models:/{MODEL_NAME}/{version}"
     context = workdir / f"stock-v{version}"
     shutil.rmtree(context, ignore_errors=True)
@@ -458,11 +503,11 @@ def run_stock(
 
 
 class TimedEngine(DockerEngine):
-    """Records how long the runner spends in engine builds and pushes.
+    """Records how long the runner spends in engine builds, pushes and pulls.
 
     A subclass rather than log parsing, so the phase split stays right whatever the runner
-    logs. A registry-native path that skips the engine simply records nothing; its time then
-    shows up as "other".
+    logs. The registry-native path records no build and no push; it pulls only for a smoke
+    test.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -485,9 +530,36 @@ class TimedEngine(DockerEngine):
         with self._span("push"):
             return super().push(*args, **kwargs)
 
+    def pull(self, *args: Any, **kwargs: Any) -> None:
+        with self._span("pull"):
+            super().pull(*args, **kwargs)
+
     def total(self, name: str) -> float | None:
         spans = [end - start for kind, start, end in self.spans if kind == name]
         return sum(spans) if spans else None
+
+    def last_end(self, name: str) -> float | None:
+        ends = [end for kind, _start, end in self.spans if kind == name]
+        return max(ends) if ends else None
+
+
+class TimedLogs(BuildLogs):
+    """The service's per-job log files, plus each line's monotonic time for the phase split."""
+
+    def __init__(self, directory: Path, *, secrets: Iterable[str] = ()) -> None:
+        super().__init__(directory, secrets=secrets)
+        self.lines: list[tuple[float, str]] = []
+
+    def append(self, job_id: str, line: str) -> None:
+        self.lines.append((time.monotonic(), line))
+        super().append(job_id, line)
+
+
+# Log lines of JobRunner.build that tell which path a version took.
+ASSEMBLED = re.compile(r"^assembled \S+ in the registry")
+RUNTIME_BUILT = "building runtime image"
+RUNTIME_REUSED = "reusing runtime image"
+ASSEMBLY_REFUSED = "registry assembly not possible"
 
 
 def dock_settings(
@@ -521,51 +593,100 @@ def run_dock(
     version: str,
     label: str = "",
 ) -> RunResult:
+    """One version through the service's job path: request, claim, execute_job, recorded.
+
+    The store is the service's own (settings.data_dir/jobs.db), shared by all versions of this
+    run, so version N+1 finds version N's digest there as the running service would.
+    """
     result = RunResult(side="mlflow-dock", version=version, label=label)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore.from_url(settings.resolved_database_url)
     engine = TimedEngine(network_mode="host")
     runner = make_runner(settings, store, engine)
-    lines: list[tuple[float, str]] = []
+    logs = TimedLogs(settings.data_dir / "logs", secrets=settings.secret_values())
     log_path = LOG_DIR / f"mlflow-dock-v{version}.log"
 
-    def log(line: str) -> None:
-        lines.append((time.monotonic(), line))
-
     def first(predicate: Callable[[str], bool]) -> float | None:
-        return next((t for t, line in lines if predicate(line)), None)
+        return next((t for t, line in logs.lines if predicate(line)), None)
 
     before = registry.stored_bytes()
     start = time.monotonic()
     try:
-        outcome = runner.build(MODEL_NAME, version, log)
+        job, created = store.request_build(MODEL_NAME, version)
+        if not created:
+            raise RuntimeError(f"version {version} already had a build job ({job.state})")
+        claimed = store.claim_next()
+        if claimed is None or claimed.id != job.id:
+            raise RuntimeError(f"claimed {claimed} instead of the build job {job.id}")
+        finished = execute_job(
+            claimed,
+            store=store,
+            runner=runner,
+            logs=logs,
+            # One attempt: a retry after a backoff would be measured as build time.
+            max_attempts=1,
+            backoff_seconds=0,
+        )
         end = time.monotonic()
     finally:
         with log_path.open("w") as fh:
-            for t, line in lines:
+            for t, line in logs.lines:
                 fh.write(f"{t - start:8.2f}s {line}\n")
         engine.close()
         store.close()
+    if finished.state is not JobState.SUCCEEDED or not finished.image or not finished.digest:
+        raise RuntimeError(f"build job {finished.state}: {finished.error}; see {log_path}")
 
     result.end_to_end = end - start
     downloaded = first(lambda line: line.startswith("downloaded model"))
     result.download = downloaded - start if downloaded is not None else None
     result.build = engine.total("build")
     result.push = engine.total("push")
-    smoke_start = first(lambda line: line.startswith("smoke test: waiting"))
+    assembled = first(lambda line: bool(ASSEMBLED.match(line)))
     smoke_end = first(lambda line: line.startswith("smoke test passed"))
-    if smoke_start is not None and smoke_end is not None:
-        result.smoke = smoke_end - smoke_start
-    if result.build is None:
-        result.notes.append("no engine build: published without a local docker build")
-    if result.push is None:
-        result.notes.append("no engine push: published through the registry API")
-    result.image = outcome.image
-    result.digest = outcome.digest
+    # The runner's last line of a build (on both paths), after the tag is set.
+    published = first(lambda line: line.startswith("pushed "))
+
+    if assembled is not None:
+        result.path = "registry"
+    elif first(lambda line: line.startswith(RUNTIME_BUILT)) is not None:
+        result.path = "engine (runtime built)"
+    elif first(lambda line: line.startswith(RUNTIME_REUSED)) is not None:
+        result.path = "engine (runtime reused)"
+    else:
+        result.path = "engine"
+    refused = next((line for _t, line in logs.lines if line.startswith(ASSEMBLY_REFUSED)), None)
+    if refused:
+        result.notes.append(refused[:300])
+
+    # Smoke: from the end of the phase before it (the engine build, or the assembly, which
+    # on that path is followed by pulling the untagged image) to "smoke test passed", so it
+    # includes starting the container and, on the registry path, the pull it needs.
+    smoke_from = assembled if assembled is not None else engine.last_end("build")
+    if smoke_end is not None and smoke_from is not None:
+        result.smoke = smoke_end - smoke_from
+        pulled = engine.total("pull")
+        if pulled is not None:
+            result.notes.append(f"smoke includes {pulled:.1f} s pulling the assembled image")
+    if assembled is not None and downloaded is not None:
+        # Runtime key, previous digest lookup, model layer + config + manifest upload; then,
+        # after any smoke test, the tag (one manifest PUT).
+        tagged_from = smoke_end if smoke_end is not None else assembled
+        tagged = (published - tagged_from) if published is not None else 0.0
+        result.assemble = (assembled - downloaded) + max(tagged, 0.0)
+        result.notes.append(
+            "assembled in the registry on the previous version's layers: no engine build, no push"
+        )
+    result.image = finished.image
+    result.digest = finished.digest
     result.registry_growth = registry.stored_bytes() - before
-    result.image_size = image_size(client, outcome.image)
-    repository_path = outcome.image.partition("/")[2].rpartition(":")[0]
-    result.compressed_size = manifest_size(registry, repository_path, outcome.digest)
+    repository, _, tag = finished.image.rpartition(":")
+    if assembled is not None:
+        # Untimed, after the measurement: the registry path never builds the image locally.
+        # Pulling it gives its size and shows that the assembled image really is pullable.
+        sdk_pull(client, repository, tag, registry.auth_config)
+    result.image_size = image_size(client, finished.image)
+    result.compressed_size = manifest_size(registry, repository.partition("/")[2], result.digest)
     return result
 
 
@@ -614,9 +735,11 @@ def render_report(
     header = [
         "side",
         "version",
+        "path",
         "download",
         "build",
         "push",
+        "assemble",
         "smoke",
         "other",
         "end to end",
@@ -633,7 +756,7 @@ def render_report(
         "Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()),
         "",
         row(header),
-        row(["---"] * 2 + ["---:"] * (len(header) - 2)),
+        row(["---"] * 3 + ["---:"] * (len(header) - 3)),
     ]
 
     def result_row(r: RunResult, name: str) -> str:
@@ -643,9 +766,11 @@ def render_report(
             [
                 name,
                 r.version,
+                r.path or "—",
                 fmt_s(r.download),
                 fmt_s(r.build),
                 fmt_s(r.push),
+                fmt_s(r.assemble),
                 fmt_s(r.smoke),
                 fmt_s(r.other),
                 fmt_s(r.end_to_end),
@@ -667,9 +792,12 @@ def render_report(
                     [
                         "**stock / mlflow-dock**",
                         version,
+                        "",
                         ratio(stock.download, dock.download),
                         ratio(stock.build, dock.build),
                         ratio(stock.push, dock.push),
+                        # stock's build + push against the registry path's one phase
+                        ratio((stock.build or 0) + (stock.push or 0) or None, dock.assemble),
                         "",
                         "",
                         f"**{ratio(stock.end_to_end, dock.end_to_end)}**",
@@ -773,9 +901,13 @@ def main() -> int:
     parser.add_argument(
         "--wait-quiet",
         type=float,
+        nargs="?",
+        const=900.0,
         default=900.0,
-        help="before each measured run, wait up to this many seconds for other CPU/docker "
-        "activity on the machine to stop (0: do not wait)",
+        metavar="SECONDS",
+        help="before each measured run, wait up to this many seconds (900 if given without a "
+        "value, and by default) for other CPU/docker activity on the machine to stop (0: do "
+        "not wait)",
     )
     parser.add_argument("--quiet-threshold", type=float, default=0.25, help="CPU busy share")
     parser.add_argument("--keep-images", action="store_true", help="keep built images at exit")
@@ -838,8 +970,12 @@ def main() -> int:
             f"a local stand-in built FROM {base_image} (+ label {BENCH_LABEL}) with a venv at "
             "/usr/local for `python`/`pip` and the host CA bundle + `ENV PIP_CERT` baked in; "
             "nginx comes from the Debian mirror over `--network host`",
-            "mlflow-dock": f"`make_runner(...).build()` in-process, base_image {bench_base} (the "
-            "same Debian layer), build_ca_bundle + build_network=host",
+            "mlflow-dock": "in-process, as the service runs a job: `store.request_build` + "
+            "`store.claim_next` in the service's JobStore, then `worker.execute_job` with "
+            "`make_runner(...)` (one attempt), which records each version's image and digest in "
+            "that store, so a later version of the same runtime can be assembled in the "
+            f"registry; base_image {bench_base} (the same Debian layer), build_ca_bundle + "
+            "build_network=host",
             "builds": "classic builder on both sides (stock: `DOCKER_BUILDKIT=0 docker build "
             "--platform linux/amd64 --network host`, MLflow's own argv + network); pushes via "
             "the Docker SDK with per-call credentials",
@@ -847,9 +983,15 @@ def main() -> int:
             "id, so no classic-builder cache applies to version 1 on either side",
             "registry": "one local CNCF Distribution, repositories stock/… and the default "
             "mlflow-dock one; base image layers pushed (untimed) beforehand, as on Docker Hub",
-            "columns": "download = model fetch (stock: generate-dockerfile incl. backend "
-            "lookup); other = rest of end to end (metadata, context tar, registry-native "
-            "work); image size = `docker image inspect` Size, base included "
+            "columns": "path = how the image got to the registry (engine: local build + push; "
+            "registry: assembled in the registry on the previous version's layers, read from "
+            "the build logs); download = job bookkeeping + model fetch (stock: "
+            "generate-dockerfile incl. backend lookup); assemble = registry path only: runtime "
+            "key, previous-digest lookup, model layer + config + manifest upload and the tag "
+            "(its ratio is stock's build + push over it); smoke = container start to `smoke "
+            "test passed`, incl. pulling the assembled image on the registry path; other = rest "
+            "of end to end (metadata, runtime-key hashing, context tar, recording the job); "
+            "image size = `docker image inspect` Size, base included "
             f"({fmt_b(image_size(client, bench_base))} Debian base); compressed = config + "
             "layer blobs in the pushed manifest; registry growth = stored blob bytes delta; "
             "MB = 10^6 B",
@@ -900,8 +1042,10 @@ def main() -> int:
             result.cpu_busy_before = busy
             results.append(result)
             print(
-                f"  end to end {fmt_s(result.end_to_end)} (build {fmt_s(result.build)}, "
-                f"push {fmt_s(result.push)}), image {fmt_b(result.image_size)}, "
+                f"  {result.path or 'no path'}: end to end {fmt_s(result.end_to_end)} (build "
+                f"{fmt_s(result.build)}, push {fmt_s(result.push)}, assemble "
+                f"{fmt_s(result.assemble)}, smoke {fmt_s(result.smoke)}), image "
+                f"{fmt_b(result.image_size)}, "
                 f"registry +{fmt_b(result.registry_growth)}",
                 flush=True,
             )
