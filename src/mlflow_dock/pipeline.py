@@ -110,7 +110,7 @@ class JobRunner:
         self._engine = engine
         self._credentials = credentials
         self._registry_factory = registry_factory
-        self._smoke = smoke
+        self.smoke = smoke
         self._work_dir = settings.data_dir / "work"
         self._locks_guard = threading.Lock()
         self._runtime_locks: dict[str, threading.Lock] = {}
@@ -165,7 +165,7 @@ class JobRunner:
                 outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        log(f"pushed {outcome.image}@{outcome.digest}")
+        log(f"published {outcome.image}@{outcome.digest}")
         return outcome
 
     def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
@@ -228,7 +228,7 @@ class JobRunner:
                 f"assembled {target.repository}@{staged.digest} in the registry on top of "
                 f"version {previous.version}'s layers"
             )
-            if self._smoke is not None:
+            if self.smoke is not None:
                 # Stored untagged: nothing is published until the smoke test passes.
                 creds = self._credentials.get()
                 self._engine.pull(
@@ -237,7 +237,7 @@ class JobRunner:
                     username=creds.username,
                     password=creds.password,
                 )
-                self._smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
+                self.smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
             image = staged.tag(tag)
         reference = f"{target.repository}:{tag}"
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
@@ -262,10 +262,11 @@ class JobRunner:
             log=log,
             timeout=self._settings.build_timeout_seconds,
         )
-        if self._smoke is not None:
+        if self.smoke is not None:
             example = context / "model" / "serving_input_example.json"
-            self._smoke.check(local_ref, example if prepared.example else None, log)
+            self.smoke.check(local_ref, example if prepared.example else None, log)
         pushed = self._push(target.repository, tag, log)
+        log(f"pushed {pushed.reference}@{pushed.digest}")
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
     def _build_stock(
@@ -292,8 +293,8 @@ class JobRunner:
             log=log,
             timeout=self._settings.build_timeout_seconds,
         )
-        if self._smoke is not None:
-            self._smoke.check(local_ref, prepared.example, log)
+        if self.smoke is not None:
+            self.smoke.check(local_ref, prepared.example, log)
         pushed = self._push(target.repository, tag, log)
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 

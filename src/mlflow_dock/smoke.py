@@ -24,6 +24,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SMOKE_LABEL = "io.mlflow-dock.smoke-test"
+
+
 class SmokeTester:
     def __init__(
         self,
@@ -37,6 +40,15 @@ class SmokeTester:
         self._network_mode = network_mode
         self._timeout = timeout_seconds
         self._sleep = sleep
+
+    def remove_leftovers(self) -> int:
+        """Remove smoke-test containers a killed process left running; returns how many."""
+        client = self._engine.client
+        leftovers = client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+        for container in leftovers:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+        return len(leftovers)
 
     def check(self, image: str, example: Path | None, log: LogSink) -> None:
         container, base_url = self._start(image)
@@ -76,10 +88,15 @@ class SmokeTester:
                 network_mode="host",
                 # The image's own CMD honours $PORT, so the smoke test runs what users run.
                 environment={"PORT": str(port)},
+                labels={SMOKE_LABEL: "1"},
             )
             return container, f"http://127.0.0.1:{port}"
         container = client.containers.run(
-            image, name=name, detach=True, network_mode=self._network_mode
+            image,
+            name=name,
+            detach=True,
+            network_mode=self._network_mode,
+            labels={SMOKE_LABEL: "1"},
         )
         container.reload()
         address = container.attrs["NetworkSettings"]["IPAddress"]

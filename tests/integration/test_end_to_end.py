@@ -15,6 +15,7 @@ import pytest
 
 from mlflow_dock import naming
 from mlflow_dock.registry import RegistryClient
+from mlflow_dock.smoke import SMOKE_LABEL
 from support.jobs import (
     alias_of,
     build_of,
@@ -178,7 +179,7 @@ def test_registered_versions_and_aliases_become_images(
 
 
 def test_killed_mid_build_resumes_after_restart(
-    service_factory, webhook_factory, mlflow_server, model_name
+    service_factory, webhook_factory, mlflow_server, model_name, docker_client
 ):
     service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host")
     webhook_factory(f"{service.url}/webhook", service_factory.secret)
@@ -201,6 +202,8 @@ def test_killed_mid_build_resumes_after_restart(
     assert job["attempts"] == 2
     detail = httpx.get(f"{service.url}/builds/{job['id']}", params={"log_lines": 500}).json()
     assert any("interrupted by a service restart" in line for line in detail["log_tail"])
+    # A smoke-test container the killed process left behind is cleaned up on restart.
+    assert docker_client.containers.list(all=True, filters={"label": SMOKE_LABEL}) == []
 
 
 def test_unknown_model_version_fails_at_once_with_a_reason(service_factory):
