@@ -106,6 +106,15 @@ class PipOptions:
             lines.append(f"cert = {BUILD_DIR}/ca-bundle.crt")
         return "\n".join(lines) + "\n"
 
+    def uv_toml(self) -> str:
+        """The same indexes for uv, which reads its own config file (and SSL_CERT_FILE)."""
+        lines = ["[pip]"]
+        if self.index_url:
+            lines.append(f"index-url = {json.dumps(self.index_url)}")
+        if self.extra_index_urls:
+            lines.append(f"extra-index-url = {json.dumps(list(self.extra_index_urls))}")
+        return "\n".join(lines) + "\n"
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -149,6 +158,9 @@ def render_runtime_dockerfile(spec: ImageSpec) -> str:
             + " ".join(spec.system_packages)
             + " \\\n && rm -rf /var/lib/apt/lists/*\n"
         )
+    # uv installs the requirements (parallel downloads: the cold build is mostly fetching
+    # wheels); pip only fetches uv itself. Both read the same indexes and CA bundle.
+    ca_env = f"SSL_CERT_FILE={BUILD_DIR}/ca-bundle.crt " if spec.pip.has_ca_bundle else ""
     return f"""\
 FROM {spec.base_image} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \\
@@ -161,7 +173,9 @@ COPY _build/ {BUILD_DIR}/
 COPY requirements.txt {BUILD_DIR}/requirements.txt
 RUN python3 -m venv {VENV_DIR} \\
  && PIP_CONFIG_FILE={BUILD_DIR}/pip.conf {VENV_DIR}/bin/python -m pip install \\
-      --no-cache-dir -r {BUILD_DIR}/requirements.txt \\
+      --no-cache-dir --target {BUILD_DIR}/uv uv \\
+ && {ca_env}UV_CONFIG_FILE={BUILD_DIR}/uv.toml {BUILD_DIR}/uv/bin/uv pip install \\
+      --no-cache --python {VENV_DIR}/bin/python -r {BUILD_DIR}/requirements.txt \\
  && find {VENV_DIR} -name __pycache__ -prune -exec rm -rf {{}} +
 
 FROM runtime
@@ -211,6 +225,7 @@ def runtime_key(spec: ImageSpec, *, ca_bundle: bytes | None) -> str:
         render_model_dockerfile("").encode(),
         spec.requirements.encode(),
         spec.pip.pip_conf().encode(),
+        spec.pip.uv_toml().encode(),
         ca_bundle or b"",
     ):
         digest.update(hashlib.sha256(part).digest())

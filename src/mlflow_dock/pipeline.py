@@ -185,7 +185,10 @@ class JobRunner:
             system_packages=system_packages_for(requirements),
             pip=pip,
         )
-        extra = {"_build/pip.conf": pip.pip_conf().encode()}
+        extra = {
+            "_build/pip.conf": pip.pip_conf().encode(),
+            "_build/uv.toml": pip.uv_toml().encode(),
+        }
         if ca_bundle is not None:
             extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
         return spec, extra
