@@ -110,7 +110,7 @@ class JobRunner:
         self._engine = engine
         self._credentials = credentials
         self._registry_factory = registry_factory
-        self.smoke = smoke
+        self._smoke = smoke
         self._work_dir = settings.data_dir / "work"
         self._locks_guard = threading.Lock()
         self._runtime_locks: dict[str, threading.Lock] = {}
@@ -231,7 +231,7 @@ class JobRunner:
                 f"assembled {target.repository}@{staged.digest} in the registry on top of "
                 f"version {previous.version}'s layers"
             )
-            if self.smoke is not None:
+            if self._smoke is not None:
                 # Stored untagged: nothing is published until the smoke test passes.
                 creds = self._credentials.get()
                 self._engine.pull(
@@ -240,7 +240,7 @@ class JobRunner:
                     username=creds.username,
                     password=creds.password,
                 )
-                self.smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
+                self._smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
             image = staged.tag(tag)
         reference = f"{target.repository}:{tag}"
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
@@ -265,9 +265,9 @@ class JobRunner:
             log=log,
             timeout=self._settings.build_timeout_seconds,
         )
-        if self.smoke is not None:
+        if self._smoke is not None:
             example = context / "model" / "serving_input_example.json"
-            self.smoke.check(local_ref, example if prepared.example else None, log)
+            self._smoke.check(local_ref, example if prepared.example else None, log)
         pushed = self._push(target.repository, tag, log)
         log(f"pushed {pushed.reference}@{pushed.digest}")
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
@@ -296,8 +296,8 @@ class JobRunner:
             log=log,
             timeout=self._settings.build_timeout_seconds,
         )
-        if self.smoke is not None:
-            self.smoke.check(local_ref, prepared.example, log)
+        if self._smoke is not None:
+            self._smoke.check(local_ref, prepared.example, log)
         pushed = self._push(target.repository, tag, log)
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 

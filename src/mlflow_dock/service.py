@@ -120,8 +120,10 @@ class Service:
         MlflowSource.import_client()
         try:
             self.engine.ping()
-            if self.runner.smoke is not None and (removed := self.runner.smoke.remove_leftovers()):
-                logger.warning("removed %d smoke-test container(s) left by a crash", removed)
+            if self.settings.smoke_test:
+                smoke = SmokeTester(self.engine, network_mode=self.settings.build_network)
+                if removed := smoke.remove_leftovers():
+                    logger.warning("removed %d smoke-test container(s) left by a crash", removed)
         except MlflowDockError as exc:
             # Not fatal: the engine may come up later and jobs retry; but say so at once, since
             # a missing socket mount or group is otherwise only found at the first build.

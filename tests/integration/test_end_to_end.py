@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -229,3 +232,20 @@ def test_versions_registered_while_down_are_built_on_start(
     assert job["state"] == "succeeded", job
     alias_job = wait_for_job(service, alias_of(model_name, "prod"), timeout=120)
     assert alias_job["state"] == "succeeded" and alias_job["digest"] == job["digest"]
+
+
+def test_backfill_builds_versions_that_have_no_image(service_factory, mlflow_server, model_name):
+    """`mlflow-dock backfill --wait` against the real MLflow server, registry and engine."""
+    version = log_sklearn_model(mlflow_server.url, model_name)
+    env = service_factory.env(MLFLOW_DOCK_BUILD_NETWORK="host", MLFLOW_DOCK_SMOKE_TEST="false")
+    command = [sys.executable, "-m", "mlflow_dock", "backfill", "--model", model_name, "--wait"]
+    result = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "queued 1 job(s)" in result.stdout
+    assert f"ok      {model_name} {version}: " in result.stdout
+    again = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0 and "queued 0 job(s)" in again.stdout
