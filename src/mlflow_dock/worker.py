@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from mlflow_dock.buildlogs import BuildLogs
 from mlflow_dock.errors import JobError, is_retryable
-from mlflow_dock.jobs import Job, JobState, retry_delay
+from mlflow_dock.jobs import Job, JobKind, retry_delay
 from mlflow_dock.pipeline import JobRunner
 from mlflow_dock.store import JobStore
 
@@ -163,7 +163,7 @@ class WorkerPool:
                 backoff_seconds=self._backoff,
                 on_change=self._on_change,
             )
-            if job.kind == "build":
+            if job.kind is JobKind.BUILD:
                 # A finished build may unblock alias jobs waiting on it.
                 self.notify()
 
@@ -181,5 +181,3 @@ class WorkerPool:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-
-__all__ = ["JobState", "WorkerPool", "execute_job"]
