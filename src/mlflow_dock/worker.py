@@ -180,4 +180,3 @@ class WorkerPool:
     @property
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
-
