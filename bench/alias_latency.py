@@ -68,8 +68,8 @@ from tests.support.servers import (  # noqa: E402
     start_service,
 )
 
-from mlflow_dock.naming import alias_tag  # noqa: E402
-from mlflow_dock.registry import RegistryClient  # noqa: E402
+from mlflow_dock.oci.reference import alias_tag  # noqa: E402
+from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "alias-latency.md"

@@ -13,7 +13,7 @@ three versions of the same small scikit-learn model (identical requirements), th
   ``build_image_from_context`` plus ``--network host``, then a push through the Docker SDK;
 * mlflow-dock: versions 1 and 2 with the smoke test off, then version 3 with the smoke test
   on, each the way the service runs a build: ``store.request_build`` + ``store.claim_next`` in
-  the service's own JobStore, then ``mlflow_dock.worker.execute_job`` with
+  the service's own JobStore, then ``mlflow_dock.jobs.worker.execute_job`` with
   ``make_runner(...)`` (the public in-process API), which records the outcome (image, digest)
   in that store. That record is what lets a later version take the registry-native fast path
   (``JobRunner.build`` looks the previous version's digest up with ``store.latest_image``):
@@ -95,14 +95,14 @@ from tests.support.servers import (  # noqa: E402
     start_registry,
 )
 
-from mlflow_dock.buildlogs import BuildLogs  # noqa: E402
-from mlflow_dock.engine import DockerEngine  # noqa: E402
-from mlflow_dock.jobs import JobState  # noqa: E402
-from mlflow_dock.naming import repository_name  # noqa: E402
-from mlflow_dock.service import make_runner  # noqa: E402
+from mlflow_dock.app import make_runner  # noqa: E402
+from mlflow_dock.build.engine import DockerEngine  # noqa: E402
+from mlflow_dock.jobs.logs import BuildLogs  # noqa: E402
+from mlflow_dock.jobs.model import JobState  # noqa: E402
+from mlflow_dock.jobs.store import JobStore  # noqa: E402
+from mlflow_dock.jobs.worker import execute_job  # noqa: E402
+from mlflow_dock.oci.reference import repository_name  # noqa: E402
 from mlflow_dock.settings import Settings  # noqa: E402
-from mlflow_dock.store import JobStore  # noqa: E402
-from mlflow_dock.worker import execute_job  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
@@ -430,8 +430,9 @@ def run_stock(
     workdir: Path,
     expected_from: str,
 ) -> RunResult:
-    import mlflow
     from mlflow.models.flavor_backend_registry import get_flavor_backend
+
+    import mlflow
 
     result = RunResult(side="stock", version=version, path="docker build + push")
     model_uri = f"models:/{MODEL_NAME}/{version}"

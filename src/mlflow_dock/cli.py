@@ -57,7 +57,7 @@ def serve() -> None:
     """Run the webhook receiver, job store and build workers."""
     import uvicorn
 
-    from mlflow_dock.api import create_app
+    from mlflow_dock.intake.api import create_app
 
     settings = _settings()
     _configure_logging(settings.log_level)
@@ -71,7 +71,7 @@ def serve() -> None:
             "ssl_certfile": str(settings.tls_cert_file),
             "ssl_keyfile": str(settings.tls_key_file),
         }
-    from mlflow_dock.service import Service
+    from mlflow_dock.app import Service
 
     try:
         # Built here rather than in the app's lifespan so a configuration problem found while
@@ -98,10 +98,10 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the build log")] = False,
 ) -> None:
     """Build and push one model version in the foreground (backfills, debugging)."""
-    from mlflow_dock.buildlogs import redact
-    from mlflow_dock.engine import DockerEngine
-    from mlflow_dock.service import make_runner
-    from mlflow_dock.store import JobStore
+    from mlflow_dock.app import make_runner
+    from mlflow_dock.build.engine import DockerEngine
+    from mlflow_dock.jobs.logs import redact
+    from mlflow_dock.jobs.store import JobStore
 
     settings = _settings()
     _configure_logging("warning" if not verbose else settings.log_level)
@@ -160,14 +160,14 @@ def backfill(
     ] = False,
 ) -> None:
     """Queue builds (and alias tags) for model versions that have no image yet."""
-    from mlflow_dock.buildlogs import BuildLogs
-    from mlflow_dock.engine import DockerEngine
-    from mlflow_dock.jobs import TERMINAL_STATES, JobState
-    from mlflow_dock.mlflow_source import MlflowSource
-    from mlflow_dock.reconcile import Reconciler
-    from mlflow_dock.service import make_runner
-    from mlflow_dock.store import JobStore
-    from mlflow_dock.worker import WorkerPool
+    from mlflow_dock.app import make_runner
+    from mlflow_dock.build.engine import DockerEngine
+    from mlflow_dock.jobs.logs import BuildLogs
+    from mlflow_dock.jobs.model import TERMINAL_STATES, JobState
+    from mlflow_dock.jobs.reconcile import Reconciler
+    from mlflow_dock.jobs.store import JobStore
+    from mlflow_dock.jobs.worker import WorkerPool
+    from mlflow_dock.mlflow.client import MlflowSource
 
     settings = _settings()
     _configure_logging("warning")

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mlflow_dock.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mlflow_dock.credentials import CredentialProvider
+    from mlflow_dock.cloud.credentials import CredentialProvider
 
 DEFAULT_DATA_DIR = Path("mlflow-dock-data")
 
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _registry_credentials(self) -> Settings:
-        from mlflow_dock.credentials import is_ecr_host, is_google_host, registry_hostname
+        from mlflow_dock.cloud.credentials import is_ecr_host, is_google_host, registry_hostname
 
         host = registry_hostname(self.docker_registry)
         cloud = is_ecr_host(host) or is_google_host(host)
@@ -206,7 +206,7 @@ class Settings(BaseSettings):
 
 def registry_credentials(settings: Settings) -> CredentialProvider:
     """The credential provider the settings describe (static, ECR or Google); ConfigError."""
-    from mlflow_dock.credentials import make_provider
+    from mlflow_dock.cloud.credentials import make_provider
 
     password = settings.docker_registry_password
     return make_provider(

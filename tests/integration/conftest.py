@@ -16,9 +16,9 @@ from pathlib import Path
 
 import docker
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities.webhook import Webhook
 
+from mlflow import MlflowClient
 from support.servers import (
     SYSTEM_CA_BUNDLE,
     MlflowServer,

@@ -19,9 +19,9 @@ import docker
 import docker.errors
 import pytest
 
-from mlflow_dock.assembly import CREATED_BY_SUFFIX, NotAssemblable, assemble, prepare
-from mlflow_dock.dockerfile import render_model_dockerfile
-from mlflow_dock.registry import DOCKER_MANIFEST, RegistryClient
+from mlflow_dock.build.assembly import CREATED_BY_SUFFIX, NotAssemblable, assemble, prepare
+from mlflow_dock.build.dockerfile import render_model_dockerfile
+from mlflow_dock.oci.remote import DOCKER_MANIFEST, RegistryClient
 from support.servers import RegistryServer
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ import docker.errors
 import httpx
 import pytest
 
-from mlflow_dock import naming
-from mlflow_dock.registry import RegistryClient
-from mlflow_dock.smoke import SMOKE_LABEL
+from mlflow_dock.build.smoke import SMOKE_LABEL
+from mlflow_dock.oci import reference as naming
+from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import (
     alias_of,
     build_of,

@@ -10,8 +10,8 @@ import uuid
 
 import httpx
 
-from mlflow_dock import naming
-from mlflow_dock.registry import RegistryClient
+from mlflow_dock.oci import reference as naming
+from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import created_payload, job_detail, signed_delivery, wait_for_job
 from support.servers import log_sklearn_model
 

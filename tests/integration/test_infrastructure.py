@@ -19,8 +19,8 @@ import docker
 import httpx
 import mlflow.artifacts
 import pytest
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from support.servers import (
     MlflowServer,
     RegistryServer,

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from mlflow_dock.errors import PermanentError
-from mlflow_dock.registry import DOCKER_MANIFEST, RegistryClient, RegistryPermanentError
+from mlflow_dock.oci.remote import DOCKER_MANIFEST, RegistryClient, RegistryPermanentError
 from support.servers import RegistryServer
 
 pytestmark = pytest.mark.integration

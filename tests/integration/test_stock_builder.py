@@ -12,7 +12,7 @@ from typing import Any
 import docker.errors
 import httpx
 
-from mlflow_dock import naming
+from mlflow_dock.oci import reference as naming
 from support.jobs import build_of, invoke, wait_for_job
 from support.servers import log_sklearn_model
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from mlflow_dock.signatures import sign
+from mlflow_dock.intake.signatures import sign
 from support.servers import free_port
 
 Job = dict[str, Any]

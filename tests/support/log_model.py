@@ -12,8 +12,9 @@ import importlib.metadata
 import json
 import sys
 
-import mlflow
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
+
+import mlflow
 
 
 class BrokenModel(PythonModel):

@@ -470,8 +470,9 @@ def register_model_version(
     ~50ms instead of ~10s for ``log_sklearn_model``: for tests that need many versions or
     events and do not care that the artifacts are identical. Creates the model if needed.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     # Explicit URIs: MlflowClient() would otherwise use the process-global registry URI.
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -1,0 +1,390 @@
+"""Running one job: MLflow model -> image -> smoke test -> registry; or alias -> tag.
+
+This module composes the pieces (MLflow source, Docker Engine, registry client) and knows
+nothing about HTTP or how jobs are scheduled; a Celery task would call `JobRunner.run` too.
+
+A version reaches the registry one of two ways:
+- fast path: when the registry already holds an earlier version built from the same runtime
+  (same requirements, base image, pip options, Dockerfile), the new image is assembled in the
+  registry: one new model layer on the earlier version's layers, no engine build, no push;
+- engine path: otherwise the runtime image is built (once per runtime key, then reused), the
+  version image is `FROM` it plus the model, and it is pushed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow_dock.build import assembly, stock
+from mlflow_dock.build.dockerfile import (
+    ImageSpec,
+    PipOptions,
+    image_labels,
+    render_model_dockerfile,
+    render_runtime_dockerfile,
+    requirements_hash,
+    runtime_key,
+    serving_requirements,
+    system_packages_for,
+)
+from mlflow_dock.build.engine import DockerEngine, LogSink, PushResult
+from mlflow_dock.build.smoke import SmokeTester
+from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, StaticCredentials
+from mlflow_dock.errors import PermanentError
+from mlflow_dock.jobs.model import Job, JobKind, JobState
+from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
+from mlflow_dock.oci import reference as naming
+from mlflow_dock.oci.remote import RegistryClient
+from mlflow_dock.settings import Settings
+
+RUNTIME_KEY_LABEL = "io.mlflow-dock.runtime-key"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    image: str
+    digest: str
+    tags: tuple[str, ...] = ()
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a model's images go, derived once from settings and the model name."""
+
+    repository: str  # host[/path]/repo, no tag
+    registry_host: str
+    path: str  # repository path inside the registry
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_name: str) -> Target:
+        namespace = settings.image_namespace
+        if namespace is None:
+            namespace = naming.default_namespace(
+                settings.docker_registry, settings.docker_username or ""
+            )
+        repository = naming.image_repository(settings.docker_registry, namespace, model_name)
+        host, _, path = repository.partition("/")
+        return cls(repository=repository, registry_host=host, path=path)
+
+
+# Local-only images holding everything but a model; never pushed under this name.
+RUNTIME_REPOSITORY = "mlflow-dock-runtime"
+
+RegistryFactory = Callable[[str], RegistryClient]
+
+
+@dataclass
+class _Prepared:
+    """A downloaded version and everything derived from it, shared by both paths."""
+
+    package: ModelPackage
+    spec: ImageSpec
+    extra_files: dict[str, bytes]
+    key: str
+    labels: dict[str, str]
+    example: Path | None
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: JobStore,
+        source: MlflowSource,
+        engine: DockerEngine,
+        credentials: CredentialProvider,
+        registry_factory: RegistryFactory,
+        smoke: SmokeTester | None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._source = source
+        self._engine = engine
+        self._credentials = credentials
+        self._registry_factory = registry_factory
+        self._smoke = smoke
+        self._work_dir = settings.data_dir / "work"
+        self._locks_guard = threading.Lock()
+        self._runtime_locks: dict[str, threading.Lock] = {}
+
+    def run(self, job: Job, log: LogSink) -> JobOutcome:
+        if job.kind is JobKind.BUILD:
+            return self.build(job.model_name, job.version, log, work_id=job.id)
+        if job.kind is JobKind.UNALIAS:
+            return self._unalias(job, log)
+        return self._alias(job, log)
+
+    # -- builds -------------------------------------------------------------------------------
+
+    def build(
+        self, model_name: str, version: str, log: LogSink, *, work_id: str | None = None
+    ) -> JobOutcome:
+        target = Target.for_model(self._settings, model_name)
+        info = self._source.get_version(model_name, version)
+        log(f"model '{model_name}' version {version}: source {info.source}, run {info.run_id}")
+        work = self._work_dir / (work_id or uuid.uuid4().hex)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            package = self._source.download(model_name, version, work / "download")
+            log(f"downloaded model, Python {package.python_version}")
+            spec, extra_files = self._image_spec(package)
+            key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
+            labels = image_labels(
+                model_name=model_name,
+                version=version,
+                run_id=info.run_id,
+                source=info.source,
+                requirements_digest=requirements_hash(spec.requirements),
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            example = package.path / "serving_input_example.json"
+            prepared = _Prepared(
+                package,
+                spec,
+                extra_files,
+                key,
+                labels,
+                example if package.has_serving_example else None,
+            )
+            self._ensure_repository(target)
+            outcome: JobOutcome | None
+            if self._settings.builder == "mlflow":
+                # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
+                outcome = self._build_stock(target, version, prepared, work, log)
+            else:
+                outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
+            if outcome is None:
+                outcome = self._build_with_engine(target, version, prepared, work, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f"published {outcome.image}@{outcome.digest}")
+        return outcome
+
+    def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
+        requirements = serving_requirements(package.requirements)
+        base = self._settings.base_image or f"python:{package.python_version}-slim"
+        base = base.replace("{python_version}", package.python_version)
+        ca_bundle = self._settings.build_ca_bundle
+        index_url = self._settings.pip_index_url
+        pip = PipOptions(
+            index_url=index_url.get_secret_value() if index_url else None,
+            extra_index_urls=self._settings.pip_extra_index_url_list,
+            has_ca_bundle=ca_bundle is not None,
+        )
+        spec = ImageSpec(
+            base_image=base,
+            requirements=requirements,
+            system_packages=system_packages_for(requirements),
+            pip=pip,
+        )
+        extra = {
+            "_build/pip.conf": pip.pip_conf().encode(),
+            "_build/uv.toml": pip.uv_toml().encode(),
+        }
+        if ca_bundle is not None:
+            extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
+        return spec, extra
+
+    def _ensure_repository(self, target: Target) -> None:
+        if not self._settings.ecr_create_repositories:
+            return
+        creator = self._credentials
+        if not isinstance(creator, EcrCredentials):
+            creator = EcrCredentials(
+                registry_host=target.registry_host, endpoint_url=self._settings.ecr_endpoint_url
+            )
+        creator.ensure_repository(target.path)
+
+    # -- fast path: assemble in the registry -------------------------------------------------
+
+    def _assemble_in_registry(
+        self, target: Target, model_name: str, version: str, prepared: _Prepared, log: LogSink
+    ) -> JobOutcome | None:
+        previous = self._store.latest_image(
+            model_name, repository=target.repository, exclude_version=version
+        )
+        if previous is None or previous.digest is None:
+            return None
+        tag = naming.version_tag(version)
+        with self._registry_factory(target.registry_host) as registry:
+            try:
+                staged = assembly.prepare(
+                    registry,
+                    target.path,
+                    previous_reference=previous.digest,
+                    model_dir=prepared.package.path,
+                    labels=prepared.labels,
+                    require_labels={RUNTIME_KEY_LABEL: prepared.key},
+                )
+            except assembly.NotAssemblable as exc:
+                log(f"registry assembly not possible ({exc}); building with the engine")
+                return None
+            log(
+                f"assembled {target.repository}@{staged.digest} in the registry on top of "
+                f"version {previous.version}'s layers"
+            )
+            if self._smoke is not None:
+                # Stored untagged: nothing is published until the smoke test passes.
+                creds = self._credentials.get()
+                self._engine.pull(
+                    target.repository,
+                    staged.digest,
+                    username=creds.username,
+                    password=creds.password,
+                )
+                self._smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
+            image = staged.tag(tag)
+        reference = f"{target.repository}:{tag}"
+        return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
+
+    # -- engine path --------------------------------------------------------------------------
+
+    def _build_with_engine(
+        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome:
+        runtime = self._ensure_runtime(prepared, work / "runtime", log)
+        context = work / "image"
+        context.mkdir(parents=True)
+        (context / "Dockerfile").write_text(render_model_dockerfile(runtime, prepared.labels))
+        shutil.move(str(prepared.package.path), str(context / "model"))
+        tag = naming.version_tag(version)
+        local_ref = f"{target.repository}:{tag}"
+        self._engine.build(
+            context,
+            extra_files={},
+            tag=local_ref,
+            labels={},
+            log=log,
+            timeout=self._settings.build_timeout_seconds,
+        )
+        if self._smoke is not None:
+            example = context / "model" / "serving_input_example.json"
+            self._smoke.check(local_ref, example if prepared.example else None, log)
+        pushed = self._push(target.repository, tag, log)
+        log(f"pushed {pushed.reference}@{pushed.digest}")
+        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+
+    def _build_stock(
+        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome:
+        """MLFLOW_DOCK_BUILDER=mlflow: MLflow's own Dockerfile (see stock.py), then as above."""
+        context = work / "stock"
+        log("building with MLflow's stock Dockerfile (MLFLOW_DOCK_BUILDER=mlflow)")
+        extra_files = stock.render_stock_context(
+            prepared.package.path,
+            context,
+            base_image=self._settings.base_image,
+            python_version=prepared.package.python_version,
+            pip=prepared.spec.pip,
+            ca_bundle=prepared.extra_files.get("_build/ca-bundle.crt"),
+        )
+        tag = naming.version_tag(version)
+        local_ref = f"{target.repository}:{tag}"
+        self._engine.build(
+            context,
+            extra_files=extra_files,
+            tag=local_ref,
+            labels=prepared.labels,
+            log=log,
+            timeout=self._settings.build_timeout_seconds,
+        )
+        if self._smoke is not None:
+            self._smoke.check(local_ref, prepared.example, log)
+        pushed = self._push(target.repository, tag, log)
+        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+
+    def _push(self, repository: str, tag: str, log: LogSink) -> PushResult:
+        creds = self._credentials.get()
+        try:
+            return self._engine.push(
+                repository, tag, username=creds.username, password=creds.password, log=log
+            )
+        except PermanentError:
+            if isinstance(self._credentials, StaticCredentials):
+                raise
+            # A cloud token can be revoked or expire early; one fresh token is worth a try.
+            self._credentials.invalidate()
+            creds = self._credentials.get()
+            return self._engine.push(
+                repository, tag, username=creds.username, password=creds.password, log=log
+            )
+
+    def _ensure_runtime(self, prepared: _Prepared, context: Path, log: LogSink) -> str:
+        """The local runtime image for the spec, built only if this engine does not have it."""
+        reference = f"{RUNTIME_REPOSITORY}:{prepared.key[:40]}"
+        with self._locks_guard:
+            lock = self._runtime_locks.setdefault(prepared.key, threading.Lock())
+        # Concurrent versions of one model wait for a single runtime build instead of each
+        # installing the same requirements.
+        with lock:
+            if self._engine.image_exists(reference):
+                log(f"reusing runtime image {reference}")
+                return reference
+            log(f"building runtime image {reference} (new requirements or first build here)")
+            context.mkdir(parents=True)
+            (context / "Dockerfile").write_text(render_runtime_dockerfile(prepared.spec))
+            (context / "requirements.txt").write_text(prepared.spec.requirements)
+            self._engine.build(
+                context,
+                extra_files=prepared.extra_files,
+                tag=reference,
+                labels={RUNTIME_KEY_LABEL: prepared.key},
+                log=log,
+                timeout=self._settings.build_timeout_seconds,
+            )
+            return reference
+
+    # -- aliases ------------------------------------------------------------------------------
+
+    def _alias(self, job: Job, log: LogSink) -> JobOutcome:
+        assert job.alias is not None
+        build = self._store.build_for(job.model_name, job.version)
+        if build is None or build.state is not JobState.SUCCEEDED or not build.digest:
+            reason = build.error if build is not None and build.error else "no image was built"
+            raise PermanentError(
+                f"version {job.version} of '{job.model_name}' has no image: {reason}"
+            )
+        target = Target.for_model(self._settings, job.model_name)
+        tag = naming.alias_tag(job.alias)
+        with self._registry_factory(target.registry_host) as registry:
+            digest = registry.tag(target.path, build.digest, tag)
+        reference = f"{target.repository}:{tag}"
+        log(f"tagged {reference} -> {digest}")
+        return JobOutcome(image=reference, digest=digest, tags=(reference,))
+
+    def _unalias(self, job: Job, log: LogSink) -> JobOutcome:
+        assert job.alias is not None
+        target = Target.for_model(self._settings, job.model_name)
+        tag = naming.alias_tag(job.alias)
+        reference = f"{target.repository}:{tag}"
+        with self._registry_factory(target.registry_host) as registry:
+            digest = registry.manifest_digest(target.path, tag)
+            if digest is None:
+                log(f"{reference} does not exist; nothing to remove")
+                return JobOutcome(image=reference, digest="", note="tag did not exist")
+            # ECR deletes one tag with its own API (BatchDeleteImage by tag); elsewhere the
+            # OCI 1.1 tag deletion, which registries without it refuse.
+            deleted = (
+                self._credentials.delete_tag(target.path, tag)
+                if isinstance(self._credentials, EcrCredentials)
+                else registry.delete_tag(target.path, tag)
+            )
+            if deleted:
+                log(f"removed tag {reference} (was {digest})")
+                return JobOutcome(image=reference, digest=digest)
+        # Deleting by digest instead would remove the image for every other tag using it.
+        note = (
+            f"registry {target.registry_host} cannot delete a tag without deleting its manifest, "
+            f"which other tags may use; {reference} was left in place"
+        )
+        log(note)
+        return JobOutcome(image=reference, digest=digest, note=note)

@@ -1,0 +1,197 @@
+"""HTTP API: `create_app(settings)` assembles routes, error mapping and the service lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from mlflow_dock.app import Service
+from mlflow_dock.errors import (
+    HeaderError,
+    NotFoundError,
+    PayloadError,
+    PayloadTooLargeError,
+    RequestError,
+    SignatureError,
+    TimestampError,
+)
+from mlflow_dock.intake.events import SUPPORTED_EVENTS
+from mlflow_dock.jobs.model import Job, JobState
+from mlflow_dock.settings import Settings
+
+MAX_BODY_BYTES = 1024 * 1024
+
+# The one table from our request errors to HTTP status codes.
+STATUS_CODES: dict[type[RequestError], int] = {
+    TimestampError: 400,
+    HeaderError: 400,
+    SignatureError: 401,
+    NotFoundError: 404,
+    PayloadTooLargeError: 413,
+    PayloadError: 422,
+}
+
+
+def status_for(exc: RequestError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return 400
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    state: JobState
+    model_name: str
+    version: str
+    alias: str | None
+    depends_on: str | None
+    image: str | None
+    digest: str | None
+    image_with_digest: str | None
+    tags: list[str]
+    attempts: int
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None
+    error: str | None
+    log_tail: list[str] | None = None
+
+
+class Accepted(BaseModel):
+    job_id: str
+    state: JobState
+    duplicate: bool
+    status_url: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _view(job: Job, log_tail: list[str] | None = None) -> JobView:
+    image_with_digest = None
+    if job.image and job.digest:
+        image_with_digest = f"{job.image.rsplit(':', 1)[0]}@{job.digest}"
+    return JobView(
+        id=job.id,
+        kind=job.kind.value,
+        state=job.state,
+        model_name=job.model_name,
+        version=job.version,
+        alias=job.alias,
+        depends_on=job.depends_on,
+        image=job.image,
+        digest=job.digest,
+        image_with_digest=image_with_digest,
+        tags=list(job.tags),
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        duration_seconds=job.duration_seconds,
+        error=job.error,
+        log_tail=log_tail,
+    )
+
+
+async def _read_limited(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(f"body exceeds {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: Settings, *, service: Service | None = None, start_workers: bool = True
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = service or Service(settings)
+        app.state.service = svc
+        if start_workers:
+            svc.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(svc.stop)
+
+    app = FastAPI(
+        title="mlflow-dock",
+        summary="MLflow Model Registry events -> serving images in your container registry",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+    def _service(request: Request) -> Service:
+        return request.app.state.service  # type: ignore[no-any-return]
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="healthy")
+
+    @app.post(
+        "/webhook",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            400: {"description": "timestamp or delivery id missing, malformed or too old"},
+            401: {"description": "signature missing or wrong"},
+            413: {"description": "body over 1 MiB"},
+            422: {"description": f"unusable event; supported: {', '.join(SUPPORTED_EVENTS)}"},
+        },
+    )
+    async def webhook(request: Request) -> Any:
+        """Receive an MLflow webhook delivery (signature verified on the raw body first)."""
+        body = await _read_limited(request)
+        accepted = await run_in_threadpool(_service(request).accept, body, dict(request.headers))
+        return Accepted(
+            job_id=accepted.job.id,
+            state=accepted.job.state,
+            duplicate=accepted.duplicate,
+            status_url=f"/builds/{accepted.job.id}",
+        )
+
+    @app.get("/builds", response_model=list[JobView])
+    async def list_builds(
+        request: Request,
+        model: str | None = Query(default=None, description="exact MLflow model name"),
+        state: JobState | None = None,
+        limit: int = Query(default=100, ge=1, le=1000),
+        offset: int = Query(default=0, ge=0),
+    ) -> list[JobView]:
+        jobs = await run_in_threadpool(
+            _service(request).store.list, model_name=model, state=state, limit=limit, offset=offset
+        )
+        return [_view(job) for job in jobs]
+
+    @app.get("/builds/{job_id}", response_model=JobView)
+    async def get_build(
+        request: Request, job_id: str, log_lines: int = Query(default=50, ge=0, le=5000)
+    ) -> JobView:
+        svc = _service(request)
+        job = await run_in_threadpool(svc.store.get, job_id)
+        tail = await run_in_threadpool(svc.logs.tail, job.id, log_lines) if log_lines else []
+        return _view(job, tail)
+
+    return app

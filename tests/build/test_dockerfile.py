@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from mlflow_dock.build.dockerfile import (
+    ImageSpec,
+    PipOptions,
+    image_labels,
+    render_model_dockerfile,
+    render_runtime_dockerfile,
+    requirement_name,
+    runtime_key,
+    serving_requirements,
+    system_packages_for,
+)
+
+REQS = "mlflow==3.17.2\nnumpy==2.4.6\npandas==3.1.1\nscikit-learn==1.9.1\n"
+
+
+def spec(**kw) -> ImageSpec:
+    return ImageSpec(base_image="python:3.11-slim", requirements=REQS, **kw)
+
+
+def render_dockerfile(s: ImageSpec) -> str:
+    return render_runtime_dockerfile(s)
+
+
+def test_layers_go_from_least_to_most_volatile():
+    text = render_dockerfile(spec())
+    order = [
+        text.index("FROM python:3.11-slim AS runtime"),
+        text.index("COPY requirements.txt"),
+        text.index("pip install"),
+        text.index("COPY --from=deps"),
+    ]
+    assert order == sorted(order)
+    assert "model/" not in text
+
+
+def test_model_is_the_only_layer_on_top_of_the_runtime():
+    text = render_model_dockerfile("mlflow-dock-runtime:abc")
+    assert text.splitlines() == ["FROM mlflow-dock-runtime:abc", "COPY model/ /opt/ml/model/"]
+
+
+def test_runtime_key_changes_with_every_input():
+    base = runtime_key(spec(), ca_bundle=None)
+    assert base == runtime_key(spec(), ca_bundle=None)
+    assert base != runtime_key(spec(), ca_bundle=b"cert")
+    assert base != runtime_key(ImageSpec(base_image="other", requirements=REQS), ca_bundle=None)
+    assert base != runtime_key(
+        ImageSpec(base_image="python:3.11-slim", requirements=REQS + "x\n"), ca_bundle=None
+    )
+    assert base != runtime_key(spec(pip=PipOptions(index_url="https://i/simple")), ca_bundle=None)
+
+
+def test_image_hygiene():
+    text = render_dockerfile(spec())
+    final_stage = text.split("FROM runtime\n", 1)[1]
+    assert "USER 10001:10001" in final_stage
+    assert "EXPOSE 8080" in final_stage
+    assert "HEALTHCHECK" in final_stage and "/ping" in final_stage
+    assert "--no-cache-dir" in text
+    assert "nginx" not in text
+    assert "--host 0.0.0.0" in final_stage and "${PORT:-8080}" in final_stage
+
+
+def test_build_inputs_stay_in_the_deps_stage():
+    pip = PipOptions(
+        index_url="https://user:tok3n@pypi.corp/simple",
+        extra_index_urls=("https://x:y@extra/simple",),
+        has_ca_bundle=True,
+    )
+    text = render_dockerfile(spec(pip=pip))
+    final_stage = text.split("FROM runtime\n", 1)[1]
+    assert "_build" not in final_stage
+    assert "mlflow-dock-build" not in final_stage
+    # Secrets travel in pip.conf inside the context, never in an instruction.
+    assert "tok3n" not in text and "x:y" not in text
+    conf = pip.pip_conf()
+    assert "index-url = https://user:tok3n@pypi.corp/simple" in conf
+    assert "cert = /tmp/mlflow-dock-build/ca-bundle.crt" in conf
+
+
+def test_dockerfile_is_a_pure_function_of_the_spec():
+    assert render_dockerfile(spec()) == render_dockerfile(spec())
+
+
+def test_system_packages_only_when_needed():
+    assert "apt-get" not in render_dockerfile(spec())
+    text = render_dockerfile(spec(system_packages=("libgomp1",)))
+    assert "apt-get install -y --no-install-recommends libgomp1" in text
+    assert "rm -rf /var/lib/apt/lists/*" in text
+    assert system_packages_for("lightgbm==4.0\nnumpy\n") == ("libgomp1",)
+    assert system_packages_for(REQS) == ()
+
+
+def test_mlflow_is_swapped_for_skinny_at_the_same_pin():
+    out = serving_requirements(REQS)
+    assert out.splitlines()[0] == "mlflow-skinny==3.17.2"
+    assert "numpy==2.4.6" in out
+    assert serving_requirements("mlflow[extras]>=3.0\n").startswith("mlflow-skinny>=3.0")
+    assert serving_requirements("numpy\n").startswith("mlflow-skinny\n")
+    assert "# comment" not in serving_requirements("numpy # comment\n# only a comment\n")
+
+
+def test_requirement_names():
+    assert requirement_name("Scikit_Learn==1.0") == "scikit-learn"
+    assert requirement_name("-r other.txt") is None
+    assert requirement_name("  # x") is None
+
+
+def test_labels():
+    labels = image_labels(
+        model_name="Iris Classifier",
+        version="2",
+        run_id="abc",
+        source="models:/m-1",
+        requirements_digest="f" * 64,
+        created="2026-11-26T00:00:00+00:00",
+    )
+    assert labels["org.opencontainers.image.version"] == "2"
+    assert labels["io.mlflow-dock.model.name"] == "Iris Classifier"
+    assert labels["io.mlflow-dock.requirements.sha256"] == "f" * 64
