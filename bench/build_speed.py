@@ -14,7 +14,7 @@ three versions of the same small scikit-learn model (identical requirements), th
 * mlflow-dock: versions 1 and 2 with the smoke test off, then version 3 with the smoke test
   on, each the way the service runs a build: ``store.request_build`` + ``store.claim_next`` in
   the service's own JobStore, then ``mlflow_dock.jobs.worker.execute_job`` with
-  ``make_runner(...)`` (the public in-process API), which records the outcome (image, digest)
+  ``Components(settings).runner`` (the composition root), which records the outcome (image, digest)
   in that store. That record is what lets a later version take the registry-native fast path
   (``JobRunner.build`` looks the previous version's digest up with ``store.latest_image``):
   a version that can be assembled in the registry gets no engine build and no push, and is
@@ -95,11 +95,10 @@ from tests.support.servers import (  # noqa: E402
     start_registry,
 )
 
-from mlflow_dock.app import make_runner  # noqa: E402
+from mlflow_dock.app import Components  # noqa: E402
 from mlflow_dock.build.engine import DockerEngine  # noqa: E402
 from mlflow_dock.jobs.logs import BuildLogs  # noqa: E402
 from mlflow_dock.jobs.model import JobState  # noqa: E402
-from mlflow_dock.jobs.store import JobStore  # noqa: E402
 from mlflow_dock.jobs.worker import execute_job  # noqa: E402
 from mlflow_dock.oci.reference import repository_name  # noqa: E402
 from mlflow_dock.settings import Settings  # noqa: E402
@@ -600,10 +599,11 @@ def run_dock(
     run, so version N+1 finds version N's digest there as the running service would.
     """
     result = RunResult(side="mlflow-dock", version=version, label=label)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore.from_url(settings.resolved_database_url)
-    engine = TimedEngine(network_mode="host")
-    runner = make_runner(settings, store, engine)
+    components = Components(settings)
+    components.engine = TimedEngine(network_mode="host")
+    store = components.store
+    engine = components.engine
+    runner = components.runner
     logs = TimedLogs(settings.data_dir / "logs", secrets=settings.secret_values())
     log_path = LOG_DIR / f"mlflow-dock-v{version}.log"
 
@@ -973,10 +973,10 @@ def main() -> int:
             "nginx comes from the Debian mirror over `--network host`",
             "mlflow-dock": "in-process, as the service runs a job: `store.request_build` + "
             "`store.claim_next` in the service's JobStore, then `worker.execute_job` with "
-            "`make_runner(...)` (one attempt), which records each version's image and digest in "
-            "that store, so a later version of the same runtime can be assembled in the "
-            f"registry; base_image {bench_base} (the same Debian layer), build_ca_bundle + "
-            "build_network=host",
+            "`Components(settings).runner` (one attempt), which records each version's "
+            "image and digest in that store, so a later version of the same runtime can be "
+            f"assembled in the registry; base_image {bench_base} (the same Debian layer), "
+            "build_ca_bundle + build_network=host",
             "builds": "classic builder on both sides (stock: `DOCKER_BUILDKIT=0 docker build "
             "--platform linux/amd64 --network host`, MLflow's own argv + network); pushes via "
             "the Docker SDK with per-call credentials",

@@ -1,22 +1,27 @@
-"""The running service: accepts events, stores jobs, and hands them to the workers.
+"""The composition root: the one place that turns Settings into wired objects.
 
-The three concerns stay apart so each can be replaced alone: `accept` (verify + parse + store)
-never builds anything, the `JobStore` only records, and the `WorkerPool` only runs what it
-claims. Moving builds to a distributed task engine replaces the pool, nothing else.
+`build_service(settings)` is what `mlflow-dock serve`, the ASGI entry point, `build` and
+`backfill` use; nothing else constructs stores, engines, runners or MLflow clients. The three
+concerns stay apart so each can be replaced alone: the `Intake` (verify + parse + store) never
+builds anything, the `JobStore` only records, and the `WorkerPool` only runs what it claims.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from functools import cached_property
+
+from fastapi import FastAPI
 
 from mlflow_dock.build.engine import DockerEngine
-from mlflow_dock.build.runner import JobRunner
+from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
-from mlflow_dock.cloud.credentials import CredentialProvider
+from mlflow_dock.cloud.credentials import CredentialProvider, make_provider
 from mlflow_dock.errors import MlflowDockError
-from mlflow_dock.intake.events import AliasCreated, AliasDeleted, ModelVersionCreated, parse_event
+from mlflow_dock.intake.accept import Accepted, Intake
+from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job
@@ -25,90 +30,160 @@ from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.jobs.worker import WorkerPool
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
+from mlflow_dock.oci.reference import default_namespace
 from mlflow_dock.oci.remote import RegistryClient
-from mlflow_dock.settings import Settings, registry_credentials
+from mlflow_dock.settings import Settings
+
+__all__ = ["Components", "Service", "build_service", "create_asgi_app"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Accepted:
-    job: Job
-    duplicate: bool
+def _mlflow_client_defaults() -> None:
+    # MLflow's client retries each request up to 7 times with growing backoff (minutes in
+    # total); our jobs already retry with their own backoff, so keep MLflow's layer short.
+    # setdefault: an operator's explicit value still wins.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-def make_registry_factory(
-    settings: Settings, credentials: CredentialProvider
-) -> Callable[[str], RegistryClient]:
-    def factory(host: str) -> RegistryClient:
+class Components:
+    """Everything built from one Settings, each part created once and on first use.
+
+    Lazy so that `backfill` without `--wait` never touches the Docker Engine, and so that a
+    configuration problem surfaces as a ConfigError from the first access, at the edge.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        _mlflow_client_defaults()
+        self.settings = settings
+
+    @cached_property
+    def store(self) -> JobStore:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return JobStore.from_url(self.settings.resolved_database_url)
+
+    @cached_property
+    def logs(self) -> BuildLogs:
+        return BuildLogs(self.settings.data_dir / "logs", secrets=self.settings.secret_values())
+
+    @cached_property
+    def source(self) -> MlflowSource:
+        return MlflowSource(self.settings.mlflow_tracking_uri)
+
+    @cached_property
+    def engine(self) -> DockerEngine:
+        return DockerEngine(
+            base_url=self.settings.docker_host, network_mode=self.settings.build_network
+        )
+
+    @cached_property
+    def credentials(self) -> CredentialProvider:
+        """The registry credential provider (static, ECR or Google); raises ConfigError."""
+        password = self.settings.docker_registry_password
+        return make_provider(
+            registry=self.settings.docker_registry,
+            username=self.settings.docker_username,
+            password=password.get_secret_value() if password is not None else None,
+            ecr_endpoint_url=self.settings.ecr_endpoint_url,
+            ecr_create_repositories=self.settings.ecr_create_repositories,
+        )
+
+    @cached_property
+    def smoke(self) -> SmokeTester | None:
+        if not self.settings.smoke_test:
+            return None
+        return SmokeTester(self.engine, network_mode=self.settings.build_network)
+
+    def registry(self, host: str) -> RegistryClient:
         # Credentials are fetched per client, i.e. per job: cloud tokens expire within hours.
-        creds = credentials.get()
+        creds = self.credentials.get()
         return RegistryClient(
             host,
             username=creds.username,
             password=creds.password,
-            scheme="http" if settings.registry_insecure else None,
+            scheme="http" if self.settings.registry_insecure else None,
         )
 
-    return factory
-
-
-def make_runner(
-    settings: Settings,
-    store: JobStore,
-    engine: DockerEngine,
-    credentials: CredentialProvider | None = None,
-) -> JobRunner:
-    """Wire a JobRunner from settings; raises ConfigError for unusable registry credentials."""
-    credentials = credentials or registry_credentials(settings)
-    smoke = (
-        SmokeTester(engine, network_mode=settings.build_network) if settings.smoke_test else None
-    )
-    return JobRunner(
-        settings=settings,
-        store=store,
-        source=MlflowSource(settings.mlflow_tracking_uri),
-        engine=engine,
-        credentials=credentials,
-        registry_factory=make_registry_factory(settings, credentials),
-        smoke=smoke,
-    )
-
-
-class Service:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        store: JobStore | None = None,
-        runner: JobRunner | None = None,
-    ) -> None:
-        self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store or JobStore.from_url(settings.resolved_database_url)
-        self.logs = BuildLogs(settings.data_dir / "logs", secrets=settings.secret_values())
-        self.verifier = WebhookVerifier(
-            settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
+    @cached_property
+    def build_config(self) -> BuildConfig:
+        s = self.settings
+        namespace = s.image_namespace
+        if namespace is None:
+            namespace = default_namespace(s.docker_registry, s.docker_username or "")
+        index_url = s.pip_index_url
+        return BuildConfig(
+            work_dir=s.data_dir / "work",
+            registry=s.docker_registry,
+            namespace=namespace,
+            builder=s.builder,
+            base_image=s.base_image,
+            pip_index_url=index_url.get_secret_value() if index_url else None,
+            pip_extra_index_urls=s.pip_extra_index_url_list,
+            ca_bundle=s.build_ca_bundle.read_bytes() if s.build_ca_bundle else None,
+            build_timeout_seconds=s.build_timeout_seconds,
+            ecr_create_repositories=s.ecr_create_repositories,
+            ecr_endpoint_url=s.ecr_endpoint_url,
         )
-        self.engine = DockerEngine(
-            base_url=settings.docker_host, network_mode=settings.build_network
+
+    @cached_property
+    def runner(self) -> JobRunner:
+        return JobRunner(
+            config=self.build_config,
+            history=self.store,
+            source=self.source,
+            engine=self.engine,
+            credentials=self.credentials,
+            registry_factory=self.registry,
+            smoke=self.smoke,
         )
-        self.runner = runner or make_runner(settings, self.store, self.engine)
-        self.source = MlflowSource(settings.mlflow_tracking_uri)
-        self.writeback = MlflowWriteBack(self.source) if settings.mlflow_write_back else None
-        self.pool = WorkerPool(
+
+    def worker_pool(self, **hooks: object) -> WorkerPool:
+        return WorkerPool(
             store=self.store,
             runner=self.runner,
             logs=self.logs,
-            concurrency=settings.build_concurrency,
-            max_attempts=settings.max_attempts,
-            backoff_seconds=settings.retry_backoff_seconds,
-            on_change=self._job_changed,
+            concurrency=self.settings.build_concurrency,
+            max_attempts=self.settings.max_attempts,
+            backoff_seconds=self.settings.retry_backoff_seconds,
+            **hooks,  # type: ignore[arg-type]
         )
+
+    def reconciler(self) -> Reconciler:
+        return Reconciler(self.source, self.store)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.close()
+        if "store" in self.__dict__:
+            self.store.close()
+
+
+class Service:
+    """The running service: intake, embedded workers, reconciliation and MLflow write-back."""
+
+    def __init__(self, components: Components) -> None:
+        self.components = components
+        settings = components.settings
+        self.settings = settings
+        self.store = components.store
+        self.logs = components.logs
+        # Wired eagerly: unusable registry credentials are a ConfigError at start, not at the
+        # first build.
+        components.runner  # noqa: B018
+        self.writeback = MlflowWriteBack(components.source) if settings.mlflow_write_back else None
+        self.intake = Intake(
+            verifier=WebhookVerifier(
+                settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
+            ),
+            store=self.store,
+            on_queued=self._queued,
+        )
+        self.pool = components.worker_pool(on_change=self._job_changed)
         self.reconcile: ReconcileLoop | None = None
         if settings.reconcile_interval_seconds > 0:
             self.reconcile = ReconcileLoop(
-                Reconciler(self.source, self.store),
+                components.reconciler(),
                 interval=settings.reconcile_interval_seconds,
                 # Only versions registered since this store first started: pointing mlflow-dock
                 # at an existing registry must not rebuild its whole history (`backfill` does).
@@ -119,11 +194,10 @@ class Service:
     def start(self) -> None:
         MlflowSource.import_client()
         try:
-            self.engine.ping()
-            if self.settings.smoke_test:
-                smoke = SmokeTester(self.engine, network_mode=self.settings.build_network)
-                if removed := smoke.remove_leftovers():
-                    logger.warning("removed %d smoke-test container(s) left by a crash", removed)
+            self.components.engine.ping()
+            smoke = self.components.smoke
+            if smoke is not None and (removed := smoke.remove_leftovers()):
+                logger.warning("removed %d smoke-test container(s) left by a crash", removed)
         except MlflowDockError as exc:
             # Not fatal: the engine may come up later and jobs retry; but say so at once, since
             # a missing socket mount or group is otherwise only found at the first build.
@@ -140,8 +214,10 @@ class Service:
         self.pool.stop()
         if self.writeback is not None:
             self.writeback.stop()
-        self.engine.close()
-        self.store.close()
+        self.components.close()
+
+    def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
+        return self.intake.accept(body, headers)
 
     def _job_changed(self, job: Job) -> None:
         if self.writeback is not None:
@@ -151,37 +227,12 @@ class Service:
         self._job_changed(job)
         self.pool.notify()
 
-    def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
-        """Verify, de-duplicate, parse and store one delivery. Raises RequestError subclasses."""
-        delivery_id = self.verifier.verify(body, headers)
-        existing = self.store.job_for_delivery(delivery_id)
-        if existing is not None:
-            logger.info("delivery %s seen before: job %s", delivery_id, existing.id)
-            return Accepted(existing, duplicate=True)
-        event = parse_event(body)
-        data = event.data
-        if isinstance(event, ModelVersionCreated):
-            job, changed = self.store.request_build(
-                event.data.name, event.data.version, delivery_id=delivery_id
-            )
-        elif isinstance(event, AliasCreated):
-            job, changed = self.store.request_alias(
-                event.data.name, event.data.version, event.data.alias, delivery_id=delivery_id
-            )
-        else:
-            assert isinstance(event, AliasDeleted)
-            job, changed = self.store.request_unalias(
-                event.data.name, event.data.alias, delivery_id=delivery_id
-            )
-        logger.info(
-            "delivery %s: %s for '%s' -> %s job %s (%s)",
-            delivery_id,
-            event.kind,
-            data.name,
-            job.kind,
-            job.id,
-            "queued" if changed else f"existing, {job.state}",
-        )
-        if changed:
-            self._queued(job)
-        return Accepted(job, duplicate=not changed)
+
+def build_service(settings: Settings) -> Service:
+    """Wire the whole service from settings; raises ConfigError for unusable settings."""
+    return Service(Components(settings))
+
+
+def create_asgi_app(settings: Settings) -> FastAPI:
+    """The HTTP app for `serve` and ASGI servers; the service is wired in the lifespan."""
+    return create_app(lambda: build_service(settings))

@@ -6,7 +6,6 @@ Settings are read here, once; every failure the user can fix ends as one line on
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -33,15 +32,9 @@ def _die(message: str, code: int) -> NoReturn:
 
 def _settings() -> Settings:
     try:
-        settings = load_settings()
+        return load_settings()
     except ConfigError as exc:
         _die(str(exc), 2)
-    # MLflow's client retries each request up to 7 times with growing backoff (minutes in
-    # total); our jobs already retry with their own backoff, so keep MLflow's layer short.
-    # setdefault: an operator's explicit value still wins.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    return settings
 
 
 def _configure_logging(level: str) -> None:
@@ -57,6 +50,7 @@ def serve() -> None:
     """Run the webhook receiver, job store and build workers."""
     import uvicorn
 
+    from mlflow_dock.app import build_service
     from mlflow_dock.intake.api import create_app
 
     settings = _settings()
@@ -71,17 +65,15 @@ def serve() -> None:
             "ssl_certfile": str(settings.tls_cert_file),
             "ssl_keyfile": str(settings.tls_key_file),
         }
-    from mlflow_dock.app import Service
-
     try:
         # Built here rather than in the app's lifespan so a configuration problem found while
         # wiring (e.g. registry credentials) is one line on stderr, not a lifespan traceback.
-        service = Service(settings)
+        service = build_service(settings)
     except MlflowDockError as exc:
         _die(str(exc), 2)
     try:
         uvicorn.run(
-            create_app(settings, service=service),
+            create_app(lambda: service),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
@@ -98,10 +90,8 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the build log")] = False,
 ) -> None:
     """Build and push one model version in the foreground (backfills, debugging)."""
-    from mlflow_dock.app import make_runner
-    from mlflow_dock.build.engine import DockerEngine
+    from mlflow_dock.app import Components
     from mlflow_dock.jobs.logs import redact
-    from mlflow_dock.jobs.store import JobStore
 
     settings = _settings()
     _configure_logging("warning" if not verbose else settings.log_level)
@@ -113,18 +103,15 @@ def build(
         if verbose:
             typer.echo(redact(line, secrets), err=True)
 
-    engine = DockerEngine(base_url=settings.docker_host, network_mode=settings.build_network)
+    components = Components(settings)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = JobStore.from_url(settings.resolved_database_url)
-        runner = make_runner(settings, store, engine)
-        outcome = runner.build(model, str(int(version)), log)
+        outcome = components.runner.build(model, str(int(version)), log)
     except JobError as exc:
         _die(redact(" ".join(str(exc).split()), secrets), 1)
     except MlflowDockError as exc:
         _die(redact(str(exc), secrets), 2)
     finally:
-        engine.close()
+        components.close()
     typer.echo(f"{outcome.image}@{outcome.digest}")
 
 
@@ -160,14 +147,8 @@ def backfill(
     ] = False,
 ) -> None:
     """Queue builds (and alias tags) for model versions that have no image yet."""
-    from mlflow_dock.app import make_runner
-    from mlflow_dock.build.engine import DockerEngine
-    from mlflow_dock.jobs.logs import BuildLogs
+    from mlflow_dock.app import Components
     from mlflow_dock.jobs.model import TERMINAL_STATES, JobState
-    from mlflow_dock.jobs.reconcile import Reconciler
-    from mlflow_dock.jobs.store import JobStore
-    from mlflow_dock.jobs.worker import WorkerPool
-    from mlflow_dock.mlflow.client import MlflowSource
 
     settings = _settings()
     _configure_logging("warning")
@@ -175,12 +156,10 @@ def backfill(
         cutoff = parse_since(since) if since else None
     except ValueError as exc:
         _die(str(exc), 2)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore.from_url(settings.resolved_database_url)
+    components = Components(settings)
+    store = components.store
     try:
-        queued = Reconciler(MlflowSource(settings.mlflow_tracking_uri), store).run_once(
-            model=model, since=cutoff
-        )
+        queued = components.reconciler().run_once(model=model, since=cutoff)
     except MlflowDockError as exc:
         _die(" ".join(str(exc).split()), 1)
     typer.echo(f"queued {len(queued)} job(s)")
@@ -191,15 +170,10 @@ def backfill(
         if queued:
             typer.echo("a running `mlflow-dock serve` using the same data directory builds them")
         return
-    engine = DockerEngine(base_url=settings.docker_host, network_mode=settings.build_network)
-    pool = WorkerPool(
-        store=store,
-        runner=make_runner(settings, store, engine),
-        logs=BuildLogs(settings.data_dir / "logs", secrets=settings.secret_values()),
-        concurrency=settings.build_concurrency,
-        max_attempts=settings.max_attempts,
-        backoff_seconds=settings.retry_backoff_seconds,
-    )
+    try:
+        pool = components.worker_pool()
+    except MlflowDockError as exc:
+        _die(str(exc), 2)
     # recover=False: a service may be running on the same store; its running jobs are its own.
     pool.start(recover=False)
     ids = [job.id for job in queued]
@@ -208,7 +182,7 @@ def backfill(
             time.sleep(1)
     finally:
         pool.stop()
-        engine.close()
+        components.close()
     failed = 0
     for job in (store.get(i) for i in ids):
         if job.state is JobState.SUCCEEDED:

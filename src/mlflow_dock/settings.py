@@ -8,7 +8,7 @@ Docker's own variables (`MLFLOW_TRACKING_URI`, `DOCKER_HOST`) mean what they mea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -21,9 +21,6 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_dock.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mlflow_dock.cloud.credentials import CredentialProvider
 
 DEFAULT_DATA_DIR = Path("mlflow-dock-data")
 
@@ -146,22 +143,6 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _registry_credentials(self) -> Settings:
-        from mlflow_dock.cloud.credentials import is_ecr_host, is_google_host, registry_hostname
-
-        host = registry_hostname(self.docker_registry)
-        cloud = is_ecr_host(host) or is_google_host(host)
-        if self.docker_registry_password is None and not cloud:
-            raise ValueError("DOCKER_REGISTRY_PASSWORD is required but not set")
-        if self.docker_registry_password is not None and not self.docker_username:
-            raise ValueError("DOCKER_USERNAME is required but not set")
-        if self.ecr_create_repositories and not is_ecr_host(host):
-            raise ValueError(
-                "MLFLOW_DOCK_ECR_CREATE_REPOSITORIES needs an Amazon ECR DOCKER_REGISTRY"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = (
@@ -202,19 +183,6 @@ class Settings(BaseSettings):
             values.append(self.pip_index_url.get_secret_value())
         values.extend(self.pip_extra_index_url_list)
         return tuple(v for v in values if v)
-
-
-def registry_credentials(settings: Settings) -> CredentialProvider:
-    """The credential provider the settings describe (static, ECR or Google); ConfigError."""
-    from mlflow_dock.cloud.credentials import make_provider
-
-    password = settings.docker_registry_password
-    return make_provider(
-        registry=settings.docker_registry,
-        username=settings.docker_username,
-        password=password.get_secret_value() if password is not None else None,
-        ecr_endpoint_url=settings.ecr_endpoint_url,
-    )
 
 
 def load_settings(**overrides: Any) -> Settings:

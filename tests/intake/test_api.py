@@ -6,12 +6,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from mlflow_dock.app import Service
-from mlflow_dock.build.runner import JobOutcome
+from mlflow_dock.app import Components, Service
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.intake.api import STATUS_CODES, create_app
 from mlflow_dock.intake.signatures import sign
-from mlflow_dock.jobs.model import JobKind
+from mlflow_dock.jobs.model import JobKind, JobOutcome
 from mlflow_dock.settings import Settings
 
 SECRET = "whsec-test-value"
@@ -60,8 +59,10 @@ def runner() -> FakeRunner:
 
 @pytest.fixture
 def client(settings, runner):
-    service = Service(settings, runner=runner)  # type: ignore[arg-type]
-    with TestClient(create_app(settings, service=service)) as c:
+    components = Components(settings)
+    components.runner = runner  # type: ignore[assignment]
+    service = Service(components)
+    with TestClient(create_app(lambda: service)) as c:
         yield c
 
 

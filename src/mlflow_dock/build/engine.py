@@ -10,15 +10,14 @@ import io
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from mlflow_dock.errors import PermanentError, RetryableError
-
-LogSink = Callable[[str], None]
+from mlflow_dock.jobs.model import LogSink
 
 # Matched against engine/registry messages. Order matters: permanent patterns win, because
 # "denied" beside a 5xx is still a credential problem.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, Protocol
 
 from mlflow_dock.build import assembly, stock
 from mlflow_dock.build.dockerfile import (
@@ -33,46 +34,47 @@ from mlflow_dock.build.dockerfile import (
     serving_requirements,
     system_packages_for,
 )
-from mlflow_dock.build.engine import DockerEngine, LogSink, PushResult
+from mlflow_dock.build.engine import DockerEngine, PushResult
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, StaticCredentials
 from mlflow_dock.errors import PermanentError
-from mlflow_dock.jobs.model import Job, JobKind, JobState
-from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.model import Job, JobKind, JobOutcome, JobState, LogSink
 from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
-from mlflow_dock.oci import reference as naming
+from mlflow_dock.oci.reference import ImageRef, alias_tag, image_repository, version_tag
 from mlflow_dock.oci.remote import RegistryClient
-from mlflow_dock.settings import Settings
 
 RUNTIME_KEY_LABEL = "io.mlflow-dock.runtime-key"
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    image: str
-    digest: str
-    tags: tuple[str, ...] = ()
-    note: str | None = None
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """What the runner needs from the settings, resolved once by the composition root."""
+
+    work_dir: Path
+    registry: str
+    namespace: str
+    builder: Literal["layered", "mlflow"] = "layered"
+    base_image: str | None = None
+    pip_index_url: str | None = None
+    pip_extra_index_urls: tuple[str, ...] = ()
+    ca_bundle: bytes | None = None
+    build_timeout_seconds: int = 1800
+    ecr_create_repositories: bool = False
+    ecr_endpoint_url: str | None = None
+
+    def repository_for(self, model_name: str) -> ImageRef:
+        """Where a model's images go: host[/prefix][/namespace]/<sanitised model name>."""
+        return ImageRef(image_repository(self.registry, self.namespace, model_name))
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a model's images go, derived once from settings and the model name."""
+class History(Protocol):
+    """The job history the runner consults: earlier images to assemble on, builds for aliases."""
 
-    repository: str  # host[/path]/repo, no tag
-    registry_host: str
-    path: str  # repository path inside the registry
+    def latest_image(
+        self, model_name: str, *, repository: str, exclude_version: str
+    ) -> Job | None: ...
 
-    @classmethod
-    def for_model(cls, settings: Settings, model_name: str) -> Target:
-        namespace = settings.image_namespace
-        if namespace is None:
-            namespace = naming.default_namespace(
-                settings.docker_registry, settings.docker_username or ""
-            )
-        repository = naming.image_repository(settings.docker_registry, namespace, model_name)
-        host, _, path = repository.partition("/")
-        return cls(repository=repository, registry_host=host, path=path)
+    def build_for(self, model_name: str, version: str) -> Job | None: ...
 
 
 # Local-only images holding everything but a model; never pushed under this name.
@@ -97,22 +99,22 @@ class JobRunner:
     def __init__(
         self,
         *,
-        settings: Settings,
-        store: JobStore,
+        config: BuildConfig,
+        history: History,
         source: MlflowSource,
         engine: DockerEngine,
         credentials: CredentialProvider,
         registry_factory: RegistryFactory,
         smoke: SmokeTester | None,
     ) -> None:
-        self._settings = settings
-        self._store = store
+        self._config = config
+        self._history = history
         self._source = source
         self._engine = engine
         self._credentials = credentials
         self._registry_factory = registry_factory
         self._smoke = smoke
-        self._work_dir = settings.data_dir / "work"
+        self._work_dir = config.work_dir
         self._locks_guard = threading.Lock()
         self._runtime_locks: dict[str, threading.Lock] = {}
 
@@ -128,7 +130,7 @@ class JobRunner:
     def build(
         self, model_name: str, version: str, log: LogSink, *, work_id: str | None = None
     ) -> JobOutcome:
-        target = Target.for_model(self._settings, model_name)
+        target = self._config.repository_for(model_name)
         info = self._source.get_version(model_name, version)
         log(f"model '{model_name}' version {version}: source {info.source}, run {info.run_id}")
         work = self._work_dir / (work_id or uuid.uuid4().hex)
@@ -157,7 +159,7 @@ class JobRunner:
             )
             self._ensure_repository(target)
             outcome: JobOutcome | None
-            if self._settings.builder == "mlflow":
+            if self._config.builder == "mlflow":
                 # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
                 outcome = self._build_stock(target, version, prepared, work, log)
             else:
@@ -171,13 +173,12 @@ class JobRunner:
 
     def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
         requirements = serving_requirements(package.requirements)
-        base = self._settings.base_image or f"python:{package.python_version}-slim"
+        base = self._config.base_image or f"python:{package.python_version}-slim"
         base = base.replace("{python_version}", package.python_version)
-        ca_bundle = self._settings.build_ca_bundle
-        index_url = self._settings.pip_index_url
+        ca_bundle = self._config.ca_bundle
         pip = PipOptions(
-            index_url=index_url.get_secret_value() if index_url else None,
-            extra_index_urls=self._settings.pip_extra_index_url_list,
+            index_url=self._config.pip_index_url,
+            extra_index_urls=self._config.pip_extra_index_urls,
             has_ca_bundle=ca_bundle is not None,
         )
         spec = ImageSpec(
@@ -191,31 +192,31 @@ class JobRunner:
             "_build/uv.toml": pip.uv_toml().encode(),
         }
         if ca_bundle is not None:
-            extra["_build/ca-bundle.crt"] = ca_bundle.read_bytes()
+            extra["_build/ca-bundle.crt"] = ca_bundle
         return spec, extra
 
-    def _ensure_repository(self, target: Target) -> None:
-        if not self._settings.ecr_create_repositories:
+    def _ensure_repository(self, target: ImageRef) -> None:
+        if not self._config.ecr_create_repositories:
             return
         creator = self._credentials
         if not isinstance(creator, EcrCredentials):
             creator = EcrCredentials(
-                registry_host=target.registry_host, endpoint_url=self._settings.ecr_endpoint_url
+                registry_host=target.host, endpoint_url=self._config.ecr_endpoint_url
             )
         creator.ensure_repository(target.path)
 
     # -- fast path: assemble in the registry -------------------------------------------------
 
     def _assemble_in_registry(
-        self, target: Target, model_name: str, version: str, prepared: _Prepared, log: LogSink
+        self, target: ImageRef, model_name: str, version: str, prepared: _Prepared, log: LogSink
     ) -> JobOutcome | None:
-        previous = self._store.latest_image(
+        previous = self._history.latest_image(
             model_name, repository=target.repository, exclude_version=version
         )
         if previous is None or previous.digest is None:
             return None
-        tag = naming.version_tag(version)
-        with self._registry_factory(target.registry_host) as registry:
+        tag = version_tag(version)
+        with self._registry_factory(target.host) as registry:
             try:
                 staged = assembly.prepare(
                     registry,
@@ -241,30 +242,30 @@ class JobRunner:
                     username=creds.username,
                     password=creds.password,
                 )
-                self._smoke.check(f"{target.repository}@{staged.digest}", prepared.example, log)
+                self._smoke.check(str(target.with_digest(staged.digest)), prepared.example, log)
             image = staged.tag(tag)
-        reference = f"{target.repository}:{tag}"
+        reference = str(target.with_tag(tag))
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
 
     # -- engine path --------------------------------------------------------------------------
 
     def _build_with_engine(
-        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+        self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
     ) -> JobOutcome:
         runtime = self._ensure_runtime(prepared, work / "runtime", log)
         context = work / "image"
         context.mkdir(parents=True)
         (context / "Dockerfile").write_text(render_model_dockerfile(runtime, prepared.labels))
         shutil.move(str(prepared.package.path), str(context / "model"))
-        tag = naming.version_tag(version)
-        local_ref = f"{target.repository}:{tag}"
+        tag = version_tag(version)
+        local_ref = str(target.with_tag(tag))
         self._engine.build(
             context,
             extra_files={},
             tag=local_ref,
             labels={},
             log=log,
-            timeout=self._settings.build_timeout_seconds,
+            timeout=self._config.build_timeout_seconds,
         )
         if self._smoke is not None:
             example = context / "model" / "serving_input_example.json"
@@ -274,7 +275,7 @@ class JobRunner:
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
     def _build_stock(
-        self, target: Target, version: str, prepared: _Prepared, work: Path, log: LogSink
+        self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
     ) -> JobOutcome:
         """MLFLOW_DOCK_BUILDER=mlflow: MLflow's own Dockerfile (see stock.py), then as above."""
         context = work / "stock"
@@ -282,20 +283,20 @@ class JobRunner:
         extra_files = stock.render_stock_context(
             prepared.package.path,
             context,
-            base_image=self._settings.base_image,
+            base_image=self._config.base_image,
             python_version=prepared.package.python_version,
             pip=prepared.spec.pip,
             ca_bundle=prepared.extra_files.get("_build/ca-bundle.crt"),
         )
-        tag = naming.version_tag(version)
-        local_ref = f"{target.repository}:{tag}"
+        tag = version_tag(version)
+        local_ref = str(target.with_tag(tag))
         self._engine.build(
             context,
             extra_files=extra_files,
             tag=local_ref,
             labels=prepared.labels,
             log=log,
-            timeout=self._settings.build_timeout_seconds,
+            timeout=self._config.build_timeout_seconds,
         )
         if self._smoke is not None:
             self._smoke.check(local_ref, prepared.example, log)
@@ -339,7 +340,7 @@ class JobRunner:
                 tag=reference,
                 labels={RUNTIME_KEY_LABEL: prepared.key},
                 log=log,
-                timeout=self._settings.build_timeout_seconds,
+                timeout=self._config.build_timeout_seconds,
             )
             return reference
 
@@ -347,26 +348,26 @@ class JobRunner:
 
     def _alias(self, job: Job, log: LogSink) -> JobOutcome:
         assert job.alias is not None
-        build = self._store.build_for(job.model_name, job.version)
+        build = self._history.build_for(job.model_name, job.version)
         if build is None or build.state is not JobState.SUCCEEDED or not build.digest:
             reason = build.error if build is not None and build.error else "no image was built"
             raise PermanentError(
                 f"version {job.version} of '{job.model_name}' has no image: {reason}"
             )
-        target = Target.for_model(self._settings, job.model_name)
-        tag = naming.alias_tag(job.alias)
-        with self._registry_factory(target.registry_host) as registry:
+        target = self._config.repository_for(job.model_name)
+        tag = alias_tag(job.alias)
+        with self._registry_factory(target.host) as registry:
             digest = registry.tag(target.path, build.digest, tag)
-        reference = f"{target.repository}:{tag}"
+        reference = str(target.with_tag(tag))
         log(f"tagged {reference} -> {digest}")
         return JobOutcome(image=reference, digest=digest, tags=(reference,))
 
     def _unalias(self, job: Job, log: LogSink) -> JobOutcome:
         assert job.alias is not None
-        target = Target.for_model(self._settings, job.model_name)
-        tag = naming.alias_tag(job.alias)
-        reference = f"{target.repository}:{tag}"
-        with self._registry_factory(target.registry_host) as registry:
+        target = self._config.repository_for(job.model_name)
+        tag = alias_tag(job.alias)
+        reference = str(target.with_tag(tag))
+        with self._registry_factory(target.host) as registry:
             digest = registry.manifest_digest(target.path, tag)
             if digest is None:
                 log(f"{reference} does not exist; nothing to remove")
@@ -383,7 +384,7 @@ class JobRunner:
                 return JobOutcome(image=reference, digest=digest)
         # Deleting by digest instead would remove the image for every other tag using it.
         note = (
-            f"registry {target.registry_host} cannot delete a tag without deleting its manifest, "
+            f"registry {target.host} cannot delete a tag without deleting its manifest, "
             f"which other tags may use; {reference} was left in place"
         )
         log(note)

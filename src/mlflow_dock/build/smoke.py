@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 
 from mlflow_dock.build.dockerfile import SERVING_PORT
-from mlflow_dock.build.engine import DockerEngine, LogSink
+from mlflow_dock.build.engine import DockerEngine
 from mlflow_dock.errors import PermanentError
+from mlflow_dock.jobs.model import LogSink
 
 
 def _free_port() -> int:

@@ -721,6 +721,7 @@ def make_provider(
     username: str | None,
     password: str | None,
     ecr_endpoint_url: str | None = None,
+    ecr_create_repositories: bool = False,
 ) -> CredentialProvider:
     """The provider for DOCKER_REGISTRY / DOCKER_USERNAME / DOCKER_REGISTRY_PASSWORD.
 
@@ -735,6 +736,8 @@ def make_provider(
             f"MLFLOW_DOCK_ECR_ENDPOINT_URL is set but DOCKER_REGISTRY ({host}) is not an "
             "Amazon ECR registry"
         )
+    if ecr_create_repositories and not is_ecr_host(host):
+        raise ConfigError("MLFLOW_DOCK_ECR_CREATE_REPOSITORIES needs an Amazon ECR DOCKER_REGISTRY")
     if password is not None and password.strip():
         if not username:
             raise ConfigError("DOCKER_USERNAME is required when DOCKER_REGISTRY_PASSWORD is set")

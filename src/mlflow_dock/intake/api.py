@@ -1,18 +1,17 @@
-"""HTTP API: `create_app(settings)` assembles routes, error mapping and the service lifespan."""
+"""HTTP API: `create_app(service_factory)` assembles routes, error mapping and the lifespan."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from mlflow_dock.app import Service
 from mlflow_dock.errors import (
     HeaderError,
     NotFoundError,
@@ -22,9 +21,11 @@ from mlflow_dock.errors import (
     SignatureError,
     TimestampError,
 )
+from mlflow_dock.intake.accept import Accepted as AcceptedDelivery
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
+from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobState
-from mlflow_dock.settings import Settings
+from mlflow_dock.jobs.store import JobStore
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -44,6 +45,19 @@ def status_for(exc: RequestError) -> int:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return 400
+
+
+class Service(Protocol):
+    """What the HTTP layer needs from the running service (see `mlflow_dock.app.Service`)."""
+
+    store: JobStore
+    logs: BuildLogs
+
+    def accept(self, body: bytes, headers: Mapping[str, str]) -> AcceptedDelivery: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class JobView(BaseModel):
@@ -118,12 +132,12 @@ async def _read_limited(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(
-    settings: Settings, *, service: Service | None = None, start_workers: bool = True
-) -> FastAPI:
+def create_app(service_factory: Callable[[], Service], *, start_workers: bool = True) -> FastAPI:
+    """The ASGI app; `service_factory` runs in the lifespan, so importing builds nothing."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or Service(settings)
+        svc = service_factory()
         app.state.service = svc
         if start_workers:
             svc.start()

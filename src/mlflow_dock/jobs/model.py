@@ -7,8 +7,12 @@ else reads `Job` snapshots.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
+
+LogSink = Callable[[str], None]
 
 
 class JobState(enum.StrEnum):
@@ -85,3 +89,19 @@ class Job:
         if self.started_at is None or self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a successful job produced; the store records it."""
+
+    image: str
+    digest: str
+    tags: tuple[str, ...] = ()
+    note: str | None = None
+
+
+class Runner(Protocol):
+    """Runs one claimed job. The only thing `jobs` knows of how images are built."""
+
+    def run(self, job: Job, log: LogSink) -> JobOutcome: ...

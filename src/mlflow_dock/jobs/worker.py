@@ -11,10 +11,9 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from mlflow_dock.build.runner import JobRunner
 from mlflow_dock.errors import JobError, is_retryable
 from mlflow_dock.jobs.logs import BuildLogs
-from mlflow_dock.jobs.model import Job, JobKind, retry_delay
+from mlflow_dock.jobs.model import Job, JobKind, Runner, retry_delay
 from mlflow_dock.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def execute_job(
     job: Job,
     *,
     store: JobStore,
-    runner: JobRunner,
+    runner: Runner,
     logs: BuildLogs,
     max_attempts: int,
     backoff_seconds: float,
@@ -48,7 +47,7 @@ def _run_and_record(
     job: Job,
     log: Callable[[str], None],
     store: JobStore,
-    runner: JobRunner,
+    runner: Runner,
     logs: BuildLogs,
     max_attempts: int,
     backoff_seconds: float,
@@ -94,7 +93,7 @@ class WorkerPool:
         self,
         *,
         store: JobStore,
-        runner: JobRunner,
+        runner: Runner,
         logs: BuildLogs,
         concurrency: int,
         max_attempts: int,
