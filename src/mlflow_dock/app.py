@@ -22,6 +22,7 @@ from mlflow_dock.cloud.credentials import CredentialProvider, make_provider
 from mlflow_dock.errors import MlflowDockError
 from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
+from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job
@@ -233,6 +234,13 @@ def build_service(settings: Settings) -> Service:
     return Service(Components(settings))
 
 
-def create_asgi_app(settings: Settings) -> FastAPI:
-    """The HTTP app for `serve` and ASGI servers; the service is wired in the lifespan."""
-    return create_app(lambda: build_service(settings))
+def create_asgi_app(settings: Settings, *, service: Service | None = None) -> FastAPI:
+    """The HTTP app for `serve` and ASGI servers; the service is wired in the lifespan.
+
+    `serve` passes a service it already built, so wiring errors are one line on stderr.
+    """
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return create_app(
+        (lambda: service) if service is not None else (lambda: build_service(settings)),
+        read_access=ReadAccess(token),
+    )

@@ -50,8 +50,7 @@ def serve() -> None:
     """Run the webhook receiver, job store and build workers."""
     import uvicorn
 
-    from mlflow_dock.app import build_service
-    from mlflow_dock.intake.api import create_app
+    from mlflow_dock.app import build_service, create_asgi_app
 
     settings = _settings()
     _configure_logging(settings.log_level)
@@ -73,7 +72,7 @@ def serve() -> None:
         _die(str(exc), 2)
     try:
         uvicorn.run(
-            create_app(lambda: service),
+            create_asgi_app(settings, service=service),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,

@@ -44,6 +44,10 @@ class SignatureError(RequestError):
     pass
 
 
+class UnauthorizedError(RequestError):
+    """A read endpoint was called without the configured bearer token."""
+
+
 class PayloadTooLargeError(RequestError):
     pass
 

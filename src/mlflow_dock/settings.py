@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     registry_insecure: bool = Field(
         default=False, validation_alias=_env("MLFLOW_DOCK_REGISTRY_INSECURE")
     )
+    # Bearer token for the read endpoints (/builds, the board, /metrics); the webhook stays
+    # HMAC-only. Unset: reads are open, as on a private network.
+    api_token: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_API_TOKEN")
+    )
     build_ca_bundle: Path | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_BUILD_CA_BUNDLE")
     )
@@ -182,6 +187,8 @@ class Settings(BaseSettings):
         if self.pip_index_url is not None:
             values.append(self.pip_index_url.get_secret_value())
         values.extend(self.pip_extra_index_url_list)
+        if self.api_token is not None:
+            values.append(self.api_token.get_secret_value())
         return tuple(v for v in values if v)
 
 

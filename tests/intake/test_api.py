@@ -229,3 +229,19 @@ def test_status_table_covers_every_request_error():
         and obj is not errors.RequestError
     }
     assert request_errors == set(STATUS_CODES)
+
+
+def test_read_endpoints_need_the_token_when_one_is_set(settings, runner):
+    from mlflow_dock.intake.auth import ReadAccess
+
+    components = Components(settings)
+    components.runner = runner  # type: ignore[assignment]
+    service = Service(components)
+    app = create_app(lambda: service, read_access=ReadAccess("read-token-1"))
+    with TestClient(app) as c:
+        assert c.get("/builds").status_code == 401
+        assert c.get("/builds", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/builds", headers={"Authorization": "Bearer read-token-1"}).status_code == 200
+        assert c.get("/health").status_code == 200
+        # The webhook stays HMAC-only: no token needed, the signature decides.
+        assert deliver(c, {"entity": "x"}, secret="wrong").status_code == 401

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -20,8 +20,10 @@ from mlflow_dock.errors import (
     RequestError,
     SignatureError,
     TimestampError,
+    UnauthorizedError,
 )
 from mlflow_dock.intake.accept import Accepted as AcceptedDelivery
+from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobState
@@ -34,6 +36,7 @@ STATUS_CODES: dict[type[RequestError], int] = {
     TimestampError: 400,
     HeaderError: 400,
     SignatureError: 401,
+    UnauthorizedError: 401,
     NotFoundError: 404,
     PayloadTooLargeError: 413,
     PayloadError: 422,
@@ -132,8 +135,14 @@ async def _read_limited(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service_factory: Callable[[], Service], *, start_workers: bool = True) -> FastAPI:
+def create_app(
+    service_factory: Callable[[], Service],
+    *,
+    start_workers: bool = True,
+    read_access: ReadAccess | None = None,
+) -> FastAPI:
     """The ASGI app; `service_factory` runs in the lifespan, so importing builds nothing."""
+    readers = [Depends(read_access or ReadAccess(None))]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -186,7 +195,7 @@ def create_app(service_factory: Callable[[], Service], *, start_workers: bool = 
             status_url=f"/builds/{accepted.job.id}",
         )
 
-    @app.get("/builds", response_model=list[JobView])
+    @app.get("/builds", response_model=list[JobView], dependencies=readers)
     async def list_builds(
         request: Request,
         model: str | None = Query(default=None, description="exact MLflow model name"),
@@ -199,7 +208,7 @@ def create_app(service_factory: Callable[[], Service], *, start_workers: bool = 
         )
         return [_view(job) for job in jobs]
 
-    @app.get("/builds/{job_id}", response_model=JobView)
+    @app.get("/builds/{job_id}", response_model=JobView, dependencies=readers)
     async def get_build(
         request: Request, job_id: str, log_lines: int = Query(default=50, ge=0, le=5000)
     ) -> JobView:
