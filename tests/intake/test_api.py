@@ -49,6 +49,8 @@ def settings(tmp_path) -> Settings:
         max_attempts=2,
         mlflow_write_back=False,
         reconcile_interval_seconds=0,
+        # The fake runner needs no engine; leave smoke containers on this machine alone.
+        smoke_test=False,
     )
 
 

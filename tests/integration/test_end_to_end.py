@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import docker.errors
 import httpx
 import pytest
 
-from mlflow_dock.build.smoke import SMOKE_LABEL
+from mlflow_dock.build.smoke import OWNER_LABEL
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import (
@@ -197,6 +198,7 @@ def test_killed_mid_build_resumes_after_restart(
         time.sleep(0.2)
     else:
         pytest.fail(f"build never started: {jobs}")
+    killed_pid = service.pid
     service.kill()
 
     service.start()
@@ -205,8 +207,10 @@ def test_killed_mid_build_resumes_after_restart(
     assert job["attempts"] == 2
     detail = httpx.get(f"{service.url}/builds/{job['id']}", params={"log_lines": 500}).json()
     assert any("interrupted by a service restart" in line for line in detail["log_tail"])
-    # A smoke-test container the killed process left behind is cleaned up on restart.
-    assert docker_client.containers.list(all=True, filters={"label": SMOKE_LABEL}) == []
+    # A smoke-test container the killed process left behind is cleaned up on restart (and
+    # only that: other processes' smoke containers on the same engine are theirs).
+    owned = f"{OWNER_LABEL}={socket.gethostname()}:{killed_pid}"
+    assert docker_client.containers.list(all=True, filters={"label": owned}) == []
 
 
 def test_unknown_model_version_fails_at_once_with_a_reason(service_factory):

@@ -4,6 +4,7 @@ logged serving input example (if any) must get a 200 from /invocations."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 import uuid
@@ -26,6 +27,28 @@ def _free_port() -> int:
 
 
 SMOKE_LABEL = "io.mlflow-dock.smoke-test"
+# Which process started a smoke container: "<hostname>:<pid>". Several services (or a test
+# suite beside a running service) may share one engine; only a dead owner's containers are
+# leftovers, a live neighbour's are its own business.
+OWNER_LABEL = "io.mlflow-dock.smoke-owner"
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_gone(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        # Another machine's process (an engine shared over DOCKER_HOST): we cannot tell.
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class SmokeTester:
@@ -45,7 +68,11 @@ class SmokeTester:
     def remove_leftovers(self) -> int:
         """Remove smoke-test containers a killed process left running; returns how many."""
         client = self._engine.client
-        leftovers = client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+        leftovers = [
+            container
+            for container in client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+            if _owner_is_gone(container.labels.get(OWNER_LABEL, ""))
+        ]
         for container in leftovers:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
@@ -89,7 +116,7 @@ class SmokeTester:
                 network_mode="host",
                 # The image's own CMD honours $PORT, so the smoke test runs what users run.
                 environment={"PORT": str(port)},
-                labels={SMOKE_LABEL: "1"},
+                labels={SMOKE_LABEL: "1", OWNER_LABEL: _this_process()},
             )
             return container, f"http://127.0.0.1:{port}"
         container = client.containers.run(
@@ -97,7 +124,7 @@ class SmokeTester:
             name=name,
             detach=True,
             network_mode=self._network_mode,
-            labels={SMOKE_LABEL: "1"},
+            labels={SMOKE_LABEL: "1", OWNER_LABEL: _this_process()},
         )
         container.reload()
         address = container.attrs["NetworkSettings"]["IPAddress"]
