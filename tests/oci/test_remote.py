@@ -18,16 +18,14 @@ import httpx
 import pytest
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError, is_retryable
-from mlflow_dock.oci import remote as registry_module
+from mlflow_dock.oci import auth as auth_module
 from mlflow_dock.oci.remote import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
-    Challenge,
     Manifest,
     RegistryClient,
     RegistryError,
-    parse_challenges,
 )
 
 USER = "robot"
@@ -159,7 +157,7 @@ def with_manifest(fake: FakeRegistry, ref: str = "v1") -> FakeRegistry:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
-    monkeypatch.setattr(registry_module, "_now", lambda: now[0])
+    monkeypatch.setattr(auth_module, "_now", lambda: now[0])
     return now
 
 
@@ -338,61 +336,6 @@ def test_plain_http_realm_from_https_registry_gets_no_password() -> None:
     with client_for(handler) as client, pytest.raises(PermanentError, match="plain-http"):
         client.get_manifest(REPO, "v1")
     assert [r.url.host for r in seen] == ["registry.example.com"]
-
-
-# --------------------------------------------------------------------------- challenge parsing
-
-
-def test_parse_challenge_with_commas_inside_quotes() -> None:
-    header = (
-        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-        'scope="repository:samalba/my-app:pull,push"'
-    )
-    assert parse_challenges([header]) == [
-        Challenge(
-            "bearer",
-            {
-                "realm": "https://auth.docker.io/token",
-                "service": "registry.docker.io",
-                "scope": "repository:samalba/my-app:pull,push",
-            },
-        )
-    ]
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        (['Basic realm="Registry Realm"'], [("basic", {"realm": "Registry Realm"})]),
-        # Several challenges in one header, odd spacing, case-insensitive names.
-        (
-            ['Basic realm="a, b" , BEARER Realm="https://x/t", Scope="repository:r:pull,push"'],
-            [
-                ("basic", {"realm": "a, b"}),
-                ("bearer", {"realm": "https://x/t", "scope": "repository:r:pull,push"}),
-            ],
-        ),
-        # Several headers.
-        (
-            ["Negotiate abc123==", 'Bearer realm="https://x/t"'],
-            [("negotiate", {}), ("bearer", {"realm": "https://x/t"})],
-        ),
-        # Escaped quote and backslash inside a quoted string.
-        (['Basic realm="say \\"hi\\", \\\\o/"'], [("basic", {"realm": 'say "hi", \\o/'})]),
-        # Unquoted values, including a URL that is not a valid RFC 7235 token.
-        (
-            ["Bearer realm=https://auth.example.com/token,service=reg"],
-            [("bearer", {"realm": "https://auth.example.com/token", "service": "reg"})],
-        ),
-        # Empty quoted value and a duplicate parameter (the first one wins).
-        (['Bearer realm="",realm="second"'], [("bearer", {"realm": ""})]),
-        ([""], []),
-        (["   ,  "], []),
-    ],
-)
-def test_parse_challenges(headers: list[str], expected: list[tuple[str, dict[str, str]]]) -> None:
-    parsed = parse_challenges(headers)
-    assert [(c.scheme, dict(c.params)) for c in parsed] == expected
 
 
 def test_bearer_preferred_when_registry_offers_both(clock) -> None:

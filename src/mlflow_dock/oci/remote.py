@@ -22,16 +22,14 @@ answer translated into :mod:`mlflow_dock.errors` in one place, :meth:`RegistryCl
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import json
 import logging
 import re
 import ssl
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
@@ -39,16 +37,15 @@ from typing import IO, Final
 import httpx
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError
+from mlflow_dock.oci.auth import RegistryAuth
 
 __all__ = [
     "MANIFEST_MEDIA_TYPES",
-    "Challenge",
     "Manifest",
     "RegistryClient",
     "RegistryError",
     "RegistryPermanentError",
     "RegistryRetryableError",
-    "parse_challenges",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,7 +73,6 @@ _DIGEST_RE: Final = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
 _UPLOAD_CHUNK: Final = 1 << 20
 _BLOB_TYPE: Final = "application/octet-stream"
 
-_TOKEN_DEFAULT_TTL: Final = 60.0  # the Docker token spec's default for a missing expires_in
 _DETAIL_MAX: Final = 300
 
 # Actions a token must grant per HTTP method. Docker Hub and GHCR challenge each request with
@@ -84,12 +80,6 @@ _DETAIL_MAX: Final = 300
 _PULL: Final = ("pull",)
 _PUSH: Final = ("pull", "push")
 _DELETE: Final = ("pull", "push", "delete")
-_ACTION_ORDER: Final = {"pull": 0, "push": 1, "delete": 2}
-
-
-def _now() -> float:
-    # Indirection so tests can move the clock for token expiry without patching `time`.
-    return time.monotonic()
 
 
 # --------------------------------------------------------------------------- errors
@@ -157,94 +147,6 @@ class Manifest:
         return cls(body=body, media_type=media_type, digest=cls.digest_of(body))
 
 
-# --------------------------------------------------------------------------- challenges
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """One auth challenge of a ``WWW-Authenticate`` header; scheme and names are lower case."""
-
-    scheme: str
-    params: Mapping[str, str] = field(default_factory=dict)
-
-
-_TCHAR: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_QUOTED: Final = r'"(?:[^"\\]|\\.)*"'
-_SCHEME_RE: Final = re.compile(_TCHAR)
-# Values are RFC 7235 tokens or quoted strings; bare values with ':' and '/' (unquoted realm
-# URLs) are not valid tokens but some registries send them, so accept anything up to a comma.
-_PARAM_RE: Final = re.compile(
-    rf"(?P<name>{_TCHAR})[ \t]*=[ \t]*(?P<value>{_QUOTED}|[^\s,\"]+)(?=[ \t]*(?:,|$))"
-)
-_ESCAPE_RE: Final = re.compile(r"\\(.)")
-_TOKEN68_RE: Final = re.compile(r"[ \t]+[A-Za-z0-9\-._~+/]+=*[ \t]*(?=,|$)")
-
-
-def parse_challenges(values: Iterable[str]) -> list[Challenge]:
-    """Parse ``WWW-Authenticate`` header values (RFC 7235 section 4.1) into challenges.
-
-    One header may carry several challenges and quoted values may contain commas, so this
-    scans rather than splitting on ``,``. Malformed trailing text is ignored: a partly
-    understood challenge is still better than none.
-    """
-    challenges: list[Challenge] = []
-    for value in values:
-        pos = 0
-        current: dict[str, str] | None = None
-        while True:
-            while pos < len(value) and value[pos] in " \t,":
-                pos += 1
-            if pos >= len(value):
-                break
-            if current is not None and (param := _PARAM_RE.match(value, pos)):
-                raw = param.group("value")
-                if raw.startswith('"'):
-                    raw = _ESCAPE_RE.sub(r"\1", raw[1:-1])
-                current.setdefault(param.group("name").lower(), raw)
-                pos = param.end()
-                continue
-            scheme = _SCHEME_RE.match(value, pos)
-            if scheme is None:
-                break
-            current = {}
-            challenges.append(Challenge(scheme=scheme.group().lower(), params=current))
-            pos = scheme.end()
-            # A token68 (e.g. "Negotiate abc==") is of no use to us; skip it.
-            if token68 := _TOKEN68_RE.match(value, pos):
-                pos = token68.end()
-    return challenges
-
-
-def _parse_scopes(scope: str | None) -> dict[tuple[str, str], list[str]]:
-    """``"repository:a/b:pull,push registry:catalog:*"`` -> {(type, name): actions}."""
-    parsed: dict[tuple[str, str], list[str]] = {}
-    for item in (scope or "").split():
-        kind, _, rest = item.partition(":")
-        name, _, actions = rest.rpartition(":")
-        if not kind or not name:
-            continue
-        merged = parsed.setdefault((kind, name), [])
-        merged.extend(a for a in actions.split(",") if a and a not in merged)
-    return parsed
-
-
-def _merge_scopes(challenged: str | None, repository: str | None, actions: tuple[str, ...]) -> str:
-    """The challenge's scope plus what this request needs, in one canonical order.
-
-    Canonical so that the scope computed before a request (to find a cached token) equals the
-    one computed after the registry's challenge, whatever order the registry listed actions in.
-    """
-    scopes = _parse_scopes(challenged)
-    if repository is not None:
-        merged = scopes.setdefault(("repository", repository), [])
-        merged.extend(a for a in actions if a not in merged)
-    items = []
-    for (kind, name), acts in sorted(scopes.items()):
-        ordered = sorted(acts, key=lambda a: (_ACTION_ORDER.get(a, len(_ACTION_ORDER)), a))
-        items.append(f"{kind}:{name}:{','.join(ordered)}")
-    return " ".join(items)
-
-
 # --------------------------------------------------------------------------- hosts
 
 
@@ -275,18 +177,6 @@ def _is_loopback(hostname: str) -> bool:
         return ipaddress.ip_address(hostname).is_loopback
     except ValueError:
         return False
-
-
-class _Secret:
-    """Holds a credential so that repr(), vars() and tracebacks never print it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -415,17 +305,7 @@ class RegistryClient:
         self.scheme = scheme
         self.base_url = f"{scheme}://{api_netloc}"
         self.username = username
-        self._password = _Secret(password) if password is not None else None
-        self._basic_header: _Secret | None = None
-        # An empty username (an unset setting) means anonymous, not a user named "".
-        if username and password is not None:
-            raw = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-            self._basic_header = _Secret(f"Basic {raw}")
-        # Set once the registry has asked for Basic, so later requests skip the 401 round trip.
-        self._use_basic = False
-        # The last Bearer challenge's (realm, service): lets a cached token go out up front.
-        self._bearer: tuple[str, str | None] | None = None
-        self._tokens: dict[tuple[str, str | None, str], tuple[_Secret, float]] = {}
+        self._auth = RegistryAuth(username=username, password=password)
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(timeout),
@@ -788,11 +668,22 @@ class RegistryClient:
         """
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
         repository = op.repository if actions else None
-        sent_auth = self._cached_auth(repository, actions, extra_scope)
+        sent_auth = self._auth.cached(repository, actions, extra_scope)
         response = self._request(method, url, op, headers, content, sent_auth)
         if response.status_code != 401:
             return response
-        auth = self._answer_challenge(response, repository, actions, op, sent_auth, extra_scope)
+
+        def fetch(realm: str, service: str | None, scope: str) -> tuple[str, float | None]:
+            return self._fetch_token(realm, service, scope, op)
+
+        auth = self._auth.answer(
+            response.headers.get_list("WWW-Authenticate"),
+            repository,
+            actions,
+            sent_auth,
+            fetch,
+            extra_scope,
+        )
         if auth is None:
             return response
         return self._request(method, url, op, headers, content, auth)
@@ -824,56 +715,10 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise self._error(op, exc=exc) from exc
 
-    def _cached_auth(
-        self, repository: str | None, actions: tuple[str, ...], extra_scope: str | None = None
-    ) -> str | None:
-        if self._bearer is not None:
-            realm, service = self._bearer
-            scope = _merge_scopes(extra_scope, repository, actions)
-            cached = self._tokens.get((realm, service, scope))
-            if cached is not None and cached[1] > _now():
-                return f"Bearer {cached[0].value}"
-            return None
-        if self._use_basic and self._basic_header is not None:
-            return self._basic_header.value
-        return None
-
-    def _answer_challenge(
-        self,
-        response: httpx.Response,
-        repository: str | None,
-        actions: tuple[str, ...],
-        op: _Op,
-        sent_auth: str | None,
-        extra_scope: str | None = None,
-    ) -> str | None:
-        """The Authorization value to retry with, or None if retrying cannot help."""
-        challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
-        for challenge in challenges:
-            realm = challenge.params.get("realm")
-            if challenge.scheme == "bearer" and realm:
-                service = challenge.params.get("service")
-                challenged = " ".join(filter(None, (challenge.params.get("scope"), extra_scope)))
-                scope = _merge_scopes(challenged, repository, actions)
-                self._bearer = (realm, service)
-                cached = self._tokens.get((realm, service, scope))
-                # A cached token for this exact scope that we did not just send (the challenge
-                # asked for more than we guessed) saves a token request; one that was just
-                # refused must be replaced.
-                if cached is not None and cached[1] > _now():
-                    auth = f"Bearer {cached[0].value}"
-                    if auth != sent_auth:
-                        return auth
-                return f"Bearer {self._fetch_token(realm, service, scope, op)}"
-        if any(c.scheme == "basic" for c in challenges) and self._basic_header is not None:
-            self._use_basic = True
-            auth = self._basic_header.value
-            # Sending the same credentials again would only earn the same 401.
-            return None if auth == sent_auth else auth
-        return None
-
-    def _fetch_token(self, realm: str, service: str | None, scope: str, op: _Op) -> str:
-        """A new token from the realm, cached until shortly before it expires."""
+    def _fetch_token(
+        self, realm: str, service: str | None, scope: str, op: _Op
+    ) -> tuple[str, float | None]:
+        """A new token from the realm and its lifetime in seconds (if the server said)."""
         try:
             realm_scheme = httpx.URL(realm).scheme
         except httpx.InvalidURL:
@@ -888,8 +733,7 @@ class RegistryClient:
         query = httpx.QueryParams({"service": service} if service else {})
         for item in scope.split():
             query = query.add("scope", item)
-        auth = self._basic_header.value if self._basic_header is not None else None
-        response = self._request("GET", realm, token_op, None, None, auth, query)
+        response = self._request("GET", realm, token_op, None, None, self._auth.basic_header, query)
         if response.status_code != 200:
             raise self._error(token_op, response=response)
         try:
@@ -902,22 +746,9 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise self._fail(f"token server of registry {self.host} returned no token")
         expires_in = data.get("expires_in") if isinstance(data, dict) else None
-        ttl = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else 0.0
-        ttl = ttl or _TOKEN_DEFAULT_TTL
-        # Renew a little early so a token does not expire between our check and the request.
-        lifetime = max(ttl - 5.0, ttl / 2)
-        self._tokens[(realm, service, scope)] = (_Secret(token), _now() + lifetime)
-        return token
+        return token, float(expires_in) if isinstance(expires_in, int | float) else None
 
     # ------------------------------------------------------------------ errors
-
-    def _secrets(self) -> list[str]:
-        values = [token.value for token, _ in self._tokens.values()]
-        if self._password is not None:
-            values.append(self._password.value)
-        if self._basic_header is not None:
-            values.append(self._basic_header.value.removeprefix("Basic "))
-        return [v for v in values if v]
 
     def _fail(
         self,
@@ -934,7 +765,7 @@ class RegistryClient:
     def _redact(self, text: str) -> str:
         # Registries echo request details into error bodies; never pass our secrets on.
         text = " ".join(text.split())
-        for secret in self._secrets():
+        for secret in self._auth.secrets():
             text = text.replace(secret, "<redacted>")
         return text
 
