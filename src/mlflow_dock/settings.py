@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_dock.errors import ConfigError
+from mlflow_dock.oci.reference import split_registry
 
 DEFAULT_DATA_DIR = Path("mlflow-dock-data")
 
@@ -130,10 +131,10 @@ class Settings(BaseSettings):
     @field_validator("docker_registry")
     @classmethod
     def _strip_registry(cls, value: str) -> str:
-        value = value.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
-        if not value:
+        host, prefix = split_registry(value)
+        if not host:
             raise ValueError("must name a registry host")
-        return value
+        return f"{host}/{prefix}" if prefix else host
 
     @field_validator("tls_cert_file", "tls_key_file", "build_ca_bundle")
     @classmethod

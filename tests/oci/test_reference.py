@@ -17,7 +17,11 @@ from mlflow_dock.oci.reference import (
     alias_tag,
     default_namespace,
     image_repository,
+    is_digest,
+    pinned,
+    registry_hostname,
     repository_name,
+    split_host,
     split_registry,
     version_tag,
 )
@@ -507,3 +511,73 @@ def test_version_tag_round_trips(version: int) -> None:
     assert TAG.fullmatch(tag)
     assert int(tag) == version
     assert version_tag(version) == tag
+
+
+# --------------------------------------------------------------------------- hosts, digests, parse
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("[::1]:5000", ("::1", 5000)),
+        ("::1", ("::1", None)),
+        ("h:80", ("h", 80)),
+        ("ghcr.io", ("ghcr.io", None)),
+    ],
+)
+def test_split_host(host, expected):
+    assert split_host(host) == expected
+
+
+@pytest.mark.parametrize("host", ["[::1", "h:port", ":5000", "[::1]x"])
+def test_split_host_refuses(host):
+    with pytest.raises(ValueError):
+        split_host(host)
+
+
+@pytest.mark.parametrize(
+    ("registry", "expected"),
+    [
+        ("https://123.dkr.ecr.eu-west-1.amazonaws.com/", "123.dkr.ecr.eu-west-1.amazonaws.com"),
+        ("Europe-Docker.pkg.dev/proj/repo", "europe-docker.pkg.dev"),
+        ("127.0.0.1:5000", "127.0.0.1"),
+        ("[::1]:5000/team", "::1"),
+    ],
+)
+def test_registry_hostname(registry, expected):
+    assert registry_hostname(registry) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (DIGEST, True),
+        ("sha512:" + "a" * 128, True),
+        ("sha256:" + "A" * 64, False),
+        ("sha256:abc", False),
+        ("sha256:", False),
+        ("multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8", True),
+        ("latest", False),
+    ],
+)
+def test_is_digest(value, ok):
+    assert is_digest(value) is ok
+
+
+@pytest.mark.parametrize(
+    ("text", "repository", "tag", "digest"),
+    [
+        ("127.0.0.1:5000/team/m:3", "127.0.0.1:5000/team/m", "3", None),
+        ("127.0.0.1:5000/team/m", "127.0.0.1:5000/team/m", None, None),
+        (f"ghcr.io/o/m@{DIGEST}", "ghcr.io/o/m", None, DIGEST),
+        (f"ghcr.io/o/m:champion@{DIGEST}", "ghcr.io/o/m", "champion", DIGEST),
+    ],
+)
+def test_parse_round_trips(text, repository, tag, digest):
+    ref = ImageRef.parse(text)
+    assert (ref.repository, ref.tag, ref.digest) == (repository, tag, digest)
+    assert str(ref) == text
+
+
+def test_pinned_drops_the_tag_and_keeps_the_port():
+    assert pinned("127.0.0.1:5000/team/m:3", DIGEST) == f"127.0.0.1:5000/team/m@{DIGEST}"

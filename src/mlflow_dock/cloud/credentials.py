@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from mlflow_dock.errors import ConfigError, JobError, PermanentError, RetryableError
+from mlflow_dock.oci.reference import registry_hostname
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +106,6 @@ _ECR_DUALSTACK_HOST_RE = re.compile(
     rf"(?P<account>\d{{12}})\.dkr-ecr(?P<fips>-fips)?\.(?P<region>{_REGION})\.on\.aws"
 )
 _GOOGLE_HOST_RE = re.compile(r"[a-z0-9-]+-docker\.pkg\.dev|gcr\.io|[a-z0-9.-]+\.gcr\.io")
-
-
-def registry_hostname(registry: str) -> str:
-    """The lower-case host (without port) of a `host[:port][/path]` registry setting."""
-    value = registry.strip().lower()
-    for scheme in ("https://", "http://"):
-        value = value.removeprefix(scheme)
-    host = value.split("/", 1)[0]
-    name, sep, port = host.rpartition(":")
-    if sep and port.isdigit():
-        host = name
-    return host
 
 
 @dataclass(frozen=True)

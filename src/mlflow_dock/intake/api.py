@@ -28,6 +28,7 @@ from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobState
 from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.oci.reference import pinned
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -96,9 +97,7 @@ class Health(BaseModel):
 
 
 def _view(job: Job, log_tail: list[str] | None = None) -> JobView:
-    image_with_digest = None
-    if job.image and job.digest:
-        image_with_digest = f"{job.image.rsplit(':', 1)[0]}@{job.digest}"
+    image_with_digest = pinned(job.image, job.digest) if job.image and job.digest else None
     return JobView(
         id=job.id,
         kind=job.kind.value,

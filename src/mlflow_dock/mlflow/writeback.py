@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.mlflow.client import MlflowSource
+from mlflow_dock.oci.reference import pinned
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def updates_for(job: Job) -> list[TagUpdate]:
         tags = {f"{TAG_PREFIX}status": job.state.value}
         deletes: tuple[str, ...] = ()
         if job.state is JobState.SUCCEEDED and job.image and job.digest:
-            tags[f"{TAG_PREFIX}image"] = f"{job.image.rsplit(':', 1)[0]}@{job.digest}"
+            tags[f"{TAG_PREFIX}image"] = pinned(job.image, job.digest)
             deletes = (f"{TAG_PREFIX}error",)
         elif job.state is JobState.FAILED:
             tags[f"{TAG_PREFIX}error"] = (job.error or "unknown error")[:_MAX_VALUE]

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -54,11 +55,21 @@ from dataclasses import dataclass
 from mlflow_dock.errors import ConfigError
 
 __all__ = [
+    "DIGEST_RE",
+    "DOCKER_HUB_API_HOST",
+    "DOCKER_HUB_HOSTS",
+    "REPOSITORY_RE",
+    "TAG_RE",
     "ImageRef",
     "alias_tag",
     "default_namespace",
     "image_repository",
+    "is_digest",
+    "is_loopback",
+    "pinned",
+    "registry_hostname",
     "repository_name",
+    "split_host",
     "split_registry",
     "version_tag",
 ]
@@ -68,9 +79,19 @@ MAX_TAG_LENGTH = 128
 MAX_STEM_LENGTH = 100
 HASH_LENGTH = 10
 
-COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+COMPONENT_RE = re.compile(_COMPONENT)
+# A repository path inside a registry: components joined by "/". Validating before building
+# URLs also keeps "..", "?" or "#" in a name from turning into a different request.
+REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# The OCI digest grammar (algorithm ":" encoded); the registered algorithms also fix the
+# encoded length, checked by `is_digest`.
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
+_REGISTERED_DIGESTS = {
+    "sha256": re.compile(r"[a-f0-9]{64}"),
+    "sha512": re.compile(r"[a-f0-9]{128}"),
+}
 # Host grammar of the distribution reference library: DNS labels or a bracketed IPv6 address,
 # optionally with a port.
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -83,6 +104,8 @@ _DIGITS_RE = re.compile(r"[0-9]+")
 _SCHEME_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://")
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+# Where Docker Hub's registry API really answers, whichever of its names the user wrote.
+DOCKER_HUB_API_HOST = "registry-1.docker.io"
 # Registries that reject a repository directly under the host: an owner path is mandatory.
 OWNER_REQUIRED_HOSTS = DOCKER_HUB_HOSTS | {"ghcr.io"}
 
@@ -163,6 +186,58 @@ def split_registry(registry: str) -> tuple[str, str]:
     return host, prefix
 
 
+def split_host(host: str) -> tuple[str, int | None]:
+    """``"[::1]:5000"`` -> ("::1", 5000); ``"::1"`` -> ("::1", None); ``"h:80"`` -> ("h", 80)."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise ValueError(f"invalid registry host {host!r}")
+        name, rest = host[1:end], host[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"invalid registry host {host!r}")
+        port = rest[1:] or None
+    elif host.count(":") > 1:  # a bare IPv6 address cannot carry a port
+        name, port = host, None
+    else:
+        name, _, port_text = host.partition(":")
+        port = port_text or None
+    if not name or (port is not None and not port.isdigit()):
+        raise ValueError(f"invalid registry host {host!r}")
+    return name, int(port) if port is not None else None
+
+
+def registry_hostname(registry: str) -> str:
+    """The lower-case host name, without port or path, of a registry setting."""
+    host, _ = split_registry(registry)
+    try:
+        return split_host(host)[0].lower()
+    except ValueError:
+        return host.lower()
+
+
+def is_loopback(hostname: str) -> bool:
+    if hostname.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def is_digest(value: str) -> bool:
+    """A well-formed OCI digest; sha256/sha512 must also have their exact hex length."""
+    if not DIGEST_RE.fullmatch(value):
+        return False
+    algorithm, _, encoded = value.partition(":")
+    rule = _REGISTERED_DIGESTS.get(algorithm)
+    return rule is None or rule.fullmatch(encoded) is not None
+
+
+def pinned(image: str, digest: str) -> str:
+    """``"host/repo:3"`` + digest -> ``"host/repo@sha256:..."``: the reference that cannot move."""
+    return str(ImageRef.parse(image).without_tag().with_digest(digest))
+
+
 def default_namespace(registry: str, username: str) -> str:
     """The namespace to use when none is configured: the username where an owner is mandatory."""
     host, prefix = split_registry(registry)
@@ -237,7 +312,7 @@ class ImageRef:
         _validate_name(self.repository)
         if self.tag is not None and not TAG_RE.fullmatch(self.tag):
             raise ValueError(f"invalid tag {self.tag!r}")
-        if self.digest is not None and not DIGEST_RE.fullmatch(self.digest):
+        if self.digest is not None and not is_digest(self.digest):
             raise ValueError(f"invalid digest {self.digest!r}; expected sha256:<64 hex digits>")
 
     def __str__(self) -> str:
@@ -256,8 +331,22 @@ class ImageRef:
     def path(self) -> str:
         return self.repository.partition("/")[2]
 
+    @classmethod
+    def parse(cls, reference: str) -> ImageRef:
+        """``host[:port]/path[:tag][@digest]``; raises ValueError for anything else."""
+        rest, _, digest = reference.partition("@")
+        slash = rest.find("/")
+        colon = rest.rfind(":")
+        # A colon after the last "/" starts the tag; one before it belongs to host:port.
+        if colon > rest.rfind("/") and slash != -1:
+            return cls(rest[:colon], tag=rest[colon + 1 :], digest=digest or None)
+        return cls(rest, digest=digest or None)
+
     def with_tag(self, tag: str) -> ImageRef:
         return dataclasses.replace(self, tag=tag)
+
+    def without_tag(self) -> ImageRef:
+        return dataclasses.replace(self, tag=None)
 
     def with_digest(self, digest: str) -> ImageRef:
         return dataclasses.replace(self, digest=digest)

@@ -23,10 +23,8 @@ answer translated into :mod:`mlflow_dock.errors` in one place, :meth:`RegistryCl
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
-import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +36,15 @@ import httpx
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError
 from mlflow_dock.oci.auth import RegistryAuth
+from mlflow_dock.oci.reference import (
+    DOCKER_HUB_API_HOST,
+    DOCKER_HUB_HOSTS,
+    REPOSITORY_RE,
+    TAG_RE,
+    is_digest,
+    is_loopback,
+    split_host,
+)
 
 __all__ = [
     "MANIFEST_MEDIA_TYPES",
@@ -59,16 +66,6 @@ MANIFEST_MEDIA_TYPES: Final = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_
 # or refuse (an index asked for with only image-manifest types): either way a different digest.
 _ACCEPT: Final = ", ".join(MANIFEST_MEDIA_TYPES)
 
-_DOCKER_HUB_NAMES: Final = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-_DOCKER_HUB_API: Final = "registry-1.docker.io"
-
-# Grammar from the OCI distribution spec. Validating before building URLs also keeps "..",
-# "?" or "#" in a name from turning into a different request.
-_REPOSITORY_RE: Final = re.compile(
-    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
-)
-_TAG_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST_RE: Final = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
 
 _UPLOAD_CHUNK: Final = 1 << 20
 _BLOB_TYPE: Final = "application/octet-stream"
@@ -145,38 +142,6 @@ class Manifest:
     @classmethod
     def from_bytes(cls, body: bytes, media_type: str) -> Manifest:
         return cls(body=body, media_type=media_type, digest=cls.digest_of(body))
-
-
-# --------------------------------------------------------------------------- hosts
-
-
-def _split_host(host: str) -> tuple[str, int | None]:
-    """``"[::1]:5000"`` -> ("::1", 5000); ``"::1"`` -> ("::1", None); ``"h:80"`` -> ("h", 80)."""
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise ValueError(f"invalid registry host {host!r}")
-        name, rest = host[1:end], host[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"invalid registry host {host!r}")
-        port = rest[1:] or None
-    elif host.count(":") > 1:  # a bare IPv6 address cannot carry a port
-        name, port = host, None
-    else:
-        name, _, port_text = host.partition(":")
-        port = port_text or None
-    if not name or (port is not None and not port.isdigit()):
-        raise ValueError(f"invalid registry host {host!r}")
-    return name, int(port) if port is not None else None
-
-
-def _is_loopback(hostname: str) -> bool:
-    if hostname.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -289,16 +254,16 @@ class RegistryClient:
             raise ValueError("invalid registry host: credentials belong in username/password")
         if not host or "/" in host:
             raise ValueError(f"invalid registry host {host!r}: expected HOST[:PORT]")
-        hostname, port = _split_host(host)
+        hostname, port = split_host(host)
         if scheme is None:
             # Docker's rule for insecure registries: loopback speaks plain HTTP by default.
-            scheme = "http" if _is_loopback(hostname) else "https"
+            scheme = "http" if is_loopback(hostname) else "https"
         if scheme not in {"http", "https"}:
             raise ValueError(f"invalid registry scheme {scheme!r}: expected http or https")
         self.host = host
-        self.is_docker_hub = port is None and hostname.lower() in _DOCKER_HUB_NAMES
+        self.is_docker_hub = port is None and hostname.lower() in DOCKER_HUB_HOSTS
         if self.is_docker_hub:
-            api_netloc = _DOCKER_HUB_API
+            api_netloc = DOCKER_HUB_API_HOST
         else:
             bracketed = f"[{hostname}]" if ":" in hostname else hostname
             api_netloc = bracketed if port is None else f"{bracketed}:{port}"
@@ -429,7 +394,7 @@ class RegistryClient:
         since that deletes the manifest for every other tag that points at it.
         """
         repository = self._repository(repository)
-        if not _TAG_RE.fullmatch(tag):
+        if not TAG_RE.fullmatch(tag):
             raise self._fail(f"invalid tag {tag!r} for {repository}")
         op = _Op(f"deleting tag {_ref(repository, tag)}", repository, tag)
         response = self._send("DELETE", self._manifest_path(repository, tag), op, _DELETE)
@@ -583,16 +548,16 @@ class RegistryClient:
         if self.is_docker_hub and "/" not in repository:
             # Docker Hub keeps official images under library/, as `docker pull python` does.
             repository = f"library/{repository}"
-        if not _REPOSITORY_RE.fullmatch(repository):
+        if not REPOSITORY_RE.fullmatch(repository):
             raise self._fail(f"invalid repository name {repository!r} for registry {self.host}")
         return repository
 
     def _check_reference(self, reference: str) -> None:
-        if not (_TAG_RE.fullmatch(reference) or _DIGEST_RE.fullmatch(reference)):
+        if not (TAG_RE.fullmatch(reference) or is_digest(reference)):
             raise self._fail(f"invalid tag or digest {reference!r}")
 
     def _check_digest(self, digest: str) -> None:
-        if not _DIGEST_RE.fullmatch(digest):
+        if not is_digest(digest):
             raise self._fail(f"invalid digest {digest!r}")
 
     @staticmethod
