@@ -1,4 +1,5 @@
-"""Unit tests for mlflow_dock.build.assembly and the blob half of mlflow_dock.oci.remote.
+"""Unit tests for mlflow_dock.oci.mutate, mlflow_dock.build.assembly and the blob half of
+mlflow_dock.oci.remote.
 
 The pure parts (layer tar, config and manifest rewrite) are tested on synthetic images shaped
 like what the classic builder, BuildKit and OCI tools push; the I/O parts against an in-memory
@@ -9,6 +10,7 @@ tests/integration/test_assembly_live.py.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import io
@@ -26,30 +28,28 @@ import httpx
 import pytest
 
 from mlflow_dock.build import assembly as assembly_module
-from mlflow_dock.build.assembly import (
-    CREATED_BY_SUFFIX,
+from mlflow_dock.build.assembly import assemble, prepare, publish
+from mlflow_dock.build.dockerfile import MODEL_DIR
+from mlflow_dock.errors import PermanentError, RetryableError
+from mlflow_dock.oci import mutate
+from mlflow_dock.oci.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
-    OCI_CONFIG,
-    OCI_LAYER,
-    Layer,
-    NotAssemblable,
-    assemble,
-    model_layer,
-    prepare,
-    replace_last_layer,
-    write_model_layer,
-)
-from mlflow_dock.errors import PermanentError, RetryableError
-from mlflow_dock.oci.remote import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
     OCI_INDEX,
+    OCI_LAYER,
     OCI_MANIFEST,
     Manifest,
-    RegistryClient,
-    RegistryPermanentError,
 )
+from mlflow_dock.oci.mutate import CREATED_BY_SUFFIX, Layer, NotAssemblable
+from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
+
+# Our images keep the model at MODEL_DIR; mutate itself is generic and takes the target.
+model_layer = functools.partial(mutate.model_layer, target=MODEL_DIR)
+write_model_layer = functools.partial(mutate.write_model_layer, target=MODEL_DIR)
+replace_last_layer = functools.partial(mutate.replace_last_layer, target=MODEL_DIR)
 
 USER = "robot"
 PASSWORD = "hunter2-Sup3r-s3cret"
@@ -936,7 +936,7 @@ def test_prepare_stores_an_untagged_image_and_tag_publishes_it(
         assert (REPO, "2") not in fake.manifests
         assert fake.writes()[-1] == ("PUT", f"/v2/{REPO}/manifests/{prepared.digest}")
 
-        image = prepared.tag("2")
+        image = publish(client, prepared, "2")
     assert fake.writes()[-1] == ("PUT", f"/v2/{REPO}/manifests/2")
     assert image.tag == "2" and image.digest == prepared.digest == sha(
         fake.manifests[(REPO, "2")][0]

@@ -19,9 +19,11 @@ import docker
 import docker.errors
 import pytest
 
-from mlflow_dock.build.assembly import CREATED_BY_SUFFIX, NotAssemblable, assemble, prepare
+from mlflow_dock.build.assembly import assemble, prepare, publish
 from mlflow_dock.build.dockerfile import render_model_dockerfile
-from mlflow_dock.oci.remote import DOCKER_MANIFEST, RegistryClient
+from mlflow_dock.oci.manifest import DOCKER_MANIFEST
+from mlflow_dock.oci.mutate import CREATED_BY_SUFFIX, NotAssemblable
+from mlflow_dock.oci.remote import RegistryClient
 from support.servers import RegistryServer
 
 pytestmark = pytest.mark.integration
@@ -162,7 +164,7 @@ def test_assembled_version_runs_with_the_new_model_and_shares_all_other_layers(
         )
 
         tag_started = time.perf_counter()
-        image = prepared.tag("2")
+        image = publish(job_client, prepared, "2")
         tag_seconds = time.perf_counter() - tag_started
     print(
         f"\nregistry assembly of version 2: prepare {prepare_seconds * 1000:.0f} ms "

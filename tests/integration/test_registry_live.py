@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from mlflow_dock.errors import PermanentError
-from mlflow_dock.oci.remote import DOCKER_MANIFEST, RegistryClient, RegistryPermanentError
+from mlflow_dock.oci.manifest import DOCKER_MANIFEST
+from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
 from support.servers import RegistryServer
 
 pytestmark = pytest.mark.integration

@@ -19,11 +19,8 @@ import pytest
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError, is_retryable
 from mlflow_dock.oci import auth as auth_module
+from mlflow_dock.oci.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Manifest
 from mlflow_dock.oci.remote import (
-    DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Manifest,
     RegistryClient,
     RegistryError,
 )

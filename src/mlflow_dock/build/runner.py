@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 
 from mlflow_dock.build import assembly, stock
 from mlflow_dock.build.dockerfile import (
+    MODEL_DIR,
     ImageSpec,
     PipOptions,
     image_labels,
@@ -40,6 +41,7 @@ from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, St
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobOutcome, JobState, LogSink
 from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
+from mlflow_dock.oci.mutate import NotAssemblable
 from mlflow_dock.oci.reference import ImageRef, alias_tag, image_repository, version_tag
 from mlflow_dock.oci.remote import RegistryClient
 
@@ -225,25 +227,27 @@ class JobRunner:
                     model_dir=prepared.package.path,
                     labels=prepared.labels,
                     require_labels={RUNTIME_KEY_LABEL: prepared.key},
+                    target=MODEL_DIR,
                 )
-            except assembly.NotAssemblable as exc:
+            except NotAssemblable as exc:
                 log(f"registry assembly not possible ({exc}); building with the engine")
                 return None
-            log(
-                f"assembled {target.repository}@{staged.digest} in the registry on top of "
-                f"version {previous.version}'s layers"
+        log(
+            f"assembled {target.repository}@{staged.digest} in the registry on top of "
+            f"version {previous.version}'s layers"
+        )
+        if self._smoke is not None:
+            # Stored untagged: nothing is published until the smoke test passes.
+            creds = self._credentials.get()
+            self._engine.pull(
+                target.repository,
+                staged.digest,
+                username=creds.username,
+                password=creds.password,
             )
-            if self._smoke is not None:
-                # Stored untagged: nothing is published until the smoke test passes.
-                creds = self._credentials.get()
-                self._engine.pull(
-                    target.repository,
-                    staged.digest,
-                    username=creds.username,
-                    password=creds.password,
-                )
-                self._smoke.check(str(target.with_digest(staged.digest)), prepared.example, log)
-            image = staged.tag(tag)
+            self._smoke.check(str(target.with_digest(staged.digest)), prepared.example, log)
+        with self._registry_factory(target.host) as registry:
+            image = assembly.publish(registry, staged, tag)
         reference = str(target.with_tag(tag))
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
 

@@ -16,8 +16,9 @@ digest no longer matches the alias. Here manifests stay ``bytes`` end to end. (o
 
 Scope is deliberately small: manifests, plus the few blob operations that registry-side image
 assembly needs (:mod:`mlflow_dock.build.assembly`: check, upload, mount, read a config), sync
-``httpx.Client``, Basic and Bearer (Docker token) auth, and every transport error or non-2xx
-answer translated into :mod:`mlflow_dock.errors` in one place, :meth:`RegistryClient._error`.
+``httpx.Client``, Basic and Bearer (Docker token) auth (:mod:`mlflow_dock.oci.auth`), and every
+transport error or non-2xx answer translated into :mod:`mlflow_dock.errors` in one place,
+:meth:`RegistryClient._error`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import httpx
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError
 from mlflow_dock.oci.auth import RegistryAuth
+from mlflow_dock.oci.manifest import MANIFEST_MEDIA_TYPES, Manifest, digest_matches
 from mlflow_dock.oci.reference import (
     DOCKER_HUB_API_HOST,
     DOCKER_HUB_HOSTS,
@@ -47,8 +49,6 @@ from mlflow_dock.oci.reference import (
 )
 
 __all__ = [
-    "MANIFEST_MEDIA_TYPES",
-    "Manifest",
     "RegistryClient",
     "RegistryError",
     "RegistryPermanentError",
@@ -57,11 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES: Final = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 # Without every type listed, registries may convert (old Distribution downgrades to schema 1)
 # or refuse (an index asked for with only image-manifest types): either way a different digest.
 _ACCEPT: Final = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -100,48 +95,6 @@ class RegistryRetryableError(RetryableError, RegistryError):
 
 class RegistryPermanentError(PermanentError, RegistryError):
     pass
-
-
-# --------------------------------------------------------------------------- manifests
-
-
-def _hexdigest(algorithm: str, body: bytes) -> str | None:
-    try:
-        return hashlib.new(algorithm, body).hexdigest()
-    except (ValueError, TypeError):
-        return None
-
-
-def _digest_matches(body: bytes, digest: str) -> bool | None:
-    """Whether ``digest`` is the digest of ``body``; None if its algorithm is unknown to us."""
-    algorithm, _, expected = digest.partition(":")
-    actual = _hexdigest(algorithm, body) if algorithm in {"sha256", "sha384", "sha512"} else None
-    if actual is None:
-        return None
-    return actual == expected.lower()
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A manifest exactly as the registry served it; ``body`` is never re-encoded."""
-
-    body: bytes
-    media_type: str
-    digest: str
-
-    def __post_init__(self) -> None:
-        # A Manifest whose digest lies about its body would make put_manifest's check against
-        # the registry's Docker-Content-Digest fail in a confusing way; refuse it up front.
-        if self.digest != Manifest.digest_of(self.body):
-            raise ValueError("Manifest.digest is not the sha256 digest of Manifest.body")
-
-    @staticmethod
-    def digest_of(body: bytes) -> str:
-        return "sha256:" + hashlib.sha256(body).hexdigest()
-
-    @classmethod
-    def from_bytes(cls, body: bytes, media_type: str) -> Manifest:
-        return cls(body=body, media_type=media_type, digest=cls.digest_of(body))
 
 
 @dataclass(frozen=True)
@@ -305,12 +258,12 @@ class RegistryClient:
         # Both checks guard the one property this module exists for: the digest we PUT later
         # is the digest the registry holds for the source reference.
         served = response.headers.get("Docker-Content-Digest")
-        if served and _digest_matches(body, served) is False:
+        if served and digest_matches(body, served) is False:
             raise self._fail(
                 f"registry {self.host} sent manifest {_ref(repository, reference)} whose "
                 f"content digest {manifest.digest} does not match Docker-Content-Digest {served}"
             )
-        if ":" in reference and _digest_matches(body, reference) is False:
+        if ":" in reference and digest_matches(body, reference) is False:
             raise self._fail(
                 f"registry {self.host} sent manifest {_ref(repository, reference)} whose "
                 f"content digest is {manifest.digest}"
@@ -325,7 +278,7 @@ class RegistryClient:
         """
         repository = self._repository(repository)
         self._check_reference(tag)
-        if ":" in tag and _digest_matches(manifest.body, tag) is False:
+        if ":" in tag and digest_matches(manifest.body, tag) is False:
             raise self._fail(
                 f"cannot put manifest {manifest.digest} under another digest {tag} in {repository}"
             )
@@ -341,7 +294,7 @@ class RegistryClient:
         if response.status_code not in {200, 201, 202, 204}:
             raise self._error(op, response=response)
         stored = response.headers.get("Docker-Content-Digest")
-        if stored and _digest_matches(manifest.body, stored) is False:
+        if stored and digest_matches(manifest.body, stored) is False:
             raise self._fail(
                 f"registry {self.host} stored {_ref(repository, tag)} as {stored}, "
                 f"not as the {manifest.digest} that was sent"
@@ -437,7 +390,7 @@ class RegistryClient:
         if response.status_code != 200:
             raise self._error(op, response=response)
         body = response.content
-        if _digest_matches(body, digest) is False:
+        if digest_matches(body, digest) is False:
             raise self._fail(
                 f"registry {self.host} sent blob {repository}@{digest} whose content digest is "
                 f"{Manifest.digest_of(body)}"
