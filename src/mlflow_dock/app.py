@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from mlflow_dock.build.engine import DockerEngine
 from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
-from mlflow_dock.cloud.credentials import CredentialProvider, make_provider
+from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, make_provider
+from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import MlflowDockError
 from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
@@ -31,7 +32,7 @@ from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.jobs.worker import WorkerPool
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
-from mlflow_dock.oci.reference import default_namespace
+from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
 from mlflow_dock.settings import Settings
 
@@ -91,6 +92,23 @@ class Components:
         )
 
     @cached_property
+    def ecr(self) -> EcrRepositories | None:
+        """ECR's own API where the registry is ECR: tag deletion, and repository creation."""
+        credentials = self.credentials
+        if isinstance(credentials, EcrCredentials):
+            return EcrRepositories(credentials)
+        if self.settings.ecr_create_repositories:
+            # A static password (e.g. from `aws ecr get-login-password`) pushes; creating
+            # repositories still takes the ambient AWS identity.
+            return EcrRepositories(
+                EcrCredentials(
+                    registry_host=registry_hostname(self.settings.docker_registry),
+                    endpoint_url=self.settings.ecr_endpoint_url,
+                )
+            )
+        return None
+
+    @cached_property
     def smoke(self) -> SmokeTester | None:
         if not self.settings.smoke_test:
             return None
@@ -124,7 +142,6 @@ class Components:
             ca_bundle=s.build_ca_bundle.read_bytes() if s.build_ca_bundle else None,
             build_timeout_seconds=s.build_timeout_seconds,
             ecr_create_repositories=s.ecr_create_repositories,
-            ecr_endpoint_url=s.ecr_endpoint_url,
         )
 
     @cached_property
@@ -137,6 +154,7 @@ class Components:
             credentials=self.credentials,
             registry_factory=self.registry,
             smoke=self.smoke,
+            ecr=self.ecr,
         )
 
     def worker_pool(self, **hooks: object) -> WorkerPool:

@@ -40,6 +40,7 @@ from mlflow_dock.cloud.credentials import (
     parse_ecr_host,
     translate_aws_error,
 )
+from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import ConfigError, PermanentError, RetryableError
 
 ACCOUNT = "123456789012"  # moto's default account
@@ -406,24 +407,25 @@ def test_ecr_concurrent_gets_fetch_once(moto: str) -> None:
 def test_ecr_ensure_repository_creates_once_and_is_idempotent(moto: str) -> None:
     clients = CountingClients(moto)
     provider = EcrCredentials(registry_host=ECR_HOST, client_factory=clients.client)
+    admin = EcrRepositories(provider)
     observer = boto3.client("ecr", region_name=REGION, endpoint_url=moto)
 
-    provider.ensure_repository("team/iris-classifier")
+    admin.ensure_repository("team/iris-classifier")
     repos = observer.describe_repositories()["repositories"]
     assert [r["repositoryName"] for r in repos] == ["team/iris-classifier"]
     assert repos[0]["imageTagMutability"] == "MUTABLE"
     assert clients.count("CreateRepository") == 1
 
-    provider.ensure_repository("team/iris-classifier")
-    provider.ensure_repository(f"{ECR_HOST}/team/iris-classifier")  # full name, same repo
+    admin.ensure_repository("team/iris-classifier")
+    admin.ensure_repository(f"{ECR_HOST}/team/iris-classifier")  # full name, same repo
     assert clients.count("CreateRepository") == 1
     assert clients.count("DescribeRepositories") == 1  # remembered after the first call
 
     # A second worker (new provider) finds it and does not create it again.
     other_clients = CountingClients(moto)
-    EcrCredentials(registry_host=ECR_HOST, client_factory=other_clients.client).ensure_repository(
-        "team/iris-classifier"
-    )
+    EcrRepositories(
+        EcrCredentials(registry_host=ECR_HOST, client_factory=other_clients.client)
+    ).ensure_repository("team/iris-classifier")
     assert other_clients.calls == ["DescribeRepositories"]
     assert len(observer.describe_repositories()["repositories"]) == 1
 
@@ -441,20 +443,24 @@ def test_ecr_ensure_repository_tolerates_a_concurrent_create(moto: str) -> None:
         ecr.meta.events.register("before-call.ecr.CreateRepository", race)
         return ecr
 
-    EcrCredentials(registry_host=ECR_HOST, client_factory=client).ensure_repository("raced")
+    EcrRepositories(
+        EcrCredentials(registry_host=ECR_HOST, client_factory=client)
+    ).ensure_repository("raced")
     names = [r["repositoryName"] for r in observer.describe_repositories()["repositories"]]
     assert names == ["raced"]
 
 
 def test_ecr_invalid_repository_name_is_permanent(moto: str) -> None:
     provider = EcrCredentials(registry_host=ECR_HOST, endpoint_url=moto)
+    admin = EcrRepositories(provider)
     with pytest.raises(PermanentError, match=ECR_HOST):
-        provider.ensure_repository("Not_Valid//Name")
+        admin.ensure_repository("Not_Valid//Name")
 
 
 def test_ecr_unreachable_endpoint_is_retryable(aws_env: None) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     provider = EcrCredentials(registry_host=ECR_HOST, endpoint_url=url)
+    admin = EcrRepositories(provider)
     with pytest.raises(RetryableError) as info:
         provider.get()
     message = str(info.value)
@@ -462,7 +468,7 @@ def test_ecr_unreachable_endpoint_is_retryable(aws_env: None) -> None:
     assert "cannot reach the AWS API" in message
     assert "\n" not in message
     with pytest.raises(RetryableError):
-        provider.ensure_repository("model-x")
+        admin.ensure_repository("model-x")
 
 
 def test_ecr_without_aws_credentials_is_permanent(
@@ -801,7 +807,8 @@ def test_google_no_adc_anywhere_is_permanent(
 def test_ecr_delete_tag_keeps_the_image_for_other_tags(moto: str) -> None:
     """ECR's BatchDeleteImage by tag, against moto's server: the other tag survives."""
     provider = EcrCredentials(registry_host=ECR_HOST, endpoint_url=moto)
-    provider.ensure_repository("team/iris")
+    admin = EcrRepositories(provider)
+    admin.ensure_repository("team/iris")
     client = boto3.client("ecr", region_name=REGION, endpoint_url=moto)
     manifest = json.dumps(
         {
@@ -818,7 +825,7 @@ def test_ecr_delete_tag_keeps_the_image_for_other_tags(moto: str) -> None:
     for tag in ("3", "champion"):
         client.put_image(repositoryName="team/iris", imageManifest=manifest, imageTag=tag)
 
-    assert provider.delete_tag("team/iris", "champion") is True
-    assert provider.delete_tag("team/iris", "champion") is True  # already gone: fine
+    assert admin.delete_tag("team/iris", "champion") is True
+    assert admin.delete_tag("team/iris", "champion") is True  # already gone: fine
     images = client.describe_images(repositoryName="team/iris")["imageDetails"]
     assert [sorted(i.get("imageTags", [])) for i in images] == [["3"]]

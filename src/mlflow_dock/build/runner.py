@@ -37,7 +37,8 @@ from mlflow_dock.build.dockerfile import (
 )
 from mlflow_dock.build.engine import DockerEngine, PushResult
 from mlflow_dock.build.smoke import SmokeTester
-from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, StaticCredentials
+from mlflow_dock.cloud.credentials import CredentialProvider, StaticCredentials
+from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobOutcome, JobState, LogSink
 from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
@@ -62,7 +63,6 @@ class BuildConfig:
     ca_bundle: bytes | None = None
     build_timeout_seconds: int = 1800
     ecr_create_repositories: bool = False
-    ecr_endpoint_url: str | None = None
 
     def repository_for(self, model_name: str) -> ImageRef:
         """Where a model's images go: host[/prefix][/namespace]/<sanitised model name>."""
@@ -108,14 +108,21 @@ class JobRunner:
         credentials: CredentialProvider,
         registry_factory: RegistryFactory,
         smoke: SmokeTester | None,
+        ecr: EcrRepositories | None = None,
+        enter_step: Callable[[str], None] = lambda _name: None,
     ) -> None:
         self._config = config
+        # "The job now enters step NAME" (resolve, assemble, build, smoke, push, tag, untag):
+        # the worker times steps and attributes failures with it.
+        self._step = enter_step
         self._history = history
         self._source = source
         self._engine = engine
         self._credentials = credentials
         self._registry_factory = registry_factory
         self._smoke = smoke
+        # ECR's own API for what OCI cannot do there (create repositories, delete one tag).
+        self._ecr = ecr
         self._work_dir = config.work_dir
         self._locks_guard = threading.Lock()
         self._runtime_locks: dict[str, threading.Lock] = {}
@@ -133,6 +140,7 @@ class JobRunner:
         self, model_name: str, version: str, log: LogSink, *, work_id: str | None = None
     ) -> JobOutcome:
         target = self._config.repository_for(model_name)
+        self._step("resolve")
         info = self._source.get_version(model_name, version)
         log(f"model '{model_name}' version {version}: source {info.source}, run {info.run_id}")
         work = self._work_dir / (work_id or uuid.uuid4().hex)
@@ -198,14 +206,8 @@ class JobRunner:
         return spec, extra
 
     def _ensure_repository(self, target: ImageRef) -> None:
-        if not self._config.ecr_create_repositories:
-            return
-        creator = self._credentials
-        if not isinstance(creator, EcrCredentials):
-            creator = EcrCredentials(
-                registry_host=target.host, endpoint_url=self._config.ecr_endpoint_url
-            )
-        creator.ensure_repository(target.path)
+        if self._config.ecr_create_repositories and self._ecr is not None:
+            self._ecr.ensure_repository(target.path)
 
     # -- fast path: assemble in the registry -------------------------------------------------
 
@@ -379,8 +381,8 @@ class JobRunner:
             # ECR deletes one tag with its own API (BatchDeleteImage by tag); elsewhere the
             # OCI 1.1 tag deletion, which registries without it refuse.
             deleted = (
-                self._credentials.delete_tag(target.path, tag)
-                if isinstance(self._credentials, EcrCredentials)
+                self._ecr.delete_tag(target.path, tag)
+                if self._ecr is not None
                 else registry.delete_tag(target.path, tag)
             )
             if deleted:

@@ -322,7 +322,7 @@ _AWS_THROTTLING_CODES = frozenset(
 )
 
 
-def _aws_error_code(exc: BaseException) -> str | None:
+def aws_error_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", "")) or None
@@ -342,8 +342,11 @@ class EcrCredentials:
         client_factory: Callable[[], Any] | None = None,
         clock: Clock = time.time,
         refresh_margin: float = DEFAULT_ECR_REFRESH_MARGIN,
+        on_token: Callable[[str], None] = lambda _token: None,
     ) -> None:
         self.registry = parse_ecr_host(registry_host)
+        # Told every fetched token (e.g. a log redactor learning it); never sees it logged.
+        self._on_token = on_token
         self._endpoint_url = endpoint_url
         self._session = session
         self._client_factory = client_factory
@@ -352,7 +355,6 @@ class EcrCredentials:
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._cache = _TokenCache(fetch=self._fetch, clock=clock, margin=refresh_margin)
-        self._known_repositories: set[str] = set()
         self._warned_short_lived = False
 
     def __repr__(self) -> str:
@@ -366,69 +368,8 @@ class EcrCredentials:
     def invalidate(self) -> None:
         self._cache.invalidate()
 
-    def ensure_repository(self, name: str) -> None:
-        """Create the ECR repository `name` (path inside the registry) unless it exists.
-
-        ECR, unlike most registries, refuses pushes to a repository nobody created.
-        """
-        repository = name.strip("/")
-        repository = repository.removeprefix(f"{self.registry.host}/")
-        if repository in self._known_repositories:
-            return
-        client = self._ecr()
-        registry_id = self.registry.account_id
-        try:
-            client.describe_repositories(registryId=registry_id, repositoryNames=[repository])
-        except Exception as exc:
-            if _aws_error_code(exc) != "RepositoryNotFoundException":
-                raise translate_aws_error(
-                    exc, registry=self.registry.host, action=f"looking up repository {repository}"
-                ) from exc
-            self._create_repository(client, repository)
-        # set.add is atomic; a lost race only costs one more DescribeRepositories.
-        self._known_repositories.add(repository)
-
-    def delete_tag(self, name: str, tag: str) -> bool:
-        """Remove one tag with ECR's BatchDeleteImage by tag: the image itself stays while any
-        other tag (or digest reference) uses it, unlike a DELETE of the manifest."""
-        repository = name.strip("/").removeprefix(f"{self.registry.host}/")
-        try:
-            response = self._ecr().batch_delete_image(
-                registryId=self.registry.account_id,
-                repositoryName=repository,
-                imageIds=[{"imageTag": tag}],
-            )
-        except Exception as exc:
-            raise translate_aws_error(
-                exc, registry=self.registry.host, action=f"deleting tag {repository}:{tag}"
-            ) from exc
-        for failure in response.get("failures") or []:
-            # A tag that is already gone is the outcome we wanted.
-            if failure.get("failureCode") != "ImageNotFound":
-                raise PermanentError(
-                    f"ECR {self.registry.host} refused deleting tag {repository}:{tag}: "
-                    f"{failure.get('failureCode')}: {failure.get('failureReason')}"
-                )
-        return True
-
-    def _create_repository(self, client: Any, repository: str) -> None:
-        try:
-            # MUTABLE because alias tags (e.g. "champion") move from version to version.
-            client.create_repository(
-                registryId=self.registry.account_id,
-                repositoryName=repository,
-                imageTagMutability="MUTABLE",
-            )
-        except Exception as exc:
-            # Another worker (or person) created it between our two calls: that is success.
-            if _aws_error_code(exc) == "RepositoryAlreadyExistsException":
-                return
-            raise translate_aws_error(
-                exc, registry=self.registry.host, action=f"creating repository {repository}"
-            ) from exc
-        logger.info("created ECR repository %s in %s", repository, self.registry.host)
-
-    def _ecr(self) -> Any:
+    def ecr_client(self) -> Any:
+        """The provider's boto3 ECR client (one per provider; clients are thread-safe)."""
         with self._client_lock:
             if self._client is None:
                 try:
@@ -466,7 +407,7 @@ class EcrCredentials:
         )
 
     def _fetch(self) -> tuple[Credentials, float]:
-        client = self._ecr()
+        client = self.ecr_client()
         host = self.registry.host
         try:
             # No registryIds: the parameter is deprecated and the token works for every
@@ -491,6 +432,8 @@ class EcrCredentials:
             raise PermanentError(
                 f"getting an ECR authorization token for {host}: malformed token"
             ) from None
+        self._on_token(password)
+        self._on_token(str(entry["authorizationToken"]))
         now = self._clock()
         expires_at = _epoch(entry.get("expiresAt"), default=now + 3600.0)
         if expires_at - self._margin <= now and not self._warned_short_lived:
@@ -570,8 +513,10 @@ class GoogleCredentials:
         clock: Clock = time.time,
         refresh_margin: float = DEFAULT_GOOGLE_REFRESH_MARGIN,
         timeout: float = 30.0,
+        on_token: Callable[[str], None] = lambda _token: None,
     ) -> None:
         self.registry_host = registry_hostname(registry_host)
+        self._on_token = on_token
         self._credentials_factory = credentials_factory
         self._request_factory = request_factory
         self._clock = clock
@@ -607,6 +552,7 @@ class GoogleCredentials:
         token = getattr(self._google, "token", None)
         if not token:
             raise PermanentError(f"{action} for {host}: the credentials produced no token")
+        self._on_token(str(token))
         now = self._clock()
         expiry = getattr(self._google, "expiry", None)
         # google-auth keeps expiry as a naive UTC datetime.
@@ -711,6 +657,7 @@ def make_provider(
     password: str | None,
     ecr_endpoint_url: str | None = None,
     ecr_create_repositories: bool = False,
+    on_token: Callable[[str], None] = lambda _token: None,
 ) -> CredentialProvider:
     """The provider for DOCKER_REGISTRY / DOCKER_USERNAME / DOCKER_REGISTRY_PASSWORD.
 
@@ -735,10 +682,12 @@ def make_provider(
         return StaticCredentials(username=username, password=password)
     if is_ecr_host(host):
         _note_ignored_username(username, ECR_USERNAME, host)
-        return EcrCredentials(registry_host=host, endpoint_url=ecr_endpoint_url)
+        return EcrCredentials(
+            registry_host=host, endpoint_url=ecr_endpoint_url, on_token=on_token
+        )
     if is_google_host(host):
         _note_ignored_username(username, GOOGLE_TOKEN_USERNAME, host)
-        return GoogleCredentials(registry_host=host)
+        return GoogleCredentials(registry_host=host, on_token=on_token)
     raise ConfigError(
         f"DOCKER_REGISTRY_PASSWORD is required for {host} (only Amazon ECR and Google "
         "Artifact Registry / Container Registry hosts can use cloud credentials instead)"
