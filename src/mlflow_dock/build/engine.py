@@ -154,12 +154,6 @@ class DockerEngine:
                 raise _translate_sdk_error(exc, what) from exc
         return str(image_id)
 
-    def tag(self, image: str, repository: str, tag: str) -> None:
-        try:
-            self.client.api.tag(image, repository, tag=tag, force=True)
-        except Exception as exc:
-            raise _translate_sdk_error(exc, f"tagging {repository}:{tag}") from exc
-
     def push(
         self, repository: str, tag: str, *, username: str, password: str, log: LogSink
     ) -> PushResult:
@@ -233,18 +227,6 @@ class DockerEngine:
         except Exception as exc:
             raise _translate_sdk_error(exc, f"inspecting {reference}") from exc
         return True
-
-    def run_detached(self, image: str, *, name: str, ports: dict[str, int] | None = None) -> Any:
-        try:
-            return self.client.containers.run(
-                image,
-                name=name,
-                detach=True,
-                ports=ports,
-                network_mode=None if ports else self._network_mode,
-            )
-        except Exception as exc:
-            raise _translate_sdk_error(exc, f"starting a container of {image}") from exc
 
 
 @contextmanager
