@@ -1,0 +1,303 @@
+"""Unit tests for mlflow_dock.build.runner with fakes at its edges (MLflow, engine, registry).
+
+The real engine, registry and MLflow round trips are the integration tests' job; these pin down
+the runner's own decisions: which path a version takes, what is smoke-tested before anything is
+published, how aliases find their digest, and what happens when a step fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mlflow_dock.build.engine import PushResult
+from mlflow_dock.build.runner import RUNTIME_KEY_LABEL, BuildConfig, JobRunner
+from mlflow_dock.cloud.credentials import Credentials, StaticCredentials
+from mlflow_dock.errors import PermanentError
+from mlflow_dock.jobs.model import Job, JobKind, JobState
+from mlflow_dock.mlflow.client import ModelPackage, ModelVersionInfo
+from mlflow_dock.oci.remote import RegistryPermanentError
+
+REGISTRY = "127.0.0.1:5000"
+MODEL = "fraud-model"
+REPOSITORY = f"{REGISTRY}/team/{MODEL}"
+DIGEST_1 = "sha256:" + "1" * 64
+DIGEST_2 = "sha256:" + "2" * 64
+
+
+class FakeSource:
+    def __init__(self, requirements: str = "scikit-learn==1.5.0\n") -> None:
+        self.requirements = requirements
+
+    def get_version(self, name: str, version: str) -> ModelVersionInfo:
+        return ModelVersionInfo(name, version, "models:/m-1", "run-1", "READY")
+
+    def download(self, name: str, version: str, dest: Path) -> ModelPackage:
+        dest.mkdir(parents=True)
+        (dest / "MLmodel").write_text(f"version: {version}\n")
+        (dest / "requirements.txt").write_text(self.requirements)
+        (dest / "serving_input_example.json").write_text('{"inputs": [[1, 2]]}')
+        return ModelPackage(dest, "3.11", self.requirements, has_serving_example=True)
+
+
+@dataclass
+class FakeEngine:
+    images: set[str] = field(default_factory=set)
+    builds: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
+    pushes: list[tuple[str, str]] = field(default_factory=list)
+    pulls: list[tuple[str, str]] = field(default_factory=list)
+    push_errors: list[Exception] = field(default_factory=list)
+
+    def image_exists(self, reference: str) -> bool:
+        return reference in self.images
+
+    def build(self, context: Path, *, extra_files, tag, labels, log, timeout) -> None:
+        self.builds.append((tag, dict(labels), (context / "Dockerfile").read_text()))
+        self.images.add(tag)
+
+    def push(self, repository: str, tag: str, *, username, password, log) -> PushResult:
+        if self.push_errors:
+            raise self.push_errors.pop(0)
+        self.pushes.append((repository, tag))
+        return PushResult(reference=f"{repository}:{tag}", digest=DIGEST_1)
+
+    def pull(self, repository: str, reference: str, *, username, password) -> None:
+        self.pulls.append((repository, reference))
+
+
+@dataclass
+class FakeSmoke:
+    checked: list[str] = field(default_factory=list)
+    fail: bool = False
+
+    def check(self, image: str, example: Path | None, log) -> None:
+        self.checked.append(image)
+        if self.fail:
+            raise PermanentError("smoke test: the container exited before answering /ping")
+
+
+@dataclass
+class FakeRegistry:
+    """The registry calls alias jobs make; records what was tagged or deleted."""
+
+    tags: dict[tuple[str, str], str] = field(default_factory=dict)
+    can_delete: bool = True
+    manifests: dict[str, bool] = field(default_factory=dict)
+
+    def __enter__(self) -> FakeRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def tag(self, path: str, digest: str, tag: str) -> str:
+        self.tags[(path, tag)] = digest
+        return digest
+
+    def manifest_digest(self, path: str, reference: str) -> str | None:
+        return self.tags.get((path, reference))
+
+    def delete_tag(self, path: str, tag: str) -> bool:
+        if not self.can_delete:
+            return False
+        self.tags.pop((path, tag), None)
+        return True
+
+    def get_manifest(self, path: str, reference: str) -> None:
+        raise RegistryPermanentError("manifest not found", status_code=404)
+
+
+@dataclass
+class FakeHistory:
+    builds: dict[tuple[str, str], Job] = field(default_factory=dict)
+    previous: Job | None = None
+
+    def latest_image(self, model_name: str, *, repository: str, exclude_version: str) -> Job | None:
+        return self.previous
+
+    def build_for(self, model_name: str, version: str) -> Job | None:
+        return self.builds.get((model_name, version))
+
+
+class RotatingCredentials:
+    """A cloud-style provider: a second token after invalidate()."""
+
+    def __init__(self) -> None:
+        self.invalidated = 0
+
+    def get(self) -> Credentials:
+        return Credentials(username="AWS", password=f"token-{self.invalidated}")
+
+    def invalidate(self) -> None:
+        self.invalidated += 1
+
+
+@dataclass
+class Parts:
+    runner: JobRunner
+    engine: FakeEngine
+    smoke: FakeSmoke
+    registry: FakeRegistry
+    history: FakeHistory
+    log: list[str]
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Parts:
+    return make_parts(tmp_path)
+
+
+def make_parts(tmp_path: Path, *, credentials=None, smoke: bool = True) -> Parts:
+    engine, fake_smoke, registry, history = FakeEngine(), FakeSmoke(), FakeRegistry(), FakeHistory()
+    runner = JobRunner(
+        config=BuildConfig(work_dir=tmp_path / "work", registry=REGISTRY, namespace="team"),
+        history=history,
+        source=FakeSource(),  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        credentials=credentials or StaticCredentials(username="u", password="p"),
+        registry_factory=lambda host: registry,  # type: ignore[arg-type,return-value]
+        smoke=fake_smoke if smoke else None,  # type: ignore[arg-type]
+    )
+    return Parts(runner, engine, fake_smoke, registry, history, [])
+
+
+def build_job(version: str = "1") -> Job:
+    return Job(
+        id=f"job-{version}",
+        kind=JobKind.BUILD,
+        model_name=MODEL,
+        version=version,
+        state=JobState.RUNNING,
+        attempts=1,
+    )
+
+
+def test_first_version_builds_runtime_then_version_smoke_tests_then_pushes(parts: Parts) -> None:
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+
+    (runtime_tag, runtime_labels, _), (version_tag, _, dockerfile) = parts.engine.builds
+    assert runtime_tag.startswith("mlflow-dock-runtime:")
+    assert RUNTIME_KEY_LABEL in runtime_labels
+    assert version_tag == f"{REPOSITORY}:1"
+    assert dockerfile.startswith(f"FROM {runtime_tag}")
+    # Smoke-tested under the local tag before the push publishes anything.
+    assert parts.smoke.checked == [f"{REPOSITORY}:1"]
+    assert parts.engine.pushes == [(REPOSITORY, "1")]
+    assert (outcome.image, outcome.digest, outcome.tags) == (
+        f"{REPOSITORY}:1",
+        DIGEST_1,
+        (f"{REPOSITORY}:1",),
+    )
+    assert any(line.startswith("published ") for line in parts.log)
+
+
+def test_same_requirements_reuse_the_runtime_image(parts: Parts) -> None:
+    parts.runner.run(build_job("1"), parts.log.append)
+    parts.runner.run(build_job("2"), parts.log.append)
+    runtime_builds = [t for t, _, _ in parts.engine.builds if t.startswith("mlflow-dock-runtime")]
+    assert len(runtime_builds) == 1
+    assert any("reusing runtime image" in line for line in parts.log)
+
+
+def test_failed_smoke_test_publishes_nothing(parts: Parts) -> None:
+    parts.smoke.fail = True
+    with pytest.raises(PermanentError, match="smoke test"):
+        parts.runner.run(build_job("1"), parts.log.append)
+    assert parts.engine.pushes == []
+
+
+def test_previous_image_missing_from_registry_falls_back_to_the_engine(parts: Parts) -> None:
+    parts.history.previous = Job(
+        id="old",
+        kind=JobKind.BUILD,
+        model_name=MODEL,
+        version="1",
+        state=JobState.SUCCEEDED,
+        digest=DIGEST_2,
+    )
+    outcome = parts.runner.run(build_job("2"), parts.log.append)
+    assert any("registry assembly not possible" in line for line in parts.log)
+    assert parts.engine.pushes == [(REPOSITORY, "2")] and outcome.digest == DIGEST_1
+
+
+def test_work_directory_is_removed_after_success_and_failure(tmp_path: Path) -> None:
+    parts = make_parts(tmp_path)
+    parts.runner.run(build_job("1"), parts.log.append)
+    parts.smoke.fail = True
+    with contextlib.suppress(PermanentError):
+        parts.runner.run(build_job("2"), parts.log.append)
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_refused_push_gets_one_fresh_cloud_token(tmp_path: Path) -> None:
+    credentials = RotatingCredentials()
+    parts = make_parts(tmp_path, credentials=credentials, smoke=False)
+    parts.engine.push_errors.append(PermanentError("denied: token expired"))
+    parts.runner.run(build_job("1"), parts.log.append)
+    assert credentials.invalidated == 1 and parts.engine.pushes == [(REPOSITORY, "1")]
+
+
+def test_a_refused_push_with_a_static_password_is_not_retried(tmp_path: Path) -> None:
+    parts = make_parts(tmp_path, smoke=False)
+    parts.engine.push_errors.append(PermanentError("denied"))
+    with pytest.raises(PermanentError, match="denied"):
+        parts.runner.run(build_job("1"), parts.log.append)
+
+
+def alias_job(kind: JobKind = JobKind.ALIAS, alias: str = "champion") -> Job:
+    return Job(
+        id="a-1",
+        kind=kind,
+        model_name=MODEL,
+        version="1",
+        alias=alias,
+        state=JobState.RUNNING,
+        attempts=1,
+    )
+
+
+def test_alias_points_at_the_digest_the_version_build_recorded(parts: Parts) -> None:
+    parts.history.builds[(MODEL, "1")] = Job(
+        id="b",
+        kind=JobKind.BUILD,
+        model_name=MODEL,
+        version="1",
+        state=JobState.SUCCEEDED,
+        digest=DIGEST_2,
+    )
+    outcome = parts.runner.run(alias_job(), parts.log.append)
+    assert parts.registry.tags == {(f"team/{MODEL}", "champion"): DIGEST_2}
+    assert outcome.image == f"{REPOSITORY}:champion" and outcome.digest == DIGEST_2
+
+
+def test_alias_of_a_version_without_image_fails_with_the_builds_reason(parts: Parts) -> None:
+    parts.history.builds[(MODEL, "1")] = Job(
+        id="b",
+        kind=JobKind.BUILD,
+        model_name=MODEL,
+        version="1",
+        state=JobState.FAILED,
+        error="smoke test: boom",
+    )
+    with pytest.raises(PermanentError, match="has no image: smoke test: boom"):
+        parts.runner.run(alias_job(), parts.log.append)
+    assert parts.registry.tags == {}
+
+
+def test_unalias_of_a_missing_tag_is_a_success_with_a_note(parts: Parts) -> None:
+    outcome = parts.runner.run(alias_job(JobKind.UNALIAS), parts.log.append)
+    assert outcome.note == "tag did not exist"
+
+
+def test_unalias_where_the_registry_cannot_delete_tags_leaves_it_and_says_why(
+    parts: Parts,
+) -> None:
+    parts.registry.tags[(f"team/{MODEL}", "champion")] = DIGEST_1
+    parts.registry.can_delete = False
+    outcome = parts.runner.run(alias_job(JobKind.UNALIAS), parts.log.append)
+    assert outcome.digest == DIGEST_1
+    assert outcome.note is not None and "left in place" in outcome.note
+    assert (f"team/{MODEL}", "champion") in parts.registry.tags
