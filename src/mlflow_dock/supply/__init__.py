@@ -1,0 +1,1 @@
+"""Supply-chain artifacts for published images: SBOM, cosign signature, SLSA provenance."""
