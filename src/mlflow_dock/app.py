@@ -165,6 +165,8 @@ class Components:
             concurrency=self.settings.build_concurrency,
             max_attempts=self.settings.max_attempts,
             backoff_seconds=self.settings.retry_backoff_seconds,
+            max_backoff_seconds=self.settings.max_backoff_seconds,
+            lease_seconds=self.settings.lease_seconds,
             **hooks,  # type: ignore[arg-type]
         )
 

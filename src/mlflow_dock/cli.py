@@ -173,8 +173,8 @@ def backfill(
         pool = components.worker_pool()
     except MlflowDockError as exc:
         _die(str(exc), 2)
-    # recover=False: a service may be running on the same store; its running jobs are its own.
-    pool.start(recover=False)
+    # A service may run on the same store: leases keep its running jobs its own.
+    pool.start()
     ids = [job.id for job in queued]
     try:
         while not all(store.get(i).state in TERMINAL_STATES for i in ids):

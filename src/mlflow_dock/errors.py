@@ -9,6 +9,7 @@
      |    +-- PayloadTooLargeError   413
      |    +-- PayloadError           422: authenticated, but not an event we can act on
      |    +-- NotFoundError          404
+     +-- LeaseLostError              a worker's lease on a job expired and another took it over
      +-- JobError                    running a job failed
           +-- RetryableError         transient: registry 5xx, connection errors, timeouts
           +-- PermanentError         retrying cannot help: auth denied, model not found, bad image
@@ -58,6 +59,13 @@ class PayloadError(RequestError):
 
 class NotFoundError(RequestError):
     pass
+
+
+class LeaseLostError(MlflowDockError):
+    """The job is no longer this worker's: its lease expired and it was queued or claimed again.
+
+    The worker drops its result; whoever holds the job now records the outcome.
+    """
 
 
 class JobError(MlflowDockError):

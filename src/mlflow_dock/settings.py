@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -85,6 +86,26 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(
         default=5.0, ge=0, validation_alias=_env("MLFLOW_DOCK_RETRY_BACKOFF_SECONDS")
     )
+    max_backoff_seconds: float = Field(
+        default=300.0, ge=0.1, validation_alias=_env("MLFLOW_DOCK_MAX_BACKOFF_SECONDS")
+    )
+    # How long a claimed job stays a worker's without a heartbeat; a killed worker's job is
+    # taken over after at most this long. Renewed every third of it while the job runs.
+    lease_seconds: float = Field(
+        default=30.0, ge=1.0, validation_alias=_env("MLFLOW_DOCK_LEASE_SECONDS")
+    )
+    executor: Literal["embedded", "celery"] = Field(
+        default="embedded", validation_alias=_env("MLFLOW_DOCK_EXECUTOR")
+    )
+    # redis://... or amqp://...; may carry a password, so it is a secret.
+    broker_url: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_BROKER_URL")
+    )
+    # celery: a queued job whose message has not led to a claim for this long gets a new one
+    # (the broker lost it); duplicates are harmless, a claim is exclusive.
+    redeliver_seconds: float = Field(
+        default=300.0, ge=1.0, validation_alias=_env("MLFLOW_DOCK_REDELIVER_SECONDS")
+    )
     build_timeout_seconds: int = Field(
         default=3600, ge=10, validation_alias=_env("MLFLOW_DOCK_BUILD_TIMEOUT_SECONDS")
     )
@@ -159,6 +180,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{missing}: must be set together with its pair")
         return self
 
+    @model_validator(mode="after")
+    def _broker_for_celery(self) -> Settings:
+        if self.executor == "celery" and self.broker_url is None:
+            raise ValueError("MLFLOW_DOCK_BROKER_URL: required when MLFLOW_DOCK_EXECUTOR=celery")
+        return self
+
     @property
     def webhook_secrets(self) -> tuple[str, ...]:
         """Current secret first; the previous one is accepted during a rotation."""
@@ -190,6 +217,11 @@ class Settings(BaseSettings):
         values.extend(self.pip_extra_index_url_list)
         if self.api_token is not None:
             values.append(self.api_token.get_secret_value())
+        if self.broker_url is not None:
+            broker = self.broker_url.get_secret_value()
+            values.append(broker)
+            # Redis/AMQP client errors quote the password alone, not the whole URL.
+            values.append(urlsplit(broker).password or "")
         return tuple(v for v in values if v)
 
 

@@ -7,6 +7,7 @@ else reads `Job` snapshots.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,8 +33,8 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
 
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    # RUNNING -> QUEUED: a transient failure waits for its retry, or a crashed process's job is
-    # picked up again on the next start.
+    # RUNNING -> QUEUED: a transient failure waits for its retry, or the job's lease expired
+    # (its worker died or lost the store) and any worker may claim it again.
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}),
     # A new event for a version whose build failed asks for it again.
     JobState.FAILED: frozenset({JobState.QUEUED}),
@@ -52,8 +53,9 @@ def check_transition(current: JobState, target: JobState) -> None:
 
 def build_key(model_name: str, version: str) -> str:
     """The identity of a build: one job per (model, version), whatever the delivery."""
-    # NUL cannot occur in an MLflow model name, so the key cannot be forged by a crafted name.
-    return f"build\x00{model_name}\x00{version}"
+    # A JSON array is unambiguous for any name (quotes and separators are escaped) and holds
+    # no NUL byte, which PostgreSQL text columns refuse.
+    return json.dumps(["build", model_name, version], ensure_ascii=False, separators=(",", ":"))
 
 
 def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 300.0) -> float:
@@ -83,6 +85,9 @@ class Job:
     note: str | None = None
     # Set on failed jobs: True when retrying cannot help (reconciliation leaves those alone).
     permanent: bool = False
+    # The lease of a running job (see store.py): which worker runs it, and until when.
+    owner: str | None = None
+    lease_expires_at: datetime | None = None
 
     @property
     def duration_seconds(self) -> float | None:

@@ -1,8 +1,15 @@
-"""Durable job store on SQLAlchemy (an SQLite file by default; PostgreSQL works the same).
+"""Durable job store on SQLAlchemy (an SQLite file by default; PostgreSQL for deployments).
 
 The store is the only writer of job states. Claiming uses a conditional UPDATE (`... WHERE
 state = 'queued'`) and checks the row count, so several workers, threads or processes can race
-for the same job and exactly one wins; that is what later lets builds move to remote workers.
+for the same job and exactly one wins.
+
+A claimed job carries a lease: an `owner` and `lease_expires_at`, renewed by the worker's
+heartbeat while it runs. Only a job whose lease expired goes back to the queue
+(`reclaim_expired`, callable by any process), and finishing a job is guarded by its owner, so a
+worker that lost its lease cannot overwrite the result of the worker that took the job over.
+The same table-of-leases idea (`try_lock`) gives one leader per deployment and one runtime build
+at a time, and `tag_writes` keeps MLflow write-back durable across restarts.
 """
 
 from __future__ import annotations
@@ -10,28 +17,35 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import (
     Boolean,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
+    delete,
     event,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
-from mlflow_dock.errors import NotFoundError
+from mlflow_dock.errors import LeaseLostError, NotFoundError
 from mlflow_dock.jobs.model import (
     TERMINAL_STATES,
     Job,
@@ -74,6 +88,51 @@ class _JobRow(_Base):
     error: Mapped[str | None] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text)
     permanent: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The lease of a RUNNING job: who runs it and until when, renewed by its heartbeat.
+    owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a message for this queued job was last handed to the broker (celery executor);
+    # NULL means no message is out, so the sweeper sends one once the job is runnable.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class _LockRow(_Base):
+    """A named lease: the deployment's leader, or the one worker building a runtime."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _TagWriteRow(_Base):
+    """One MLflow model version tag still to be written (value NULL: delete the tag)."""
+
+    __tablename__ = "tag_writes"
+    __table_args__ = (UniqueConstraint("model_name", "version", "tag"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(500))
+    version: Mapped[str] = mapped_column(String(32))
+    tag: Mapped[str] = mapped_column(String(250))
+    value: Mapped[str | None] = mapped_column(Text)
+    # Bumped on every overwrite, so a flush only deletes the value it actually wrote.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class TagWrite:
+    id: int
+    model_name: str
+    version: str
+    tag: str
+    value: str | None
+    revision: int
+    attempts: int
 
 
 class _DeliveryRow(_Base):
@@ -118,6 +177,8 @@ def _to_job(row: _JobRow) -> Job:
         error=row.error,
         note=row.note,
         permanent=bool(row.permanent),
+        owner=row.owner,
+        lease_expires_at=_aware(row.lease_expires_at),
     )
 
 
@@ -147,6 +208,19 @@ def _new_row(
     )
 
 
+_T = TypeVar("_T")
+
+
+def _requeue(row: _JobRow, now: datetime) -> None:
+    """Back to QUEUED, runnable at once, no lease and no message out."""
+    row.state = JobState.QUEUED.value
+    row.not_before = None
+    row.owner = None
+    row.lease_expires_at = None
+    row.enqueued_at = None
+    row.updated_at = now
+
+
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -162,6 +236,10 @@ def create_db_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    if url.startswith(("postgresql://", "postgres://")):
+        # The driver the project ships is psycopg 3; SQLAlchemy's default would be psycopg2.
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    # pre_ping: connections survive a database restart (the next checkout reconnects).
     return create_engine(url, pool_pre_ping=True)
 
 
@@ -181,6 +259,43 @@ class JobStore:
 
     def create_schema(self) -> None:
         _Base.metadata.create_all(self._engine)
+        self._add_missing_columns()
+        self._migrate_build_keys()
+
+    def _add_missing_columns(self) -> None:
+        """Add nullable columns newer code defines to tables an older version created.
+
+        `create_all` creates missing tables only; this covers the additive changes (new
+        nullable columns) without a migration tool.
+        """
+        inspector = inspect(self._engine)
+        preparer = self._engine.dialect.identifier_preparer
+        with self._engine.begin() as connection:
+            for table in _Base.metadata.sorted_tables:
+                existing = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in existing or not column.nullable:
+                        continue
+                    kind = column.type.compile(dialect=self._engine.dialect)
+                    connection.execute(
+                        text(
+                            f"ALTER TABLE {preparer.quote(table.name)} "
+                            f"ADD COLUMN {preparer.quote(column.name)} {kind}"
+                        )
+                    )
+
+    def _migrate_build_keys(self) -> None:
+        """Rewrite dedupe keys from the old NUL-separated form (SQLite stores only)."""
+        with self._write() as session:
+            rows = session.execute(
+                select(_JobRow).where(
+                    _JobRow.kind == JobKind.BUILD.value,
+                    _JobRow.dedupe_key.is_not(None),
+                    ~_JobRow.dedupe_key.startswith("["),
+                )
+            ).scalars()
+            for row in rows:
+                row.dedupe_key = build_key(row.model_name, row.version)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -201,6 +316,16 @@ class JobStore:
             ).scalar_one_or_none()
             return _to_job(row) if row else None
 
+    def _racing(self, operation: Callable[[], _T]) -> _T:
+        # Two replicas accepting the same delivery (or the same version) at once: the loser's
+        # INSERT hits a unique key, and running it again finds the winner's row.
+        for _ in range(2):
+            try:
+                return operation()
+            except IntegrityError:
+                continue
+        return operation()
+
     def request_build(
         self, model_name: str, version: str, *, delivery_id: str | None = None
     ) -> tuple[Job, bool]:
@@ -208,6 +333,11 @@ class JobStore:
 
         A failed build is queued again: a new event for the version is a request to try again.
         """
+        return self._racing(lambda: self._request_build(model_name, version, delivery_id))
+
+    def _request_build(
+        self, model_name: str, version: str, delivery_id: str | None
+    ) -> tuple[Job, bool]:
         with self._write() as session:
             if delivery_id is not None:
                 existing = self._delivery_job(session, delivery_id)
@@ -231,6 +361,18 @@ class JobStore:
         return self._request_alias_op(JobKind.UNALIAS, model_name, "", alias, delivery_id)
 
     def _request_alias_op(
+        self,
+        kind: JobKind,
+        model_name: str,
+        version: str,
+        alias: str,
+        delivery_id: str | None,
+    ) -> tuple[Job, bool]:
+        return self._racing(
+            lambda: self._request_alias_op_once(kind, model_name, version, alias, delivery_id)
+        )
+
+    def _request_alias_op_once(
         self,
         kind: JobKind,
         model_name: str,
@@ -290,33 +432,63 @@ class JobStore:
         if row is None:
             row = _new_row(JobKind.BUILD, model_name, version, dedupe_key=key)
             session.add(row)
-            try:
-                session.flush()
-            except IntegrityError:
-                # Another process created it between our SELECT and INSERT.
-                session.rollback()
-                raise
+            # Another process may create it between our SELECT and INSERT: IntegrityError,
+            # which `_racing` answers by running the request again.
+            session.flush()
             return row, True
         if row.state == JobState.FAILED.value:
             check_transition(JobState.FAILED, JobState.QUEUED)
-            row.state = JobState.QUEUED.value
+            _requeue(row, now)
             row.attempts = 0
             row.error = None
             row.permanent = False
-            row.not_before = None
             row.finished_at = None
-            row.updated_at = now
+            self._requeue_failed_aliases(session, row, now)
             return row, True
         return row, False
 
+    def _requeue_failed_aliases(self, session: Session, build: _JobRow, now: datetime) -> None:
+        """Alias jobs that failed because this build had failed wait for the rebuild again.
+
+        Only where the failed job is still the alias's latest operation: a later set or delete
+        of the same alias has superseded it.
+        """
+        later = aliased(_JobRow)
+        newer_op = (
+            select(later.id)
+            .where(
+                later.kind.in_([JobKind.ALIAS.value, JobKind.UNALIAS.value]),
+                later.model_name == _JobRow.model_name,
+                later.alias == _JobRow.alias,
+                later.created_at > _JobRow.created_at,
+            )
+            .exists()
+        )
+        rows = session.execute(
+            select(_JobRow).where(
+                _JobRow.kind == JobKind.ALIAS.value,
+                _JobRow.depends_on == build.id,
+                _JobRow.state == JobState.FAILED.value,
+                ~newer_op,
+            )
+        ).scalars()
+        for alias_row in rows:
+            _requeue(alias_row, now)
+            alias_row.attempts = 0
+            alias_row.error = None
+            alias_row.permanent = False
+            alias_row.finished_at = None
+
     # -- running jobs -----------------------------------------------------------------------
 
-    def claim_next(self) -> Job | None:
-        """Atomically move the oldest runnable job to RUNNING and return it."""
-        now = utcnow()
+    def _runnable(self, now: datetime) -> ColumnElement[bool]:
+        """Queued, past its backoff, its build (if any) finished, earlier alias ops done."""
         dep = aliased(_JobRow)
         prior = aliased(_JobRow)
-        terminal = [s.value for s in TERMINAL_STATES]
+        terminal = [st.value for st in TERMINAL_STATES]
+        dependency_done = (
+            select(dep.id).where(dep.id == _JobRow.depends_on, dep.state.in_(terminal)).exists()
+        )
         # Operations on one alias run in the order their events arrived, so a set followed by
         # a delete (or a move) cannot be reordered by concurrent workers.
         earlier_alias_op_pending = (
@@ -330,33 +502,142 @@ class JobStore:
             )
             .exists()
         )
+        return (
+            (_JobRow.state == JobState.QUEUED.value)
+            & or_(_JobRow.not_before.is_(None), _JobRow.not_before <= now)
+            & or_(_JobRow.depends_on.is_(None), dependency_done)
+            & or_(_JobRow.alias.is_(None), ~earlier_alias_op_pending)
+        )
+
+    def claim_next(self, *, owner: str, lease_seconds: float) -> Job | None:
+        """Atomically move the oldest runnable job to RUNNING under `owner`'s lease."""
+        now = utcnow()
         with self._write() as session:
             candidates = session.execute(
-                select(_JobRow.id)
-                .outerjoin(dep, dep.id == _JobRow.depends_on)
-                .where(_JobRow.state == JobState.QUEUED.value)
-                .where(or_(_JobRow.not_before.is_(None), _JobRow.not_before <= now))
-                .where(or_(_JobRow.depends_on.is_(None), dep.state.in_(terminal)))
-                .where(or_(_JobRow.alias.is_(None), ~earlier_alias_op_pending))
-                .order_by(_JobRow.created_at)
-                .limit(5)
+                select(_JobRow.id).where(self._runnable(now)).order_by(_JobRow.created_at).limit(5)
             ).scalars()
             for job_id in list(candidates):
-                result = session.execute(
+                claimed = self._claim_row(session, job_id, owner, lease_seconds, now, now)
+                if claimed is not None:
+                    return claimed
+        return None
+
+    def claim(self, job_id: str, *, owner: str, lease_seconds: float) -> Job | None:
+        """Claim one job by id (a task message names it); None if it is not runnable now.
+
+        A job that is queued but not yet runnable (backoff, a build still running) loses its
+        "message sent" mark, so the sweeper sends a new message once it is.
+        """
+        now = utcnow()
+        with self._write() as session:
+            claimed = self._claim_row(session, job_id, owner, lease_seconds, now, now)
+            if claimed is None:
+                session.execute(
                     update(_JobRow)
                     .where(_JobRow.id == job_id, _JobRow.state == JobState.QUEUED.value)
-                    .values(
-                        state=JobState.RUNNING.value,
-                        attempts=_JobRow.attempts + 1,
-                        started_at=now,
-                        updated_at=now,
-                    )
+                    .values(enqueued_at=None)
                 )
-                if result.rowcount == 1:  # type: ignore[attr-defined]
-                    row = session.get(_JobRow, job_id, populate_existing=True)
-                    assert row is not None
-                    return _to_job(row)
-        return None
+            return claimed
+
+    def _claim_row(
+        self,
+        session: Session,
+        job_id: str,
+        owner: str,
+        lease_seconds: float,
+        now: datetime,
+        runnable_at: datetime,
+    ) -> Job | None:
+        result = session.execute(
+            update(_JobRow)
+            .where(_JobRow.id == job_id, self._runnable(runnable_at))
+            .values(
+                state=JobState.RUNNING.value,
+                attempts=_JobRow.attempts + 1,
+                started_at=now,
+                updated_at=now,
+                owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                enqueued_at=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        row = session.get(_JobRow, job_id, populate_existing=True)
+        assert row is not None
+        return _to_job(row)
+
+    def renew_lease(self, job_id: str, *, owner: str, lease_seconds: float) -> bool:
+        """Extend a running job's lease; False if `owner` no longer holds it."""
+        now = utcnow()
+        with self._write() as session:
+            result = session.execute(
+                update(_JobRow)
+                .where(
+                    _JobRow.id == job_id,
+                    _JobRow.owner == owner,
+                    _JobRow.state == JobState.RUNNING.value,
+                )
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def reclaim_expired(self) -> list[Job]:
+        """Queue again every running job whose lease expired (its worker died or hung)."""
+        now = utcnow()
+        with self._write() as session:
+            rows = list(
+                session.execute(
+                    select(_JobRow)
+                    .where(
+                        _JobRow.state == JobState.RUNNING.value,
+                        # NULL: left running by a version without leases.
+                        or_(_JobRow.lease_expires_at.is_(None), _JobRow.lease_expires_at < now),
+                    )
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            for row in rows:
+                check_transition(JobState.RUNNING, JobState.QUEUED)
+                row.error = f"lease of {row.owner or 'an earlier process'} expired; queued again"
+                _requeue(row, now)
+            return [_to_job(r) for r in rows]
+
+    def take_unsent(self, *, resend_after_seconds: float, limit: int = 100) -> list[str]:
+        """Runnable queued jobs with no message out (or one sent too long ago); marks them sent.
+
+        The celery sweeper sends a message for each id returned, so a message lost by a broker
+        restart is replaced and a job that became runnable later is announced.
+        """
+        now = utcnow()
+        stale = now - timedelta(seconds=resend_after_seconds)
+        with self._write() as session:
+            ids = list(
+                session.execute(
+                    select(_JobRow.id)
+                    .where(self._runnable(now))
+                    .where(or_(_JobRow.enqueued_at.is_(None), _JobRow.enqueued_at < stale))
+                    .order_by(_JobRow.created_at)
+                    .limit(limit)
+                ).scalars()
+            )
+            if ids:
+                session.execute(
+                    update(_JobRow)
+                    .where(_JobRow.id.in_(ids), _JobRow.state == JobState.QUEUED.value)
+                    .values(enqueued_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            return ids
+
+    def mark_enqueued(self, job_id: str) -> None:
+        with self._write() as session:
+            session.execute(
+                update(_JobRow)
+                .where(_JobRow.id == job_id, _JobRow.state == JobState.QUEUED.value)
+                .values(enqueued_at=utcnow())
+            )
 
     def next_wakeup(self) -> datetime | None:
         """When the earliest backed-off job becomes runnable (for the worker's sleep)."""
@@ -377,10 +658,12 @@ class JobStore:
         digest: str,
         tags: tuple[str, ...] = (),
         note: str | None = None,
+        owner: str | None = None,
     ) -> Job:
         return self._transition(
             job_id,
             JobState.SUCCEEDED,
+            owner,
             image=image,
             digest=digest,
             tags_json=json.dumps(list(tags)),
@@ -389,50 +672,179 @@ class JobStore:
             note=note,
         )
 
-    def fail(self, job_id: str, reason: str, *, permanent: bool = True) -> Job:
+    def fail(
+        self, job_id: str, reason: str, *, permanent: bool = True, owner: str | None = None
+    ) -> Job:
         return self._transition(
-            job_id, JobState.FAILED, error=reason, permanent=permanent, finished_at=utcnow()
+            job_id,
+            JobState.FAILED,
+            owner,
+            error=reason,
+            permanent=permanent,
+            finished_at=utcnow(),
         )
 
-    def retry_later(self, job_id: str, reason: str, delay_seconds: float) -> Job:
+    def retry_later(
+        self,
+        job_id: str,
+        reason: str,
+        delay_seconds: float,
+        *,
+        waiting: bool = False,
+        owner: str | None = None,
+    ) -> Job:
+        """Queue the job again after `delay_seconds`.
+
+        `waiting`: its retries for a transient cause ran out; it keeps waiting with a capped
+        backoff (shown as "waiting: ...") instead of failing for a cause that may go away.
+        """
         return self._transition(
             job_id,
             JobState.QUEUED,
-            error=f"will retry: {reason}",
+            owner,
+            error=f"{'waiting' if waiting else 'will retry'}: {reason}",
             not_before=utcnow() + timedelta(seconds=delay_seconds),
+            enqueued_at=None,
         )
 
-    def requeue_interrupted(self) -> list[Job]:
-        """Put jobs left RUNNING by a crashed or killed process back in the queue.
-
-        Only safe while one process owns the store (the embedded worker pool); remote workers
-        will need leases instead.
-        """
+    def _transition(
+        self, job_id: str, target: JobState, owner: str | None, **values: object
+    ) -> Job:
+        """Move a job to `target`; with `owner`, only while that owner still holds its lease."""
         with self._write() as session:
-            rows = list(
-                session.execute(
-                    select(_JobRow).where(_JobRow.state == JobState.RUNNING.value)
-                ).scalars()
-            )
-            for row in rows:
-                check_transition(JobState.RUNNING, JobState.QUEUED)
-                row.state = JobState.QUEUED.value
-                row.not_before = None
-                row.updated_at = utcnow()
-            return [_to_job(r) for r in rows]
-
-    def _transition(self, job_id: str, target: JobState, **values: object) -> Job:
-        with self._write() as session:
-            row = session.get(_JobRow, job_id)
+            row = session.get(_JobRow, job_id, with_for_update=True)
             if row is None:
                 raise NotFoundError(f"job {job_id} not found")
+            if owner is not None and (row.state != JobState.RUNNING.value or row.owner != owner):
+                raise LeaseLostError(
+                    f"job {job_id} is no longer held by {owner} "
+                    f"(now {row.state}, owner {row.owner})"
+                )
             check_transition(JobState(row.state), target)
             row.state = target.value
             row.updated_at = utcnow()
+            row.owner = None
+            row.lease_expires_at = None
             for name, value in values.items():
                 setattr(row, name, value)
             session.flush()
             return _to_job(row)
+
+    # -- named leases (leader election, runtime builds) ----------------------------------------
+
+    def try_lock(self, name: str, *, owner: str, lease_seconds: float) -> bool:
+        """Take or renew the named lease; True while `owner` holds it.
+
+        Free, expired or already ours: taken (renewed). Held by another owner: False.
+        """
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_seconds)
+        try:
+            with self._write() as session:
+                result = session.execute(
+                    update(_LockRow)
+                    .where(
+                        _LockRow.name == name,
+                        or_(_LockRow.owner == owner, _LockRow.expires_at < now),
+                    )
+                    .values(owner=owner, expires_at=expires)
+                )
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    return True
+                if session.get(_LockRow, name) is not None:
+                    return False
+                session.add(_LockRow(name=name, owner=owner, expires_at=expires))
+                session.flush()
+                return True
+        except IntegrityError:
+            return False  # another owner inserted it first
+
+    def release_lock(self, name: str, *, owner: str) -> None:
+        with self._write() as session:
+            session.execute(delete(_LockRow).where(_LockRow.name == name, _LockRow.owner == owner))
+
+    def lock_owner(self, name: str) -> str | None:
+        with self._sessions() as session:
+            row = session.get(_LockRow, name)
+            if row is None or (_aware(row.expires_at) or utcnow()) < utcnow():
+                return None
+            return row.owner
+
+    # -- durable MLflow write-back ----------------------------------------------------------
+
+    def record_tag_writes(
+        self, model_name: str, version: str, tags: Mapping[str, str | None]
+    ) -> None:
+        """Remember tags to write to a model version (None: delete the tag); newest value wins."""
+        if not tags:
+            return
+        self._racing(lambda: self._record_tag_writes(model_name, version, tags))
+
+    def _record_tag_writes(
+        self, model_name: str, version: str, tags: Mapping[str, str | None]
+    ) -> None:
+        with self._write() as session:
+            for tag, value in tags.items():
+                row = session.execute(
+                    select(_TagWriteRow).where(
+                        _TagWriteRow.model_name == model_name,
+                        _TagWriteRow.version == version,
+                        _TagWriteRow.tag == tag,
+                    )
+                ).scalar_one_or_none()
+                if row is None:
+                    session.add(
+                        _TagWriteRow(
+                            model_name=model_name,
+                            version=version,
+                            tag=tag,
+                            value=value,
+                            revision=0,
+                            attempts=0,
+                        )
+                    )
+                else:
+                    row.value = value
+                    row.revision += 1
+                    row.attempts = 0
+                    row.not_before = None
+                    row.last_error = None
+            session.flush()
+
+    def pending_tag_writes(self, limit: int = 200) -> list[TagWrite]:
+        now = utcnow()
+        with self._sessions() as session:
+            rows = session.execute(
+                select(_TagWriteRow)
+                .where(or_(_TagWriteRow.not_before.is_(None), _TagWriteRow.not_before <= now))
+                .order_by(_TagWriteRow.id)
+                .limit(limit)
+            ).scalars()
+            return [
+                TagWrite(r.id, r.model_name, r.version, r.tag, r.value, r.revision, r.attempts)
+                for r in rows
+            ]
+
+    def tag_write_done(self, write: TagWrite) -> None:
+        """Forget a written tag unless a newer value arrived meanwhile."""
+        with self._write() as session:
+            session.execute(
+                delete(_TagWriteRow).where(
+                    _TagWriteRow.id == write.id, _TagWriteRow.revision == write.revision
+                )
+            )
+
+    def tag_write_failed(self, write: TagWrite, error: str, retry_in_seconds: float) -> None:
+        with self._write() as session:
+            session.execute(
+                update(_TagWriteRow)
+                .where(_TagWriteRow.id == write.id, _TagWriteRow.revision == write.revision)
+                .values(
+                    attempts=_TagWriteRow.attempts + 1,
+                    last_error=error[:1000],
+                    not_before=utcnow() + timedelta(seconds=retry_in_seconds),
+                )
+            )
 
     # -- reading ------------------------------------------------------------------------------
 

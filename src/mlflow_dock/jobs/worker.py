@@ -1,22 +1,77 @@
 """Running stored jobs: `execute_job` for one claimed job, `WorkerPool` for the embedded pool.
 
-`execute_job` is the unit a distributed task engine would call on a remote worker; the pool is
-only one way to feed it (threads polling the store, woken when an event is accepted).
+`execute_job` is the unit every executor calls: the embedded pool's threads and the celery
+task alike. It holds the job's lease with a heartbeat while the runner works, and records the
+outcome only while the lease is still its own.
+
+Nothing here may end a worker: a failing store (PostgreSQL restarting, SQLite locked) is logged
+and waited out. A job whose outcome could not be recorded keeps its lease until it expires and
+is then reclaimed and run again, which is safe because publishing is idempotent.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from mlflow_dock.errors import JobError, is_retryable
+from mlflow_dock.errors import JobError, LeaseLostError, is_retryable
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobKind, Runner, retry_delay
 from mlflow_dock.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 30.0
+# How long a worker keeps trying to record an outcome while the store is unreachable; after
+# that the lease expires and another worker runs the job again (idempotently).
+RECORD_PATIENCE_SECONDS = 120.0
+
+
+def worker_identity() -> str:
+    """A lease owner name that is unique per process and says where the process runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseHeartbeat:
+    """Renews a job's lease every third of its length until stopped, in a daemon thread."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, lease_seconds: float) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._owner = owner
+        self._lease = lease_seconds
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._lease / 3):
+            try:
+                held = self._store.renew_lease(
+                    self._job_id, owner=self._owner, lease_seconds=self._lease
+                )
+            except Exception as exc:
+                # The store may be back before the lease runs out; keep trying.
+                logger.warning("renewing the lease of job %s failed: %s", self._job_id, exc)
+                continue
+            if not held:
+                logger.warning("job %s: lease lost; another worker has it now", self._job_id)
+                self.lost.set()
+                return
 
 
 def execute_job(
@@ -27,20 +82,57 @@ def execute_job(
     logs: BuildLogs,
     max_attempts: int,
     backoff_seconds: float,
+    max_backoff_seconds: float = 300.0,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
     on_change: Callable[[Job], None] = lambda _job: None,
-) -> Job:
-    """Run a job the caller has claimed and record how it ended. Never raises for job failures.
+) -> Job | None:
+    """Run a job the caller has claimed (under `job.owner`'s lease) and record how it ended.
 
-    `on_change` sees the job as claimed and as it ended (e.g. to write tags back to MLflow).
+    Never raises. Returns the recorded job, or None when the outcome was not recorded (the
+    lease was lost, or the store stayed unreachable); the lease then expires and the job is
+    reclaimed.
     """
 
     def log(line: str) -> None:
-        logs.append(job.id, line)
+        try:
+            logs.append(job.id, line)
+        except Exception:
+            logger.exception("writing the log of job %s failed", job.id)
 
-    on_change(job)
-    ended = _run_and_record(job, log, store, runner, logs, max_attempts, backoff_seconds)
-    on_change(ended)
+    _notify(on_change, job)
+    ended: Job | None = None
+    try:
+        if job.owner is None:
+            ended = _run_and_record(
+                job, log, store, runner, logs, max_attempts, backoff_seconds, max_backoff_seconds
+            )
+        else:
+            with LeaseHeartbeat(store, job.id, job.owner, lease_seconds):
+                ended = _run_and_record(
+                    job,
+                    log,
+                    store,
+                    runner,
+                    logs,
+                    max_attempts,
+                    backoff_seconds,
+                    max_backoff_seconds,
+                )
+    except LeaseLostError as exc:
+        log(f"result dropped: {exc}")
+        logger.warning("job %s: %s", job.id, exc)
+    except Exception:
+        logger.exception("recording the outcome of job %s failed; its lease will expire", job.id)
+    if ended is not None:
+        _notify(on_change, ended)
     return ended
+
+
+def _notify(on_change: Callable[[Job], None], job: Job) -> None:
+    try:
+        on_change(job)
+    except Exception:
+        logger.exception("job %s: change hook failed", job.id)
 
 
 def _run_and_record(
@@ -51,11 +143,13 @@ def _run_and_record(
     logs: BuildLogs,
     max_attempts: int,
     backoff_seconds: float,
+    max_backoff_seconds: float,
 ) -> Job:
     log(
         f"attempt {job.attempts} of {max_attempts}: {job.kind} job for '{job.model_name}' "
         f"version {job.version}" + (f" alias '{job.alias}'" if job.alias else "")
     )
+    owner = job.owner
     try:
         outcome = runner.run(job, log)
     except Exception as exc:
@@ -63,16 +157,29 @@ def _run_and_record(
         if not isinstance(exc, JobError):
             logger.exception("job %s crashed", job.id)
             reason = f"internal error: {reason}"
-        if is_retryable(exc) and job.attempts < max_attempts:
-            delay = retry_delay(job.attempts, backoff_seconds)
-            log(f"transient failure, retrying in {delay:.0f} s: {reason}")
+        if is_retryable(exc):
+            delay = retry_delay(job.attempts, backoff_seconds, max_backoff_seconds)
+            # Retries exhausted for a transient cause: keep waiting (capped backoff) rather
+            # than fail for something that goes away, e.g. a registry down for an hour.
+            waiting = job.attempts >= max_attempts
+            verb = "still failing, waiting" if waiting else "transient failure, retrying in"
+            log(f"{verb} {delay:.0f} s: {reason}")
             logger.warning("job %s will retry in %.0f s: %s", job.id, delay, reason)
-            return store.retry_later(job.id, reason, delay)
+            return _record(
+                lambda: store.retry_later(job.id, reason, delay, waiting=waiting, owner=owner)
+            )
         log(f"FAILED: {reason}")
         logger.error("job %s failed: %s", job.id, reason)
-        return store.fail(job.id, reason, permanent=not is_retryable(exc))
-    finished = store.succeed(
-        job.id, image=outcome.image, digest=outcome.digest, tags=outcome.tags, note=outcome.note
+        return _record(lambda: store.fail(job.id, reason, permanent=True, owner=owner))
+    finished = _record(
+        lambda: store.succeed(
+            job.id,
+            image=outcome.image,
+            digest=outcome.digest,
+            tags=outcome.tags,
+            note=outcome.note,
+            owner=owner,
+        )
     )
     if outcome.note:
         log(f"note: {outcome.note}")
@@ -81,13 +188,35 @@ def _run_and_record(
     return finished
 
 
+def _record(write: Callable[[], Job], patience: float = RECORD_PATIENCE_SECONDS) -> Job:
+    """Write an outcome, waiting out a store outage; LeaseLostError passes through at once."""
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except LeaseLostError:
+            raise
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("recording a job outcome failed, retrying in %.1f s: %s", delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:1000]
 
 
 class WorkerPool:
-    """Threads that claim queued jobs from the store, at most `concurrency` at a time."""
+    """Threads that claim queued jobs from the store, at most `concurrency` at a time.
+
+    Every pool also reclaims jobs whose lease expired, whoever held them: a killed process
+    (this one before a restart, another replica, a `backfill --wait`) leaves its jobs to
+    whichever worker looks next, and only once their leases have run out.
+    """
 
     def __init__(
         self,
@@ -98,6 +227,8 @@ class WorkerPool:
         concurrency: int,
         max_attempts: int,
         backoff_seconds: float,
+        max_backoff_seconds: float = 300.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         poll_seconds: float = 2.0,
         on_change: Callable[[Job], None] = lambda _job: None,
     ) -> None:
@@ -108,22 +239,18 @@ class WorkerPool:
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff = backoff_seconds
-        self._poll = poll_seconds
+        self._max_backoff = max_backoff_seconds
+        self._lease = lease_seconds
+        self._poll = min(poll_seconds, lease_seconds / 2)
+        self.owner = worker_identity()
         self._wake = threading.Condition()
         self._pending_wakeups = 0
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._reclaim_guard = threading.Lock()
+        self._next_reclaim = 0.0
 
-    def start(self, *, recover: bool = True) -> None:
-        """Start the threads; `recover` requeues jobs a crashed process left running.
-
-        Only the process that owns the store may recover: a second process (e.g. a foreground
-        backfill beside a running service) would steal the service's running jobs.
-        """
-        requeued = self._store.requeue_interrupted() if recover else []
-        for job in requeued:
-            logger.warning("job %s was interrupted by a restart; queued again", job.id)
-            self._logs.append(job.id, "interrupted by a service restart; queued again")
+    def start(self) -> None:
         for index in range(self._concurrency):
             thread = threading.Thread(
                 target=self._loop, name=f"mlflow-dock-worker-{index}", daemon=True
@@ -144,12 +271,18 @@ class WorkerPool:
         self._threads.clear()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stopping.is_set():
             try:
-                job = self._store.claim_next()
-            except Exception:
-                logger.exception("claiming a job failed; retrying")
-                job = None
+                self._reclaim_expired()
+                job = self._store.claim_next(owner=self.owner, lease_seconds=self._lease)
+            except Exception as exc:
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                logger.warning("claiming a job failed, retrying in %.0f s: %s", delay, exc)
+                self._stopping.wait(delay)
+                continue
+            failures = 0
             if job is None:
                 self._sleep()
                 continue
@@ -160,15 +293,34 @@ class WorkerPool:
                 logs=self._logs,
                 max_attempts=self._max_attempts,
                 backoff_seconds=self._backoff,
+                max_backoff_seconds=self._max_backoff,
+                lease_seconds=self._lease,
                 on_change=self._on_change,
             )
             if job.kind is JobKind.BUILD:
                 # A finished build may unblock alias jobs waiting on it.
                 self.notify()
 
+    def _reclaim_expired(self) -> None:
+        with self._reclaim_guard:
+            now = time.monotonic()
+            if now < self._next_reclaim:
+                return
+            self._next_reclaim = now + self._lease / 2
+        for job in self._store.reclaim_expired():
+            logger.warning("job %s: %s", job.id, job.error)
+            try:
+                self._logs.append(job.id, f"{job.error}")
+            except Exception:
+                logger.exception("writing the log of job %s failed", job.id)
+
     def _sleep(self) -> None:
         timeout = self._poll
-        wakeup = self._store.next_wakeup()
+        try:
+            wakeup = self._store.next_wakeup()
+        except Exception as exc:
+            logger.warning("reading the next wakeup failed: %s", exc)
+            wakeup = None
         if wakeup is not None:
             timeout = max(0.05, min(timeout, (wakeup - datetime.now(UTC)).total_seconds()))
         with self._wake:
