@@ -350,3 +350,14 @@ def test_sqlite_store_from_nul_key_era_stays_readable(tmp_path):
     assert reopened.build_for("m", "1").id == job.id
     assert reopened.request_build("m", "1")[0].id == job.id
     reopened.close()
+
+
+def test_supply_chain_references_are_recorded_with_the_outcome(store):
+    store.request_build("m", "1")
+    job = claim(store)
+    refs = {
+        name: f"r/m@sha256:{c * 64}" for name, c in zip(("sbom", "signature", "provenance"), "abc")
+    }
+    done = store.succeed(job.id, image="r/m:1", digest=DIGEST_A, owner=job.owner, **refs)
+    for got in (done, store.get(job.id)):
+        assert (got.sbom, got.signature, got.provenance) == tuple(refs.values())

@@ -20,6 +20,31 @@ def test_build_success_writes_image_with_digest_and_clears_error():
     assert update.delete_tags == ("mlflow_dock.error",)
 
 
+def test_build_success_writes_sbom_signature_and_provenance_references():
+    sbom, sig, att = (f"reg/m@sha256:{c * 64}" for c in "abc")
+    (update,) = updates_for(
+        job(
+            state=JobState.SUCCEEDED,
+            image="reg/m:3",
+            digest=DIGEST,
+            sbom=sbom,
+            signature=sig,
+            provenance=att,
+        )
+    )
+    assert update.set_tags["mlflow_dock.sbom"] == sbom
+    assert update.set_tags["mlflow_dock.signature"] == sig
+    assert update.set_tags["mlflow_dock.provenance"] == att
+
+
+def test_unsigned_build_writes_no_signature_tag():
+    (update,) = updates_for(
+        job(state=JobState.SUCCEEDED, image="reg/m:3", digest=DIGEST, sbom="reg/m@" + DIGEST)
+    )
+    assert "mlflow_dock.signature" not in update.set_tags
+    assert "mlflow_dock.provenance" not in update.set_tags
+
+
 def test_build_failure_writes_reason():
     (update,) = updates_for(job(state=JobState.FAILED, error="smoke test: 500"))
     assert update.set_tags == {

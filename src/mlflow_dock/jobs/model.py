@@ -85,6 +85,10 @@ class Job:
     note: str | None = None
     # Set on failed jobs: True when retrying cannot help (reconciliation leaves those alone).
     permanent: bool = False
+    # Supply-chain artifacts attached to a built image ("<repository>@sha256:..." of each).
+    sbom: str | None = None
+    signature: str | None = None
+    provenance: str | None = None
     # The lease of a running job (see store.py): which worker runs it, and until when.
     owner: str | None = None
     lease_expires_at: datetime | None = None
@@ -104,6 +108,9 @@ class JobOutcome:
     digest: str
     tags: tuple[str, ...] = ()
     note: str | None = None
+    sbom: str | None = None
+    signature: str | None = None
+    provenance: str | None = None
 
 
 class Runner(Protocol):

@@ -91,6 +91,10 @@ class _JobRow(_Base):
     # The lease of a RUNNING job: who runs it and until when, renewed by its heartbeat.
     owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # "<repository>@sha256:..." of the SBOM, signature and provenance attached to the image.
+    sbom: Mapped[str | None] = mapped_column(String(700))
+    signature: Mapped[str | None] = mapped_column(String(700))
+    provenance: Mapped[str | None] = mapped_column(String(700))
     # When a message for this queued job was last handed to the broker (celery executor);
     # NULL means no message is out, so the sweeper sends one once the job is runnable.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -179,6 +183,9 @@ def _to_job(row: _JobRow) -> Job:
         permanent=bool(row.permanent),
         owner=row.owner,
         lease_expires_at=_aware(row.lease_expires_at),
+        sbom=row.sbom,
+        signature=row.signature,
+        provenance=row.provenance,
     )
 
 
@@ -659,6 +666,9 @@ class JobStore:
         tags: tuple[str, ...] = (),
         note: str | None = None,
         owner: str | None = None,
+        sbom: str | None = None,
+        signature: str | None = None,
+        provenance: str | None = None,
     ) -> Job:
         return self._transition(
             job_id,
@@ -670,6 +680,9 @@ class JobStore:
             finished_at=utcnow(),
             error=None,
             note=note,
+            sbom=sbom,
+            signature=signature,
+            provenance=provenance,
         )
 
     def fail(

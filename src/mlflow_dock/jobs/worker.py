@@ -179,6 +179,9 @@ def _run_and_record(
             tags=outcome.tags,
             note=outcome.note,
             owner=owner,
+            sbom=outcome.sbom,
+            signature=outcome.signature,
+            provenance=outcome.provenance,
         )
     )
     if outcome.note:

@@ -4,6 +4,10 @@ Tags set on the version:
     mlflow_dock.status          queued | running | succeeded | failed
     mlflow_dock.image           <registry>/<repository>@sha256:...   (after a successful push)
     mlflow_dock.error           the failure reason                    (only while failed)
+    mlflow_dock.sbom            <registry>/<repository>@sha256:...   (the CycloneDX SBOM manifest)
+    mlflow_dock.signature       <registry>/<repository>@sha256:...   (cosign signature manifest;
+                                                                       only with a signing key)
+    mlflow_dock.provenance      <registry>/<repository>@sha256:...   (SLSA provenance; ditto)
     mlflow_dock.alias.<alias>   <registry>/<repository>:<alias tag>   (while the alias points here)
 
 Write-back is best effort by design: a failure is logged and retried in the background and
@@ -46,6 +50,13 @@ def updates_for(job: Job) -> list[TagUpdate]:
         deletes: tuple[str, ...] = ()
         if job.state is JobState.SUCCEEDED and job.image and job.digest:
             tags[f"{TAG_PREFIX}image"] = pinned(job.image, job.digest)
+            for name, reference in (
+                ("sbom", job.sbom),
+                ("signature", job.signature),
+                ("provenance", job.provenance),
+            ):
+                if reference:
+                    tags[f"{TAG_PREFIX}{name}"] = reference
             deletes = (f"{TAG_PREFIX}error",)
         elif job.state is JobState.FAILED:
             tags[f"{TAG_PREFIX}error"] = (job.error or "unknown error")[:_MAX_VALUE]
