@@ -145,6 +145,12 @@ _SERVE = json.dumps(
 )
 
 
+# The same command and health check as JSON lists, for images assembled without a Dockerfile
+# (build/native.py): both builders' images must start the same way.
+SERVE_COMMAND: tuple[str, ...] = tuple(json.loads(_SERVE))
+HEALTHCHECK_COMMAND: tuple[str, ...] = tuple(json.loads(_HEALTHCHECK))
+
+
 def render_runtime_dockerfile(spec: ImageSpec) -> str:
     """Everything but the model: built once per runtime key and tagged locally.
 

@@ -1,0 +1,211 @@
+"""What the native builder must know about a base image, read through the registry API.
+
+No engine runs the base image: its manifest and config come from the registry, and its layers
+are read as tar streams for three facts:
+
+* glibc version, from the dpkg status file's ``libc6`` entry: it picks the manylinux tag wheels
+  are chosen for;
+* where its Python lives (``usr/local/bin/python3.X`` as in the official python images, else
+  ``usr/bin/python3.X`` as in Debian's): the virtualenv's ``home``;
+* which shared libraries it has, to find extensions whose DT_NEEDED it cannot satisfy.
+
+Scanning the layers downloads them once per base image digest; the facts are cached on disk by
+that digest (a tag may move, a digest never changes).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from mlflow_dock.build.wheels import Platform
+from mlflow_dock.errors import PermanentError
+from mlflow_dock.oci.manifest import DOCKER_MANIFEST_LIST, OCI_INDEX, Manifest
+from mlflow_dock.oci.remote import RegistryClient
+
+__all__ = ["BaseFacts", "BaseImage", "NotNativeBase", "resolve_base", "scan_layers"]
+
+_PYTHON_RE: Final = re.compile(r"^(usr/local/bin|usr/bin)/python(3\.\d+)$")
+_GLIBC_RE: Final = re.compile(r"^(\d+)\.(\d+)")
+_INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+_FACTS_FORMAT: Final = 1
+
+
+class NotNativeBase(PermanentError):
+    """The base image cannot carry a natively built runtime (no glibc, no Python, no match)."""
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    glibc: tuple[int, int]
+    pythons: dict[str, str]  # "3.11" -> "/usr/bin/python3.11"
+    libraries: frozenset[str]  # basenames of shared objects anywhere in the image
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": _FACTS_FORMAT,
+                "glibc": list(self.glibc),
+                "pythons": self.pythons,
+                "libraries": sorted(self.libraries),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> BaseFacts | None:
+        data = json.loads(text)
+        if data.get("format") != _FACTS_FORMAT:
+            return None
+        return cls(
+            glibc=(int(data["glibc"][0]), int(data["glibc"][1])),
+            pythons=dict(data["pythons"]),
+            libraries=frozenset(data["libraries"]),
+        )
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """One platform's image of the base: what the builder stacks its layers on."""
+
+    host: str
+    repository: str  # inside the registry
+    platform: Platform
+    manifest: Manifest
+    config: dict[str, Any]
+    layers: tuple[dict[str, Any], ...]  # the manifest's layer descriptors
+    facts: BaseFacts
+
+    def python_for(self, version: str) -> str:
+        major_minor = ".".join(version.split(".")[:2])
+        path = self.facts.pythons.get(major_minor)
+        if path is None:
+            have = ", ".join(sorted(self.facts.pythons)) or "none"
+            raise NotNativeBase(
+                f"base image {self.host}/{self.repository} has no Python {major_minor} "
+                f"(it has: {have})"
+            )
+        return path
+
+
+def _glibc_from_dpkg(status: str) -> tuple[int, int] | None:
+    for paragraph in status.split("\n\n"):
+        fields = dict(
+            line.split(":", 1) for line in paragraph.splitlines() if ":" in line and line[:1] != " "
+        )
+        if fields.get("Package", "").strip() == "libc6":
+            match = _GLIBC_RE.match(fields.get("Version", "").strip())
+            if match:
+                return int(match.group(1)), int(match.group(2))
+    return None
+
+
+def scan_layers(blobs: list[bytes]) -> BaseFacts:
+    """The facts from the layers' gzip (or plain) tar blobs, bottom layer first."""
+    status: str | None = None
+    pythons: dict[str, str] = {}
+    libraries: dict[str, str] = {}  # path -> basename, so whiteouts can remove entries
+    for blob in blobs:
+        data = blob
+        if blob[:2] == b"\x1f\x8b":
+            data = gzip.decompress(blob)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").lstrip("/")
+                base = PurePosixPath(name).name
+                if base.startswith(".wh."):
+                    removed = str(PurePosixPath(name).parent / base[4:])
+                    libraries.pop(removed, None)
+                    for version, path in list(pythons.items()):
+                        if path.lstrip("/") == removed:
+                            del pythons[version]
+                    continue
+                if name == "var/lib/dpkg/status" and member.isfile():
+                    file = tar.extractfile(member)
+                    if file is not None:
+                        status = file.read().decode("utf-8", "replace")
+                match = _PYTHON_RE.match(name)
+                if match and (member.isfile() or member.issym() or member.islnk()):
+                    version = match.group(2)
+                    # The official python images' own build wins over a distro python.
+                    if version not in pythons or match.group(1) == "usr/local/bin":
+                        pythons[version] = "/" + name
+                if ".so" in base and not member.isdir():
+                    libraries[name] = base
+    glibc = _glibc_from_dpkg(status) if status is not None else None
+    if glibc is None:
+        raise NotNativeBase(
+            "base image has no dpkg status with libc6 (not a glibc Debian/Ubuntu image), so "
+            "no manylinux tag can be chosen for it"
+        )
+    return BaseFacts(glibc=glibc, pythons=pythons, libraries=frozenset(libraries.values()))
+
+
+def _platform_manifest(
+    registry: RegistryClient, repository: str, reference: str, platform: Platform
+) -> Manifest:
+    manifest = registry.get_manifest(repository, reference)
+    document = json.loads(manifest.body)
+    if manifest.media_type in _INDEX_TYPES or "manifests" in document:
+        for entry in document.get("manifests", []):
+            wanted = entry.get("platform") or {}
+            if wanted.get("os") == platform.os and wanted.get("architecture") == (
+                platform.architecture
+            ):
+                return registry.get_manifest(repository, str(entry["digest"]))
+        raise NotNativeBase(f"base image {repository}:{reference} has no {platform} image")
+    return manifest
+
+
+def resolve_base(
+    registry: RegistryClient,
+    repository: str,
+    reference: str,
+    platform: Platform,
+    *,
+    cache_dir: Path,
+) -> BaseImage:
+    """The base image for ``platform``, with its facts (scanned once per manifest digest)."""
+    manifest = _platform_manifest(registry, repository, reference, platform)
+    document = json.loads(manifest.body)
+    config_bytes = registry.get_blob(repository, str(document["config"]["digest"]))
+    config = json.loads(config_bytes)
+    architecture = config.get("architecture")
+    if architecture and architecture != platform.architecture:
+        raise NotNativeBase(
+            f"base image {repository}:{reference} is {config.get('os')}/{architecture}, "
+            f"not {platform}"
+        )
+    layers = tuple(document.get("layers", []))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = cache_dir / f"{manifest.digest.replace(':', '-')}.json"
+    facts: BaseFacts | None = None
+    if cached.is_file():
+        try:
+            facts = BaseFacts.from_json(cached.read_text())
+        except (ValueError, KeyError):
+            facts = None
+    if facts is None:
+        blobs = [registry.get_blob(repository, str(layer["digest"])) for layer in layers]
+        try:
+            facts = scan_layers(blobs)
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+            raise NotNativeBase(f"cannot read base image layers: {exc}") from exc
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(facts.to_json())
+        tmp.replace(cached)
+    return BaseImage(
+        host=registry.host,
+        repository=repository,
+        platform=platform,
+        manifest=manifest,
+        config=config,
+        layers=layers,
+        facts=facts,
+    )

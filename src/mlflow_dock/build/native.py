@@ -1,0 +1,611 @@
+"""The engine-free builder: a model version's image assembled from wheels in the registry.
+
+As ko and Jib do, nothing is built in a container: the base image's manifest and config are
+read from the registry, the model's requirements are installed on the worker by uv for the
+*target* platform (:mod:`~mlflow_dock.build.wheels`), what was installed is packed as
+deterministic layers, one per installed distribution (:mod:`~mlflow_dock.build.layers`), and
+the image is written to the registry as blobs, a config and a manifest. No Docker Engine, no
+root, no emulation for other architectures.
+
+Image layout (the same paths as the engine-built runtime, see build/dockerfile.py):
+
+    base image layers (mounted from the base repository when on the same registry)
+    virtualenv layer:   /opt/mlflow-dock/venv/{pyvenv.cfg, bin/python -> base Python},
+                        /home/mlflow owned by 10001
+    one layer per installed distribution, in site-packages (+ its console scripts in bin/)
+    model layer:        /opt/ml/model (history "COPY model/ /opt/ml/model/", so the registry
+                        fast path of build/assembly.py can replace it for the next version)
+
+Whatever cannot be built this way raises :class:`NativeNotApplicable` before anything is
+written: a requirement without a wheel for the target, an extension needing a shared library
+that neither the base image nor the wheels have, a base image without glibc or the model's
+Python. The runner then falls back to the engine, or fails with one line naming both ways out.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from mlflow_dock.build import layers as layerlib
+from mlflow_dock.build import wheels
+from mlflow_dock.build.baseimage import BaseImage, NotNativeBase, resolve_base
+from mlflow_dock.build.dockerfile import (
+    HEALTHCHECK_COMMAND,
+    MODEL_DIR,
+    RUNTIME_UID,
+    SERVE_COMMAND,
+    SERVING_PORT,
+    VENV_DIR,
+)
+from mlflow_dock.build.elf import read_elf
+from mlflow_dock.build.layercache import CachedLayer, LayerCache
+from mlflow_dock.build.wheels import Distribution, NoWheel, Platform
+from mlflow_dock.errors import PermanentError
+from mlflow_dock.jobs.model import LogSink
+from mlflow_dock.oci.manifest import (
+    DOCKER_LAYER,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Manifest,
+)
+from mlflow_dock.oci.mutate import write_model_layer
+from mlflow_dock.oci.reference import ImageRef
+from mlflow_dock.oci.remote import RegistryClient
+
+__all__ = [
+    "MissingLibrary",
+    "NativeBuilder",
+    "NativeConfig",
+    "NativeNotApplicable",
+    "NativeResult",
+    "base_reference",
+    "native_runtime_key",
+]
+
+HOME_DIR: Final = "/home/mlflow"
+CREATED_BY: Final = "mlflow-dock native"
+# Loaded by the dynamic loader itself or always part of glibc's ABI: never in a wheel.
+_ALWAYS_PRESENT: Final = frozenset({"linux-vdso.so.1"})
+
+
+class NativeNotApplicable(PermanentError):
+    """This model cannot be built without an engine; ``package`` names the culprit if known."""
+
+    def __init__(self, message: str, *, package: str | None = None) -> None:
+        super().__init__(message)
+        self.package = package
+
+
+class MissingLibrary(NativeNotApplicable):
+    """An extension module needs a shared library that neither the base nor its wheel has."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NativeConfig:
+    platforms: tuple[Platform, ...]
+    cache_dir: Path  # uv's cache and the base-image facts; one filesystem with the work dir
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    ca_bundle: bytes | None = None
+    timeout_seconds: float = 1800
+    workers: int = 4
+
+
+@dataclass
+class Counts:
+    uploaded: int = 0
+    mounted: int = 0
+    present: int = 0
+    tarred: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.uploaded} blob(s) uploaded, {self.mounted} mounted, "
+            f"{self.present} already there; {self.tarred} layer(s) packed"
+        )
+
+
+@dataclass(frozen=True)
+class NativeResult:
+    repository: str
+    manifest: Manifest = field(repr=False)
+    platform_digests: dict[str, str]
+    counts: Counts
+    packages: int
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    def tag(self, registry: RegistryClient, tag: str) -> str:
+        return registry.put_manifest(self.repository, tag, self.manifest)
+
+
+def native_runtime_key(engine_key: str, platforms: tuple[Platform, ...]) -> str:
+    """The runtime key of a natively built image: same inputs, other layout than the engine's."""
+    text = f"native/{layerlib.LAYOUT_VERSION}/{engine_key}/" + ",".join(map(str, platforms))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def base_reference(base_image: str) -> ImageRef:
+    """MLFLOW_DOCK_BASE_IMAGE as a registry reference; Docker Hub names get their host."""
+    first, slash, _ = base_image.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        base_image = "docker.io/" + (base_image if slash else f"library/{base_image}")
+    try:
+        ref = ImageRef.parse(base_image)
+    except ValueError as exc:
+        raise NotNativeBase(
+            f"MLFLOW_DOCK_BASE_IMAGE={base_image!r} is not a registry reference: {exc}"
+        ) from exc
+    if ref.tag is None and ref.digest is None:
+        ref = ref.with_tag("latest")
+    return ref
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_libraries(
+    site: Path, dists: Sequence[Distribution], base: BaseImage, platform: Platform
+) -> None:
+    """Every ELF in the install is for ``platform`` and finds its DT_NEEDED libraries."""
+    owner: dict[str, str] = {}
+    for dist in dists:
+        for relative in dist.files:
+            owner[relative] = dist.name
+    shipped: set[str] = set()
+    elves: list[tuple[str, tuple[str, ...], str]] = []
+    for root, _dirs, files in os.walk(site):
+        for name in files:
+            shipped.add(name)
+            if ".so" not in name:
+                continue
+            path = Path(root) / name
+            info = read_elf(path)
+            if info is None:
+                continue
+            relative = path.relative_to(site).as_posix()
+            if info.soname:
+                shipped.add(info.soname)
+            if info.machine != platform.machine:
+                raise NativeNotApplicable(
+                    f"package '{owner.get(relative, relative)}' installed a {info.machine} "
+                    f"binary ({relative}) for {platform}",
+                    package=owner.get(relative),
+                )
+            elves.append((relative, info.needed, owner.get(relative, relative)))
+    available = base.facts.libraries | shipped | _ALWAYS_PRESENT
+    for relative, needed, package in sorted(elves):
+        missing = [lib for lib in needed if lib not in available]
+        if missing:
+            raise MissingLibrary(
+                f"package '{package}' needs {', '.join(missing)} ({relative}), which base image "
+                f"{base.host}/{base.repository} does not have",
+                package=package,
+            )
+
+
+# --------------------------------------------------------------------------- builder
+
+
+class NativeBuilder:
+    def __init__(self, config: NativeConfig, *, cache: LayerCache | None = None) -> None:
+        self._config = config
+        self._cache = cache
+
+    @property
+    def platforms(self) -> tuple[Platform, ...]:
+        return self._config.platforms
+
+    def build(
+        self,
+        registry: RegistryClient,
+        repository: str,
+        *,
+        base_registry: RegistryClient,
+        base_image: str,
+        model_dir: Path,
+        python_version: str,
+        requirements: str,
+        labels: dict[str, str],
+        work: Path,
+        log: LogSink,
+    ) -> NativeResult:
+        """Write the image (an index for several platforms) to ``repository``, untagged."""
+        base_ref = base_reference(base_image)
+        work.mkdir(parents=True, exist_ok=True)
+        counts = Counts()
+        ca_path: Path | None = None
+        if self._config.ca_bundle is not None:
+            ca_path = work / "ca-bundle.crt"
+            ca_path.write_bytes(self._config.ca_bundle)
+        started = time.monotonic()
+        # Everything that can refuse the native build runs before the first blob is written.
+        plans = []
+        for platform in self._config.platforms:
+            base = resolve_base(
+                base_registry,
+                base_ref.path,
+                base_ref.digest or base_ref.tag or "latest",
+                platform,
+                cache_dir=self._config.cache_dir / "base-images",
+            )
+            python = base.python_for(python_version)
+            site = work / f"site-{platform.architecture}"
+            try:
+                dists = wheels.install(
+                    requirements,
+                    site,
+                    platform=platform,
+                    python_version=python_version,
+                    glibc=base.facts.glibc,
+                    cache_dir=self._config.cache_dir / "uv",
+                    index_url=self._config.index_url,
+                    extra_index_urls=self._config.extra_index_urls,
+                    ca_bundle=ca_path,
+                    timeout=self._config.timeout_seconds,
+                )
+            except NoWheel as exc:
+                raise NativeNotApplicable(str(exc), package=exc.package) from exc
+            check_libraries(site, dists, base, platform)
+            log(
+                f"{platform}: {len(dists)} packages installed for "
+                f"{platform.python_platform(base.facts.glibc)}, Python {python} "
+                f"({time.monotonic() - started:.1f}s)"
+            )
+            plans.append((platform, base, python, site, dists))
+
+        with ThreadPoolExecutor(self._config.workers, thread_name_prefix="native") as pool:
+            model = pool.submit(self._model_layer, model_dir, work, registry, repository, counts)
+            manifests: list[tuple[Platform, Manifest]] = []
+            for platform, base, python, site, dists in plans:
+                manifest = self._platform_image(
+                    pool,
+                    registry,
+                    repository,
+                    base=base,
+                    base_registry=base_registry,
+                    python=python,
+                    python_version=python_version,
+                    site=site,
+                    dists=dists,
+                    model=model.result,
+                    labels=labels,
+                    work=work,
+                    counts=counts,
+                )
+                registry.put_manifest_by_digest(repository, manifest)
+                manifests.append((platform, manifest))
+        if len(manifests) == 1:
+            result_manifest = manifests[0][1]
+        else:
+            result_manifest = _index(manifests)
+            registry.put_manifest_by_digest(repository, result_manifest)
+        log(f"assembled {repository}@{result_manifest.digest} without an engine: {counts}")
+        return NativeResult(
+            repository=repository,
+            manifest=result_manifest,
+            platform_digests={str(p): m.digest for p, m in manifests},
+            counts=counts,
+            packages=max(len(plan[4]) for plan in plans),
+        )
+
+    # -- layers ---------------------------------------------------------------------------
+
+    def _model_layer(
+        self, model_dir: Path, work: Path, registry: RegistryClient, repository: str, counts: Counts
+    ) -> layerlib.LayerDigests:
+        path = work / "model-layer.tar.gz"
+        with path.open("wb") as out:
+            written = write_model_layer(model_dir, out, target=MODEL_DIR)
+        layer = layerlib.LayerDigests(written.digest, written.diff_id, written.size)
+        self._ensure_blob(registry, repository, layer.digest, path, counts)
+        return layer
+
+    def _ensure_blob(
+        self,
+        registry: RegistryClient,
+        repository: str,
+        digest: str,
+        data: Path | bytes,
+        counts: Counts,
+    ) -> None:
+        if registry.blob_exists(repository, digest):
+            counts.present += 1
+            return
+        registry.upload_blob(repository, data, digest)
+        counts.uploaded += 1
+
+    def _base_layer(
+        self,
+        registry: RegistryClient,
+        repository: str,
+        base: BaseImage,
+        base_registry: RegistryClient,
+        digest: str,
+        counts: Counts,
+    ) -> None:
+        if registry.blob_exists(repository, digest):
+            counts.present += 1
+            return
+        if base.host == registry.host and registry.mount_blob(repository, digest, base.repository):
+            counts.mounted += 1
+            return
+        # Another registry (or one that does not mount): copy the blob through this worker.
+        registry.upload_blob(repository, base_registry.get_blob(base.repository, digest), digest)
+        counts.uploaded += 1
+
+    def _package_layer(
+        self,
+        registry: RegistryClient,
+        repository: str,
+        group: layerlib.PackageGroup,
+        site: Path,
+        layout: layerlib.VenvLayout,
+        work: Path,
+        counts: Counts,
+    ) -> layerlib.LayerDigests:
+        host = registry.host
+        cached = self._cache.get(host, group.key) if self._cache is not None else None
+        if cached is not None:
+            found = registry.blob_exists(repository, cached.digest)
+            if found:
+                counts.present += 1
+            elif cached.repository != repository and registry.mount_blob(
+                repository, cached.digest, cached.repository
+            ):
+                counts.mounted += 1
+                found = True
+            if found:
+                self._remember(host, group, cached.digest, cached.diff_id, cached.size, repository)
+                return layerlib.LayerDigests(cached.digest, cached.diff_id, cached.size)
+        entries: list[layerlib.Entry] = []
+        for dist in group.distributions:
+            entries.extend(layerlib.distribution_entries(dist, site, layout))
+        with tempfile.NamedTemporaryFile(dir=work, suffix=".tar.gz", delete=False) as out:
+            path = Path(out.name)
+            layer = layerlib.write_layer(entries, out)
+        counts.tarred += 1
+        try:
+            self._ensure_blob(registry, repository, layer.digest, path, counts)
+        finally:
+            path.unlink(missing_ok=True)
+        self._remember(host, group, layer.digest, layer.diff_id, layer.size, repository)
+        return layer
+
+    def _remember(
+        self,
+        host: str,
+        group: layerlib.PackageGroup,
+        digest: str,
+        diff_id: str,
+        size: int,
+        repository: str,
+    ) -> None:
+        if self._cache is not None:
+            self._cache.put(
+                host, group.key, CachedLayer(digest, diff_id, size, repository), label=group.label
+            )
+
+    def _platform_image(
+        self,
+        pool: ThreadPoolExecutor,
+        registry: RegistryClient,
+        repository: str,
+        *,
+        base: BaseImage,
+        base_registry: RegistryClient,
+        python: str,
+        python_version: str,
+        site: Path,
+        dists: Sequence[Distribution],
+        model: Callable[[], layerlib.LayerDigests],
+        labels: dict[str, str],
+        work: Path,
+        counts: Counts,
+    ) -> Manifest:
+        major_minor = ".".join(python_version.split(".")[:2])
+        layout = layerlib.VenvLayout(VENV_DIR, major_minor)
+        sizes = {d.dist_info: layerlib.installed_size(d, site) for d in dists}
+        groups = layerlib.group_distributions(
+            dists, sizes, layout, max_layers=layerlib.package_layer_budget(len(base.layers))
+        )
+        base_jobs = [
+            pool.submit(
+                self._base_layer,
+                registry,
+                repository,
+                base,
+                base_registry,
+                str(layer["digest"]),
+                counts,
+            )
+            for layer in base.layers
+        ]
+        venv_bytes, venv = _venv_layer(layout, python)
+        venv_job = pool.submit(
+            self._ensure_blob, registry, repository, venv.digest, venv_bytes, counts
+        )
+        package_jobs = [
+            pool.submit(
+                self._package_layer, registry, repository, group, site, layout, work, counts
+            )
+            for group in groups
+        ]
+        for job in base_jobs:
+            job.result()
+        venv_job.result()
+        package_layers = [job.result() for job in package_jobs]
+        model_layer = model()
+
+        created = _created()
+        config = _config(
+            base,
+            labels=labels,
+            created=created,
+            history=[
+                ("virtualenv " + VENV_DIR + f" (home {os.path.dirname(python)})", venv),
+                *(
+                    (f"uv pip install {group.label} # {CREATED_BY}", layer)
+                    for group, layer in zip(groups, package_layers, strict=True)
+                ),
+                (f"COPY model/ {MODEL_DIR}/ # {CREATED_BY}", model_layer),
+            ],
+        )
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        self._ensure_blob(registry, repository, config_digest, config, counts)
+        descriptors = [
+            {
+                "mediaType": OCI_LAYER
+                if layer.get("mediaType") == DOCKER_LAYER
+                else layer.get("mediaType", OCI_LAYER),
+                "digest": layer["digest"],
+                "size": layer["size"],
+            }
+            for layer in base.layers
+        ]
+        for layer in (venv, *package_layers, model_layer):
+            descriptors.append({"mediaType": OCI_LAYER, "digest": layer.digest, "size": layer.size})
+        document = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": descriptors,
+        }
+        return Manifest.from_bytes(
+            json.dumps(document, separators=(",", ":")).encode(), OCI_MANIFEST
+        )
+
+
+def _created() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    moment = datetime.fromtimestamp(int(epoch), UTC) if epoch.isdigit() else datetime.now(UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _venv_layer(layout: layerlib.VenvLayout, python: str) -> tuple[bytes, layerlib.LayerDigests]:
+    """pyvenv.cfg with ``home`` at the base Python, bin/python links, and the user's home."""
+    home = os.path.dirname(python)
+    cfg = (
+        f"home = {home}\n"
+        "include-system-site-packages = false\n"
+        f"version = {layout.python_version}\n"
+        f"executable = {python}\n"
+    ).encode()
+    venv = layout.venv.lstrip("/")
+    entries = [
+        layerlib.Entry(f"{venv}/pyvenv.cfg", data=cfg),
+        layerlib.Entry(f"{venv}/bin", kind=layerlib.DIR, mode=0o755),
+        layerlib.Entry(f"{venv}/bin/python", kind=layerlib.SYMLINK, linkname=python),
+        layerlib.Entry(f"{venv}/bin/python3", kind=layerlib.SYMLINK, linkname="python"),
+        layerlib.Entry(
+            f"{venv}/bin/python{layout.python_version}", kind=layerlib.SYMLINK, linkname="python"
+        ),
+        layerlib.Entry(layout.site_packages.lstrip("/"), kind=layerlib.DIR, mode=0o755),
+        layerlib.Entry(
+            HOME_DIR.lstrip("/"), kind=layerlib.DIR, mode=0o755, uid=RUNTIME_UID, gid=RUNTIME_UID
+        ),
+    ]
+    buffer = io.BytesIO()
+    digests = layerlib.write_layer(entries, buffer)
+    return buffer.getvalue(), digests
+
+
+def _env_list(base_env: list[str], updates: dict[str, str]) -> list[str]:
+    env: dict[str, str] = {}
+    for item in base_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(updates)
+    env["PATH"] = f"{VENV_DIR}/bin:{path}"
+    return [f"{key}={value}" for key, value in env.items()]
+
+
+def _config(
+    base: BaseImage,
+    *,
+    labels: dict[str, str],
+    created: str,
+    history: list[tuple[str, layerlib.LayerDigests]],
+) -> bytes:
+    image: dict[str, Any] = copy.deepcopy(base.config)
+    for stale in ("container", "container_config", "docker_version", "id", "parent"):
+        image.pop(stale, None)
+    image["created"] = created
+    image["os"] = base.platform.os
+    image["architecture"] = base.platform.architecture
+    if base.platform.variant:
+        image["variant"] = base.platform.variant
+    container = dict(image.get("config") or {})
+    container["Env"] = _env_list(
+        list(container.get("Env") or []),
+        {
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "LANG": "C.UTF-8",
+            "HOME": HOME_DIR,
+            "__pyfunc_model_path__": MODEL_DIR,
+            "MLFLOW_DOCK_SERVING_PORT": str(SERVING_PORT),
+        },
+    )
+    container["User"] = f"{RUNTIME_UID}:{RUNTIME_UID}"
+    container["Cmd"] = list(SERVE_COMMAND)
+    container["Entrypoint"] = None
+    container["ExposedPorts"] = {f"{SERVING_PORT}/tcp": {}}
+    container["Healthcheck"] = {
+        "Test": ["CMD", *HEALTHCHECK_COMMAND],
+        "Interval": 30_000_000_000,
+        "Timeout": 5_000_000_000,
+        "StartPeriod": 60_000_000_000,
+        "Retries": 3,
+    }
+    container["Labels"] = {**(container.get("Labels") or {}), **labels}
+    image["config"] = container
+    base_diff_ids = list((image.get("rootfs") or {}).get("diff_ids") or [])
+    base_history = [h for h in image.get("history") or [] if isinstance(h, dict)]
+    if sum(1 for h in base_history if not h.get("empty_layer")) != len(base_diff_ids):
+        # History must describe every layer (registry assembly of the next version counts).
+        base_history = [{"created_by": "base image layer"} for _ in base_diff_ids]
+    image["rootfs"] = {
+        "type": "layers",
+        "diff_ids": base_diff_ids + [layer.diff_id for _, layer in history],
+    }
+    image["history"] = base_history + [
+        {"created": created, "created_by": created_by, "comment": CREATED_BY}
+        for created_by, _ in history
+    ]
+    return json.dumps(image, separators=(",", ":")).encode()
+
+
+def _index(manifests: list[tuple[Platform, Manifest]]) -> Manifest:
+    entries = []
+    for platform, manifest in manifests:
+        described: dict[str, str] = {"os": platform.os, "architecture": platform.architecture}
+        if platform.variant:
+            described["variant"] = platform.variant
+        entries.append(
+            {
+                "mediaType": manifest.media_type,
+                "digest": manifest.digest,
+                "size": len(manifest.body),
+                "platform": described,
+            }
+        )
+    document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    return Manifest.from_bytes(json.dumps(document, separators=(",", ":")).encode(), OCI_INDEX)
