@@ -1,0 +1,76 @@
+"""Step timings recorded into a real store, as the worker and runner produce them."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_dock.jobs.steps import (
+    ATTEMPT_FAILED,
+    ATTEMPT_SUCCEEDED,
+    STEP_FAILED,
+    STEP_OK,
+    STEP_RUNNING,
+    StepRecorder,
+    current,
+    enter_step,
+)
+from mlflow_dock.jobs.store import JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield store
+    store.close()
+
+
+def test_entering_a_step_ends_the_previous_one(store):
+    job, _ = store.request_build("m", "1")
+    recorder = StepRecorder(store, job_id=job.id, attempt=1, kind="build")
+    with recorder.active():
+        assert current() is recorder
+        enter_step("resolve")
+        enter_step("build")
+        running = store.steps_for([job.id])[job.id]
+        assert [(s.name, s.outcome) for s in running] == [
+            ("resolve", STEP_OK),
+            ("build", STEP_RUNNING),
+        ]
+        assert running[0].seconds is not None and running[1].seconds is None
+    assert current() is None
+    recorder.finish(ATTEMPT_SUCCEEDED)
+    steps = store.steps_for([job.id])[job.id]
+    assert [(s.name, s.outcome) for s in steps] == [("resolve", STEP_OK), ("build", STEP_OK)]
+
+
+def test_the_step_open_at_a_failure_is_its_cause(store):
+    job, _ = store.request_build("m", "1")
+    recorder = StepRecorder(store, job_id=job.id, attempt=2, kind="build")
+    recorder.enter("resolve")
+    recorder.enter("smoke")
+    recorder.finish(ATTEMPT_FAILED)
+    assert recorder.failed_step == "smoke"
+    steps = store.steps_for([job.id])[job.id]
+    assert steps[-1].outcome == STEP_FAILED and steps[-1].attempt == 2
+    assert store.figures(bucket_bounds=(1.0,)).smoke_failures == 1
+
+
+def test_enter_step_outside_a_job_does_nothing():
+    enter_step("resolve")  # e.g. `mlflow-dock build` in the foreground
+
+
+def test_a_store_failure_never_fails_the_job(store):
+    class Broken:
+        def start_step(self, *_args):
+            raise OSError("disk full")
+
+        def finish_step(self, *_args):
+            raise OSError("disk full")
+
+        def record_attempt(self, *_args, **_kwargs):
+            raise OSError("disk full")
+
+    recorder = StepRecorder(Broken(), job_id="j", attempt=1, kind="build")
+    recorder.enter("resolve")
+    recorder.enter("push")
+    recorder.finish(ATTEMPT_SUCCEEDED)
