@@ -15,6 +15,7 @@ from functools import cached_property
 
 from fastapi import FastAPI
 
+from mlflow_dock import __version__
 from mlflow_dock.build.engine import DockerEngine
 from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
@@ -35,6 +36,8 @@ from mlflow_dock.mlflow.writeback import MlflowWriteBack
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
 from mlflow_dock.settings import Settings
+from mlflow_dock.supply.attach import SupplyChain
+from mlflow_dock.supply.signing import Signer, load_signer
 
 __all__ = ["Components", "Service", "build_service", "create_asgi_app"]
 
@@ -143,6 +146,32 @@ class Components:
             build_timeout_seconds=s.build_timeout_seconds,
             ecr_create_repositories=s.ecr_create_repositories,
         )
+
+    @cached_property
+    def signer(self) -> Signer | None:
+        """The image signing key, or None (images get an SBOM but no signature)."""
+        key, password = self.settings.signing_key, self.settings.signing_key_password
+        if key is None:
+            return None
+        # An unreadable key or a wrong password is a one-line ConfigError at start.
+        return load_signer(key, password.get_secret_value() if password is not None else None)
+
+    @cached_property
+    def supply(self) -> SupplyChain:
+        return SupplyChain(
+            registry_factory=self.registry,
+            signer=self.signer,
+            tool_version=__version__,
+            cache_dir=self.settings.data_dir / "layer-scans",
+            resolve_base=self._base_image_digest,
+        )
+
+    def _base_image_digest(self, reference: str) -> str | None:
+        # The engine knows the base it built on: its registry digest if it was pulled from one,
+        # otherwise only its image id (a base built locally).
+        image = self.engine.client.images.get(reference)
+        repo_digests = image.attrs.get("RepoDigests") or []
+        return str(repo_digests[0]) if repo_digests else str(image.id)
 
     @cached_property
     def runner(self) -> JobRunner:

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_API_TOKEN")
     )
+    # cosign-compatible signing of every published image (PEM ECDSA P-256 or a cosign key).
+    signing_key: Path | None = Field(default=None, validation_alias=_env("MLFLOW_DOCK_SIGNING_KEY"))
+    signing_key_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_SIGNING_KEY_PASSWORD")
+    )
     build_ca_bundle: Path | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_BUILD_CA_BUNDLE")
     )
@@ -157,7 +162,7 @@ class Settings(BaseSettings):
             raise ValueError("must name a registry host")
         return f"{host}/{prefix}" if prefix else host
 
-    @field_validator("tls_cert_file", "tls_key_file", "build_ca_bundle")
+    @field_validator("tls_cert_file", "tls_key_file", "build_ca_bundle", "signing_key")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -217,6 +222,8 @@ class Settings(BaseSettings):
         values.extend(self.pip_extra_index_url_list)
         if self.api_token is not None:
             values.append(self.api_token.get_secret_value())
+        if self.signing_key_password is not None:
+            values.append(self.signing_key_password.get_secret_value())
         if self.broker_url is not None:
             broker = self.broker_url.get_secret_value()
             values.append(broker)

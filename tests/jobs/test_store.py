@@ -356,7 +356,9 @@ def test_supply_chain_references_are_recorded_with_the_outcome(store):
     store.request_build("m", "1")
     job = claim(store)
     refs = {
-        name: f"r/m@sha256:{c * 64}" for name, c in zip(("sbom", "signature", "provenance"), "abc")
+        "sbom": "r/m@sha256:" + "a" * 64,
+        "signature": "r/m@sha256:" + "b" * 64,
+        "provenance": "r/m@sha256:" + "c" * 64,
     }
     done = store.succeed(job.id, image="r/m:1", digest=DIGEST_A, owner=job.owner, **refs)
     for got in (done, store.get(job.id)):

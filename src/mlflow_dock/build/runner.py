@@ -45,6 +45,7 @@ from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
 from mlflow_dock.oci.mutate import NotAssemblable
 from mlflow_dock.oci.reference import ImageRef, alias_tag, image_repository, version_tag
 from mlflow_dock.oci.remote import RegistryClient
+from mlflow_dock.supply.attach import SupplyChain
 
 RUNTIME_KEY_LABEL = "io.mlflow-dock.runtime-key"
 
@@ -108,6 +109,7 @@ class JobRunner:
         credentials: CredentialProvider,
         registry_factory: RegistryFactory,
         smoke: SmokeTester | None,
+        supply: SupplyChain | None = None,
         ecr: EcrRepositories | None = None,
         enter_step: Callable[[str], None] = lambda _name: None,
     ) -> None:
@@ -121,6 +123,8 @@ class JobRunner:
         self._credentials = credentials
         self._registry_factory = registry_factory
         self._smoke = smoke
+        # SBOM, signature and provenance for every published version (supply/attach.py).
+        self._supply = supply
         # ECR's own API for what OCI cannot do there (create repositories, delete one tag).
         self._ecr = ecr
         self._work_dir = config.work_dir
@@ -178,6 +182,20 @@ class JobRunner:
                 outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if self._supply is not None:
+            outcome = self._supply.attach(
+                target,
+                outcome,
+                log,
+                model_name=model_name,
+                model_version=version,
+                run_id=info.run_id,
+                model_source=info.source,
+                requirements_sha256=requirements_hash(prepared.spec.requirements),
+                base_image=prepared.spec.base_image,
+                builder=self._config.builder,
+                job_id=work_id,
+            )
         log(f"published {outcome.image}@{outcome.digest}")
         return outcome
 
