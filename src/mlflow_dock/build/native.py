@@ -331,6 +331,32 @@ class NativeBuilder:
         registry.upload_blob(repository, data, digest)
         counts.uploaded += 1
 
+    def _shared_blob(
+        self,
+        registry: RegistryClient,
+        repository: str,
+        key: str,
+        layer: layerlib.LayerDigests,
+        data: bytes,
+        counts: Counts,
+    ) -> None:
+        """A small layer every image shares (the virtualenv): mounted like package layers."""
+        cached = self._cache.get(registry.host, key) if self._cache is not None else None
+        if registry.blob_exists(repository, layer.digest):
+            counts.present += 1
+        elif (
+            cached is not None
+            and cached.repository != repository
+            and registry.mount_blob(repository, layer.digest, cached.repository)
+        ):
+            counts.mounted += 1
+        else:
+            registry.upload_blob(repository, data, layer.digest)
+            counts.uploaded += 1
+        if self._cache is not None:
+            entry = CachedLayer(layer.digest, layer.diff_id, layer.size, repository)
+            self._cache.put(registry.host, key, entry, label=key)
+
     def _base_layer(
         self,
         registry: RegistryClient,
@@ -439,7 +465,13 @@ class NativeBuilder:
         ]
         venv_bytes, venv = _venv_layer(layout, python)
         venv_job = pool.submit(
-            self._ensure_blob, registry, repository, venv.digest, venv_bytes, counts
+            self._shared_blob,
+            registry,
+            repository,
+            hashlib.sha256(f"venv:{venv.digest}".encode()).hexdigest(),
+            venv,
+            venv_bytes,
+            counts,
         )
         package_jobs = [
             pool.submit(

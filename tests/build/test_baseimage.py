@@ -1,0 +1,92 @@
+"""Facts about a base image from its layer tars: glibc, Python location, shared libraries."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from mlflow_dock.build.baseimage import BaseFacts, BaseImage, NotNativeBase, scan_layers
+from mlflow_dock.build.wheels import Platform
+from mlflow_dock.oci.manifest import Manifest
+
+DPKG_STATUS = b"""\
+Package: libc6
+Status: install ok installed
+Version: 2.36-9+deb12u7
+Description: GNU C Library
+ long description: Version: 9.99
+
+Package: python3.11
+Version: 3.11.2-6
+"""
+
+
+def layer(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return gzip.compress(raw.getvalue())
+
+
+def test_debian_python_glibc_and_libraries():
+    facts = scan_layers(
+        [
+            layer(
+                {
+                    "var/lib/dpkg/status": DPKG_STATUS,
+                    "usr/lib/x86_64-linux-gnu/libc.so.6": b"",
+                    "./usr/lib/x86_64-linux-gnu/libz.so.1.2.13": b"",
+                },
+                {"usr/bin/python3.11": "python3.11", "usr/lib/x86_64-linux-gnu/libz.so.1": "x"},
+            )
+        ]
+    )
+    assert facts.glibc == (2, 36)
+    assert facts.pythons == {"3.11": "/usr/bin/python3.11"}
+    assert {"libc.so.6", "libz.so.1"} <= facts.libraries
+    assert BaseFacts.from_json(facts.to_json()) == facts
+
+
+def test_official_python_image_wins_and_later_layers_whiteout():
+    facts = scan_layers(
+        [
+            layer(
+                {"var/lib/dpkg/status": DPKG_STATUS, "usr/bin/python3.11": b"", "lib/a.so.1": b""}
+            ),
+            layer({"usr/local/bin/python3.11": b"", "lib/.wh.a.so.1": b""}),
+        ]
+    )
+    assert facts.pythons["3.11"] == "/usr/local/bin/python3.11"
+    assert "a.so.1" not in facts.libraries
+
+
+def test_image_without_glibc_is_refused():
+    with pytest.raises(NotNativeBase, match="libc6"):
+        scan_layers([layer({"usr/bin/python3.12": b"", "lib/ld-musl-x86_64.so.1": b""})])
+
+
+def test_missing_python_version_names_what_there_is():
+    facts = BaseFacts(glibc=(2, 36), pythons={"3.11": "/usr/bin/python3.11"}, libraries=frozenset())
+    base = BaseImage(
+        host="r",
+        repository="base",
+        platform=Platform.parse("linux/amd64"),
+        manifest=Manifest.from_bytes(b"{}", "application/vnd.oci.image.manifest.v1+json"),
+        config={},
+        layers=(),
+        facts=facts,
+    )
+    assert base.python_for("3.11.7") == "/usr/bin/python3.11"
+    with pytest.raises(NotNativeBase, match=r"no Python 3\.12 \(it has: 3\.11\)"):
+        base.python_for("3.12")
