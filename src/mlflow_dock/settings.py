@@ -66,8 +66,14 @@ class Settings(BaseSettings):
         default=None, validation_alias=_env("MLFLOW_DOCK_IMAGE_NAMESPACE")
     )
     base_image: str | None = Field(default=None, validation_alias=_env("MLFLOW_DOCK_BASE_IMAGE"))
-    builder: Literal["layered", "mlflow"] = Field(
+    builder: Literal["layered", "mlflow", "native"] = Field(
         default="layered", validation_alias=_env("MLFLOW_DOCK_BUILDER")
+    )
+    # Comma-separated OCI platforms for MLFLOW_DOCK_BUILDER=native; more than one: an index.
+    platforms: str = Field(default="linux/amd64", validation_alias=_env("MLFLOW_DOCK_PLATFORMS"))
+    # native: fall back to the Docker Engine (or Podman) when a model cannot be built natively.
+    engine_fallback: bool = Field(
+        default=True, validation_alias=_env("MLFLOW_DOCK_ENGINE_FALLBACK")
     )
     build_network: str | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_BUILD_NETWORK")
@@ -168,6 +174,19 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"file {value} does not exist")
         return value
+
+    @field_validator("platforms")
+    @classmethod
+    def _platforms(cls, value: str) -> str:
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        allowed = {"linux/amd64", "linux/arm64", "linux/arm64/v8"}
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown:
+            raise ValueError(
+                f"unsupported platform(s) {', '.join(unknown) or '(none)'}: "
+                "expected linux/amd64 and/or linux/arm64"
+            )
+        return ",".join(dict.fromkeys(names))
 
     @field_validator("log_level", mode="before")
     @classmethod
