@@ -119,3 +119,22 @@ def test_labels():
     assert labels["org.opencontainers.image.version"] == "2"
     assert labels["io.mlflow-dock.model.name"] == "Iris Classifier"
     assert labels["io.mlflow-dock.requirements.sha256"] == "f" * 64
+
+
+def test_uv_in_the_engine_build_gets_the_base_image_pip_settings_and_ca_store():
+    from mlflow_dock.build.dockerfile import ImageSpec, PipOptions, render_runtime_dockerfile
+
+    text = render_runtime_dockerfile(ImageSpec(base_image="b", requirements="x\n"))
+    assert "export UV_NATIVE_TLS=1" in text
+    for pip_env, uv_env in (
+        ("PIP_CERT", "SSL_CERT_FILE"),
+        ("PIP_INDEX_URL", "UV_INDEX_URL"),
+        ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL"),
+        ("PIP_TRUSTED_HOST", "UV_INSECURE_HOST"),
+    ):
+        assert f"${{{pip_env}:-" in text and f'export {uv_env}="$v"' in text
+    # An index mlflow-dock was configured with stays in charge (uv.toml), not the base's.
+    ours = render_runtime_dockerfile(
+        ImageSpec(base_image="b", requirements="x\n", pip=PipOptions(index_url="https://i"))
+    )
+    assert "UV_INDEX_URL" not in ours

@@ -151,6 +151,33 @@ SERVE_COMMAND: tuple[str, ...] = tuple(json.loads(_SERVE))
 HEALTHCHECK_COMMAND: tuple[str, ...] = tuple(json.loads(_HEALTHCHECK))
 
 
+def _pip_settings_for_uv(spec: ImageSpec) -> str:
+    """Shell handing the base image's pip settings to uv, which reads none of pip's own.
+
+    Stock MLflow installs with pip, which honours the base image's PIP_* variables, its pip.conf
+    files and (pip >= 24.2) the system CA store; ``pip config get`` reads them exactly as pip
+    would. Settings mlflow-dock was given (uv.toml, its CA bundle) still win: they are set
+    closer to the uv command.
+    """
+    # `pip config list` prints every file's values as section.key='value', later files (which
+    # win in pip) last; `pip config get` would read one file only.
+    listed = f"{VENV_DIR}/bin/python -m pip config list 2>/dev/null"
+    mapping = [("PIP_CERT", "cert", "SSL_CERT_FILE")]
+    mapping.append(("PIP_TRUSTED_HOST", "trusted-host", "UV_INSECURE_HOST"))
+    if not spec.pip.index_url:
+        mapping.append(("PIP_INDEX_URL", "index-url", "UV_INDEX_URL"))
+    if not spec.pip.extra_index_urls:
+        mapping.append(("PIP_EXTRA_INDEX_URL", "extra-index-url", "UV_EXTRA_INDEX_URL"))
+    lines = ["if [ -d /etc/ssl/certs ]; then export UV_NATIVE_TLS=1; fi"]
+    for env, key, uv_env in mapping:
+        found = f"{listed} | sed -nE \"s/^(global|install)\\.{key}='(.*)'$/\\2/p\" | tail -n 1"
+        # Braces keep the ";" inside one link of the && chain.
+        lines.append(
+            f'{{ v="${{{env}:-$({found})}}"; if [ -n "$v" ]; then export {uv_env}="$v"; fi; }}'
+        )
+    return " \\\n && ".join(lines)
+
+
 def render_runtime_dockerfile(spec: ImageSpec) -> str:
     """Everything but the model: built once per runtime key and tagged locally.
 
@@ -180,6 +207,7 @@ COPY requirements.txt {BUILD_DIR}/requirements.txt
 RUN python3 -m venv {VENV_DIR} \\
  && PIP_CONFIG_FILE={BUILD_DIR}/pip.conf {VENV_DIR}/bin/python -m pip install \\
       --no-cache-dir --target {BUILD_DIR}/uv uv \\
+ && {_pip_settings_for_uv(spec)} \\
  && {ca_env}UV_CONFIG_FILE={BUILD_DIR}/uv.toml {BUILD_DIR}/uv/bin/uv pip install \\
       --no-cache --python {VENV_DIR}/bin/python -r {BUILD_DIR}/requirements.txt \\
  && find {VENV_DIR} -name __pycache__ -prune -exec rm -rf {{}} +
