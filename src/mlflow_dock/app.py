@@ -17,11 +17,8 @@ from fastapi import FastAPI
 
 from mlflow_dock import __version__
 from mlflow_dock.build.engine import DockerEngine
-from mlflow_dock.build.layercache import LayerCache
-from mlflow_dock.build.native import NativeBuilder, NativeConfig
 from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
-from mlflow_dock.build.wheels import Platform
 from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, make_provider
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import MlflowDockError
@@ -29,11 +26,12 @@ from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.signatures import WebhookVerifier
+from mlflow_dock.jobs.locks import StoreLocks
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
-from mlflow_dock.jobs.store import JobStore, create_db_engine
-from mlflow_dock.jobs.worker import WorkerPool
+from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.worker import WorkerPool, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
@@ -148,7 +146,6 @@ class Components:
             ca_bundle=s.build_ca_bundle.read_bytes() if s.build_ca_bundle else None,
             build_timeout_seconds=s.build_timeout_seconds,
             ecr_create_repositories=s.ecr_create_repositories,
-            engine_fallback=s.engine_fallback,
         )
 
     @cached_property
@@ -178,26 +175,6 @@ class Components:
         return str(repo_digests[0]) if repo_digests else str(image.id)
 
     @cached_property
-    def native(self) -> NativeBuilder | None:
-        """MLFLOW_DOCK_BUILDER=native: the engine-free builder and its layer-digest cache."""
-        s = self.settings
-        if s.builder != "native":
-            return None
-        config = self.build_config
-        return NativeBuilder(
-            NativeConfig(
-                platforms=tuple(Platform.parse(p) for p in s.platforms.split(",")),
-                cache_dir=s.data_dir / "cache",
-                index_url=config.pip_index_url,
-                extra_index_urls=config.pip_extra_index_urls,
-                ca_bundle=config.ca_bundle,
-                timeout_seconds=s.build_timeout_seconds,
-            ),
-            # Its own table on the job store's database; a second engine on the same URL.
-            cache=LayerCache(create_db_engine(s.resolved_database_url)),
-        )
-
-    @cached_property
     def runner(self) -> JobRunner:
         return JobRunner(
             config=self.build_config,
@@ -207,8 +184,15 @@ class Components:
             credentials=self.credentials,
             registry_factory=self.registry,
             smoke=self.smoke,
+            runtime_locks=self.runtime_locks,
             ecr=self.ecr,
-            native=self.native,
+        )
+
+    @cached_property
+    def runtime_locks(self) -> StoreLocks:
+        """One runtime build at a time per runtime key, across every worker on this store."""
+        return StoreLocks(
+            self.store, owner=worker_identity(), lease_seconds=self.settings.lease_seconds
         )
 
     def worker_pool(self, **hooks: object) -> WorkerPool:

@@ -135,10 +135,10 @@ def test_claim_sets_owner_and_lease(store):
 def test_only_expired_leases_are_reclaimed(store):
     short, _ = store.request_build("m", "1")
     long, _ = store.request_build("m", "2")
-    claim(store, "w1", 0.3)
+    claim(store, "w1", 1.5)
     claim(store, "w2", 60)
     assert store.reclaim_expired() == []
-    time.sleep(0.4)
+    time.sleep(1.6)
     reclaimed = store.reclaim_expired()
     assert [j.id for j in reclaimed] == [short.id]
     assert reclaimed[0].state is JobState.QUEUED and "expired" in (reclaimed[0].error or "")
@@ -149,12 +149,12 @@ def test_only_expired_leases_are_reclaimed(store):
 
 def test_heartbeat_keeps_the_lease(store):
     job, _ = store.request_build("m", "1")
-    claim(store, "w1", 0.3)
-    for _ in range(3):
-        time.sleep(0.15)
-        assert store.renew_lease(job.id, owner="w1", lease_seconds=0.3)
-    assert store.reclaim_expired() == []
-    assert not store.renew_lease(job.id, owner="someone-else", lease_seconds=0.3)
+    claim(store, "w1", 1.0)
+    for _ in range(4):
+        time.sleep(0.3)
+        assert store.renew_lease(job.id, owner="w1", lease_seconds=1.0)
+    assert store.reclaim_expired() == []  # 1.2 s after a 1 s lease was taken
+    assert not store.renew_lease(job.id, owner="someone-else", lease_seconds=1.0)
 
 
 def test_a_worker_that_lost_its_lease_cannot_record_an_outcome(store):
@@ -299,12 +299,12 @@ def test_watch_since_is_set_once(store):
 
 
 def test_named_lease_has_one_holder_until_it_expires(store):
-    assert store.try_lock("leader", owner="a", lease_seconds=0.3)
-    assert not store.try_lock("leader", owner="b", lease_seconds=0.3)
-    assert store.try_lock("leader", owner="a", lease_seconds=0.3)  # renewal
+    assert store.try_lock("leader", owner="a", lease_seconds=1.0)
+    assert not store.try_lock("leader", owner="b", lease_seconds=1.0)
+    assert store.try_lock("leader", owner="a", lease_seconds=1.0)  # renewal
     assert store.lock_owner("leader") == "a"
-    time.sleep(0.4)
-    assert store.try_lock("leader", owner="b", lease_seconds=0.3)
+    time.sleep(1.1)
+    assert store.try_lock("leader", owner="b", lease_seconds=1.0)
     store.release_lock("leader", owner="a")  # not a's any more: no effect
     assert store.lock_owner("leader") == "b"
     store.release_lock("leader", owner="b")

@@ -1,7 +1,14 @@
 """Docker Engine I/O through the docker SDK: build, run (smoke tests), push.
 
-Engine and registry failures surface as text in the SDK's JSON streams or as SDK exceptions;
+Engine and registry failures surface in the SDK's JSON streams or as SDK exceptions;
 `classify_engine_error` is the one place that turns either into a retryable or permanent error.
+
+The rule: a fault is transient unless something said no. An HTTP status (the engine's API
+answer, or the registry's status in a push/pull stream's `errorDetail.code`) decides when there
+is one; a registry transfer that broke without a refusal (connection reset, the engine's
+`context deadline exceeded` while the registry hangs) is retried; a build step that failed is
+deterministic and never retried. Message text is only ever used to recognise a refusal
+(credentials, unknown names), never to make a failure retryable.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from typing import IO, Any
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.jobs.model import LogSink
 
-# Matched against engine/registry messages. Order matters: permanent patterns win, because
-# "denied" beside a 5xx is still a credential problem.
+# Refusals in engine/registry messages that carry no status code. They win over everything but
+# an explicit 5xx/429 status, because "denied" beside a vague error is still a credential problem.
 _PERMANENT_PATTERNS = re.compile(
     r"unauthorized|authentication required|denied|forbidden|invalid username|"
     r"no basic auth credentials|manifest unknown|not found: manifest|pull access denied|"
@@ -29,39 +36,71 @@ _PERMANENT_PATTERNS = re.compile(
     r"unknown instruction|name unknown|blob upload invalid|tag invalid",
     re.IGNORECASE,
 )
-_RETRYABLE_PATTERNS = re.compile(
-    r"connection refused|connection reset|timed? ?out|timeout|temporary failure|"
-    r"\b5\d\d\b|service unavailable|bad gateway|toomanyrequests|too many requests|eof|"
-    r"i/o timeout|no such host|tls handshake|network is unreachable|read: connection|"
-    r"retrying|protocolerror|remotedisconnected",
-    re.IGNORECASE,
-)
 
 
-def classify_engine_error(message: str, *, what: str) -> Exception:
+def _transient_status(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+def classify_engine_error(
+    message: str, *, what: str, status: int | None = None, transfer: bool = False
+) -> Exception:
+    """Retryable or permanent, from the status if there is one, else from what failed.
+
+    `status`: an HTTP status the engine or registry answered. `transfer`: the failure is a
+    push or pull talking to a registry, where anything short of a refusal is the network's (or
+    the registry's) fault; otherwise it is a build step, which fails the same way every time.
+    """
     line = " ".join(message.split())[:500]
+    if status is not None and status >= 400:
+        if _transient_status(status):
+            return RetryableError(f"{what}: {line}")
+        return PermanentError(f"{what}: {line}")
     if _PERMANENT_PATTERNS.search(line):
         return PermanentError(f"{what}: {line}")
-    if _RETRYABLE_PATTERNS.search(line):
+    if transfer:
         return RetryableError(f"{what}: {line}")
     return PermanentError(f"{what}: {line}")
 
 
-def _translate_sdk_error(exc: Exception, what: str) -> Exception:
+def _stream_error(chunk: dict[str, Any], what: str, *, transfer: bool) -> Exception:
+    """The error of one JSON stream chunk; a push/pull's errorDetail code is the registry's."""
+    detail = chunk.get("errorDetail")
+    code = detail.get("code") if isinstance(detail, dict) else None
+    # In a build stream the code is a RUN step's exit status, not an HTTP status.
+    status = code if transfer and isinstance(code, int) and code >= 100 else None
+    return classify_engine_error(str(chunk["error"]), what=what, status=status, transfer=transfer)
+
+
+def _translate_sdk_error(exc: Exception, what: str, *, transfer: bool = False) -> Exception:
     import docker.errors
     import requests
+    import urllib3.exceptions
 
-    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-        return RetryableError(f"{what}: cannot reach the Docker Engine: {exc}")
+    network = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,
+        OSError,
+    )
+    # First: APIError is a requests HTTPError, hence an OSError, but the engine did answer.
     if isinstance(exc, docker.errors.APIError):
         status = exc.status_code or 0
         explanation = str(exc.explanation or exc)
-        if status >= 500 and not _PERMANENT_PATTERNS.search(explanation):
+        # The engine answers 500 for a registry's refusal too (e.g. a pull without access).
+        if _PERMANENT_PATTERNS.search(explanation):
+            return PermanentError(f"{what}: {' '.join(explanation.split())[:500]}")
+        if _transient_status(status):
             return RetryableError(f"{what}: Docker Engine error {status}: {explanation}")
-        return classify_engine_error(explanation, what=what)
+        return classify_engine_error(
+            explanation, what=what, status=status or None, transfer=transfer
+        )
+    if isinstance(exc, network):
+        return RetryableError(f"{what}: cannot reach the Docker Engine: {exc}")
     if isinstance(exc, docker.errors.DockerException):
         return RetryableError(f"{what}: Docker Engine unavailable: {exc}")
-    return classify_engine_error(f"{type(exc).__name__}: {exc}", what=what)
+    return classify_engine_error(f"{type(exc).__name__}: {exc}", what=what, transfer=transfer)
 
 
 _PROGRESS_STATUSES = frozenset({"Preparing", "Waiting", "Pushing"})
@@ -142,7 +181,7 @@ class DockerEngine:
                         image_id = chunk["aux"].get("ID", image_id)
                     if "error" in chunk:
                         log(f"ERROR: {chunk['error']}")
-                        raise classify_engine_error(str(chunk["error"]), what=what)
+                        raise _stream_error(chunk, what, transfer=False)
             except (PermanentError, RetryableError):
                 raise
             except Exception as exc:
@@ -210,12 +249,12 @@ class DockerEngine:
             for chunk in stream:
                 if "error" in chunk:
                     log(f"ERROR: {chunk['error']}")
-                    raise classify_engine_error(str(chunk["error"]), what=what)
+                    raise _stream_error(chunk, what, transfer=True)
                 yield chunk
         except (PermanentError, RetryableError):
             raise
         except Exception as exc:
-            raise _translate_sdk_error(exc, what) from exc
+            raise _translate_sdk_error(exc, what, transfer=True) from exc
 
     def image_exists(self, reference: str) -> bool:
         import docker.errors

@@ -17,6 +17,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +37,6 @@ from mlflow_dock.build.dockerfile import (
     system_packages_for,
 )
 from mlflow_dock.build.engine import DockerEngine, PushResult
-from mlflow_dock.build.native import (
-    NativeBuilder,
-    NativeNotApplicable,
-    base_reference,
-    native_runtime_key,
-)
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.cloud.credentials import CredentialProvider, StaticCredentials
 from mlflow_dock.cloud.ecr import EcrRepositories
@@ -63,9 +58,7 @@ class BuildConfig:
     work_dir: Path
     registry: str
     namespace: str
-    builder: Literal["layered", "mlflow", "native"] = "layered"
-    # native: build with the engine when the native builder cannot (no wheel, missing library)
-    engine_fallback: bool = True
+    builder: Literal["layered", "mlflow"] = "layered"
     base_image: str | None = None
     pip_index_url: str | None = None
     pip_extra_index_urls: tuple[str, ...] = ()
@@ -94,6 +87,12 @@ RUNTIME_REPOSITORY = "mlflow-dock-runtime"
 RegistryFactory = Callable[[str], RegistryClient]
 
 
+class RuntimeLocks(Protocol):
+    """Deployment-wide mutual exclusion: one worker builds a given runtime at a time."""
+
+    def hold(self, name: str) -> AbstractContextManager[None]: ...
+
+
 @dataclass
 class _Prepared:
     """A downloaded version and everything derived from it, shared by both paths."""
@@ -117,14 +116,12 @@ class JobRunner:
         credentials: CredentialProvider,
         registry_factory: RegistryFactory,
         smoke: SmokeTester | None,
+        runtime_locks: RuntimeLocks | None = None,
         supply: SupplyChain | None = None,
         ecr: EcrRepositories | None = None,
         enter_step: Callable[[str], None] = lambda _name: None,
-        native: NativeBuilder | None = None,
     ) -> None:
         self._config = config
-        # MLFLOW_DOCK_BUILDER=native: images assembled from wheels in the registry (native.py).
-        self._native = native if config.builder == "native" else None
         # "The job now enters step NAME" (resolve, assemble, build, smoke, push, tag, untag):
         # the worker times steps and attributes failures with it.
         self._step = enter_step
@@ -134,6 +131,7 @@ class JobRunner:
         self._credentials = credentials
         self._registry_factory = registry_factory
         self._smoke = smoke
+        self._runtime_locks_shared = runtime_locks
         # SBOM, signature and provenance for every published version (supply/attach.py).
         self._supply = supply
         # ECR's own API for what OCI cannot do there (create repositories, delete one tag).
@@ -165,8 +163,6 @@ class JobRunner:
             log(f"downloaded model, Python {package.python_version}")
             spec, extra_files = self._image_spec(package)
             key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
-            if self._native is not None:
-                key = native_runtime_key(key, self._native.platforms)
             labels = image_labels(
                 model_name=model_name,
                 version=version,
@@ -185,14 +181,14 @@ class JobRunner:
                 example if package.has_serving_example else None,
             )
             self._ensure_repository(target)
+            if (adopted := self._already_published(target, version, log)) is not None:
+                return adopted
             outcome: JobOutcome | None
             if self._config.builder == "mlflow":
                 # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
                 outcome = self._build_stock(target, version, prepared, work, log)
             else:
                 outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
-            if outcome is None and self._native is not None:
-                outcome = self._build_native(target, version, prepared, work, log)
             if outcome is None:
                 outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
@@ -286,71 +282,6 @@ class JobRunner:
         reference = str(target.with_tag(tag))
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
 
-    # -- native path: no engine ---------------------------------------------------------------
-
-    def _build_native(
-        self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
-    ) -> JobOutcome | None:
-        """Assemble from wheels in the registry; None: build with the engine instead."""
-        assert self._native is not None
-        self._step("build")
-        base = base_reference(prepared.spec.base_image)
-        tag = version_tag(version)
-        note = None
-        with self._registry_factory(target.host) as registry:
-            base_registry = (
-                registry if base.host == target.host else self._registry_factory(base.host)
-            )
-            try:
-                result = self._native.build(
-                    registry,
-                    target.path,
-                    base_registry=base_registry,
-                    base_image=str(base),
-                    model_dir=prepared.package.path,
-                    python_version=prepared.package.python_version,
-                    requirements=prepared.spec.requirements,
-                    labels={**prepared.labels, RUNTIME_KEY_LABEL: prepared.key},
-                    work=work / "native",
-                    log=log,
-                )
-            except NativeNotApplicable as exc:
-                if self._config.engine_fallback and self._engine_reachable():
-                    log(f"native build not possible ({exc}); building with the engine")
-                    return None
-                raise PermanentError(
-                    f"{exc}: use a base image that has it (MLFLOW_DOCK_BASE_IMAGE) or give "
-                    "mlflow-dock a Docker Engine or Podman (DOCKER_HOST) to build it"
-                ) from exc
-            finally:
-                if base_registry is not registry:
-                    base_registry.close()
-            if self._smoke is not None:
-                self._step("smoke")
-                if self._engine_reachable():
-                    creds = self._credentials.get()
-                    self._engine.pull(
-                        target.repository,
-                        result.digest,
-                        username=creds.username,
-                        password=creds.password,
-                    )
-                    self._smoke.check(str(target.with_digest(result.digest)), prepared.example, log)
-                else:
-                    note = "published untested: no Docker Engine or Podman for the smoke test"
-                    log(note)
-            self._step("push")
-            digest = result.tag(registry, tag)
-        reference = str(target.with_tag(tag))
-        return JobOutcome(image=reference, digest=digest, tags=(reference,), note=note)
-
-    def _engine_reachable(self) -> bool:
-        try:
-            self._engine.ping()
-        except Exception:  # whatever the failure, there is no engine to use here
-            return False
-        return True
-
     # -- engine path --------------------------------------------------------------------------
 
     def _build_with_engine(
@@ -407,6 +338,21 @@ class JobRunner:
         pushed = self._push(target.repository, tag, log)
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
+    def _already_published(self, target: ImageRef, version: str, log: LogSink) -> JobOutcome | None:
+        """The version's image if its tag exists: a re-run never moves a version tag.
+
+        A job re-run after a lost lease (its first run may have pushed and then lost the store)
+        adopts what is there instead of publishing a second, different digest.
+        """
+        tag = version_tag(version)
+        with self._registry_factory(target.host) as registry:
+            digest = registry.manifest_digest(target.path, tag)
+        if digest is None:
+            return None
+        reference = str(target.with_tag(tag))
+        log(f"{reference} is already published ({digest}); adopting it")
+        return JobOutcome(image=reference, digest=digest, tags=(reference,))
+
     def _push(self, repository: str, tag: str, log: LogSink) -> PushResult:
         creds = self._credentials.get()
         try:
@@ -429,8 +375,9 @@ class JobRunner:
         with self._locks_guard:
             lock = self._runtime_locks.setdefault(prepared.key, threading.Lock())
         # Concurrent versions of one model wait for a single runtime build instead of each
-        # installing the same requirements.
-        with lock:
+        # installing the same requirements; the shared lock extends that to other workers.
+        shared = self._runtime_locks_shared
+        with lock, shared.hold(f"runtime:{prepared.key}") if shared else nullcontext():
             if self._engine.image_exists(reference):
                 log(f"reusing runtime image {reference}")
                 return reference
