@@ -184,6 +184,7 @@ class Components:
             credentials=self.credentials,
             registry_factory=self.registry,
             smoke=self.smoke,
+            supply=self.supply,
             runtime_locks=self.runtime_locks,
             ecr=self.ecr,
         )
