@@ -18,10 +18,44 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+class Redactor:
+    """The secrets to hide: the configured ones, plus tokens learned while running.
+
+    Cloud credential providers fetch registry tokens at run time (ECR, Google); they `learn`
+    each new token here, so build logs, job reasons and log lines hide it like a configured
+    password. Tokens expire, so only the newest `keep_learned` are kept.
+    """
+
+    def __init__(self, secrets: Iterable[str] = (), *, keep_learned: int = 32) -> None:
+        self._configured = tuple(s for s in secrets if s)
+        self._learned: deque[str] = deque(maxlen=keep_learned)
+        self._lock = threading.Lock()
+        self._ordered = self._order()
+
+    def learn(self, secret: str) -> None:
+        if not secret or secret in self._configured:
+            return
+        with self._lock:
+            if secret in self._learned:
+                return
+            self._learned.append(secret)
+            self._ordered = self._order()
+
+    def __call__(self, text: str) -> str:
+        for secret in self._ordered:  # a tuple, swapped whole: safe to read without the lock
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def _order(self) -> tuple[str, ...]:
+        # Longest first, so a secret containing another is fully hidden.
+        values = {s for s in (*self._configured, *self._learned) if len(s) >= 3}
+        return tuple(sorted(values, key=len, reverse=True))
+
+
 class BuildLogs:
-    def __init__(self, directory: Path, *, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, directory: Path, *, secrets: Iterable[str] | Redactor = ()) -> None:
         self._dir = directory
-        self._secrets = tuple(secrets)
+        self._redactor = secrets if isinstance(secrets, Redactor) else Redactor(secrets)
         self._lock = threading.Lock()
 
     def path(self, job_id: str) -> Path:
@@ -31,7 +65,7 @@ class BuildLogs:
         return self._dir / f"{job_id}.log"
 
     def redact(self, text: str) -> str:
-        return redact(text, self._secrets)
+        return self._redactor(text)
 
     def append(self, job_id: str, line: str) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"

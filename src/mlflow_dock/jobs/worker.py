@@ -18,12 +18,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from mlflow_dock.errors import JobError, LeaseLostError, is_retryable
 from mlflow_dock.jobs.logs import BuildLogs
-from mlflow_dock.jobs.model import Job, JobKind, Runner, retry_delay
+from mlflow_dock.jobs.model import Job, JobKind, JobState, Runner, retry_delay
+from mlflow_dock.jobs.steps import (
+    ATTEMPT_FAILED,
+    ATTEMPT_RETRY,
+    ATTEMPT_SUCCEEDED,
+    StepRecorder,
+)
 from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.observe.context import log_context
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +108,7 @@ def execute_job(
         except Exception:
             logger.exception("writing the log of job %s failed", job.id)
 
+    observed = _Observation(job, store)
     _notify(on_change, job)
     ended: Job | None = None
     try:
@@ -125,7 +135,46 @@ def execute_job(
         logger.exception("recording the outcome of job %s failed; its lease will expire", job.id)
     if ended is not None:
         _notify(on_change, ended)
+    observed.end(ended)
     return ended
+
+
+class _Observation:
+    """While a job runs in this thread: its log context and its step recorder are current.
+
+    Started and ended around `execute_job`'s body (which never raises), so every log line of
+    the job carries its ids and the runner's steps land in the store under this attempt.
+    """
+
+    _OUTCOMES: ClassVar[dict[JobState, str]] = {
+        JobState.SUCCEEDED: ATTEMPT_SUCCEEDED,
+        JobState.QUEUED: ATTEMPT_RETRY,
+        JobState.FAILED: ATTEMPT_FAILED,
+    }
+
+    def __init__(self, job: Job, store: JobStore) -> None:
+        self._stack = ExitStack()
+        try:
+            delivery_id = store.first_delivery(job.id)
+        except Exception:
+            delivery_id = None  # only for log context; never worth stopping the job
+        self._stack.enter_context(
+            log_context(
+                job_id=job.id,
+                delivery_id=delivery_id,
+                model=job.model_name,
+                version=job.version or None,
+                alias=job.alias,
+            )
+        )
+        self.steps = StepRecorder(store, job_id=job.id, attempt=job.attempts, kind=job.kind.value)
+        self._stack.enter_context(self.steps.active())
+
+    def end(self, ended: Job | None) -> None:
+        # None: the outcome was not recorded (lease lost); the attempt counts as a retry.
+        outcome = self._OUTCOMES.get(ended.state, ATTEMPT_RETRY) if ended else ATTEMPT_RETRY
+        self.steps.finish(outcome)
+        self._stack.close()
 
 
 def _notify(on_change: Callable[[Job], None], job: Job) -> None:

@@ -195,6 +195,7 @@ class RegistryClient:
         scheme: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        on_blob: Callable[[str, int], None] | None = None,
     ) -> None:
         host = host.strip()
         if "://" in host:
@@ -223,6 +224,8 @@ class RegistryClient:
         self.scheme = scheme
         self.base_url = f"{scheme}://{api_netloc}"
         self.username = username
+        # Told ("uploaded" | "mounted" | "present", size) per blob, for transfer metrics.
+        self._on_blob = on_blob or (lambda _outcome, _size: None)
         self._auth = RegistryAuth(username=username, password=password)
         self._http = httpx.Client(
             transport=transport,
@@ -434,10 +437,12 @@ class RegistryClient:
         self._check_digest(digest)
         # Asking for push up front: one token then serves every request of the upload.
         if self._blob_exists(repository, digest, _PUSH):
+            self._on_blob("present", size)
             return digest
         op = _Op(f"uploading blob {repository}@{digest}", repository, digest)
         location = self._start_upload(repository, digest, mount_from, op)
         if location is None:
+            self._on_blob("mounted", size)
             return digest
         url = location.copy_add_param("digest", digest)
         headers = {"Content-Type": _BLOB_TYPE, "Content-Length": str(size)}
@@ -451,6 +456,7 @@ class RegistryClient:
         stored = response.headers.get("Docker-Content-Digest")
         if stored and stored != digest:
             raise self._fail(f"registry {self.host} stored blob {repository}@{digest} as {stored}")
+        self._on_blob("uploaded", size)
         return digest
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
