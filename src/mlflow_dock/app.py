@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 from mlflow_dock import __version__
 from mlflow_dock.build.engine import DockerEngine
@@ -21,17 +26,18 @@ from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, make_provider
 from mlflow_dock.cloud.ecr import EcrRepositories
-from mlflow_dock.errors import MlflowDockError
+from mlflow_dock.errors import ConfigError, MlflowDockError
 from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.signatures import WebhookVerifier
-from mlflow_dock.jobs.locks import StoreLocks
+from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
+from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
 from mlflow_dock.jobs.store import JobStore
-from mlflow_dock.jobs.worker import WorkerPool, worker_identity
+from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
@@ -184,7 +190,6 @@ class Components:
             credentials=self.credentials,
             registry_factory=self.registry,
             smoke=self.smoke,
-            supply=self.supply,
             runtime_locks=self.runtime_locks,
             ecr=self.ecr,
         )
@@ -231,7 +236,15 @@ class Service:
         # Wired eagerly: unusable registry credentials are a ConfigError at start, not at the
         # first build.
         components.runner  # noqa: B018
-        self.writeback = MlflowWriteBack(components.source) if settings.mlflow_write_back else None
+        # One leader per deployment runs the singletons: reconciliation, write-back, sweeping.
+        self.leader = LeaderLease(
+            self.store, owner=worker_identity(), lease_seconds=settings.lease_seconds
+        )
+        self.writeback = (
+            MlflowWriteBack(components.source, self.store, is_leader=lambda: self.leader.is_leader)
+            if settings.mlflow_write_back
+            else None
+        )
         self.intake = Intake(
             verifier=WebhookVerifier(
                 settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
@@ -240,11 +253,25 @@ class Service:
             on_queued=self._queued,
         )
         self.pool = components.worker_pool(on_change=self._job_changed)
+        # MLFLOW_DOCK_EXECUTOR=celery: this process accepts and enqueues; workers build.
+        self.dispatcher: Dispatcher | None = None
+        self.sweeper: Sweeper | None = None
+        if settings.executor == "celery" and settings.broker_url is not None:
+            celery = create_celery(settings.broker_url.get_secret_value())
+            self.dispatcher = Dispatcher(celery, self.store)
+            self.sweeper = Sweeper(
+                celery,
+                self.store,
+                interval_seconds=min(5.0, settings.lease_seconds / 3),
+                resend_after_seconds=settings.redeliver_seconds,
+                is_leader=lambda: self.leader.is_leader,
+            )
         self.reconcile: ReconcileLoop | None = None
         if settings.reconcile_interval_seconds > 0:
             self.reconcile = ReconcileLoop(
                 components.reconciler(),
                 interval=settings.reconcile_interval_seconds,
+                is_leader=lambda: self.leader.is_leader,
                 # Only versions registered since this store first started: pointing mlflow-dock
                 # at an existing registry must not rebuild its whole history (`backfill` does).
                 since=self.store.watch_since(),
@@ -262,9 +289,14 @@ class Service:
             # Not fatal: the engine may come up later and jobs retry; but say so at once, since
             # a missing socket mount or group is otherwise only found at the first build.
             logger.warning("Docker Engine not reachable yet: %s", exc)
+        self.leader.start()
         if self.writeback is not None:
             self.writeback.start()
-        self.pool.start()
+        if self.dispatcher is not None and self.sweeper is not None:
+            self.dispatcher.start()
+            self.sweeper.start()
+        else:
+            self.pool.start()
         if self.reconcile is not None:
             self.reconcile.start()
 
@@ -272,8 +304,12 @@ class Service:
         if self.reconcile is not None:
             self.reconcile.stop()
         self.pool.stop()
+        if self.dispatcher is not None and self.sweeper is not None:
+            self.sweeper.stop()
+            self.dispatcher.stop()
         if self.writeback is not None:
             self.writeback.stop()
+        self.leader.stop()
         self.components.close()
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
@@ -285,7 +321,76 @@ class Service:
 
     def _queued(self, job: Job) -> None:
         self._job_changed(job)
-        self.pool.notify()
+        if self.dispatcher is not None:
+            self.dispatcher.submit(job.id)
+        else:
+            self.pool.notify()
+
+
+class CeleryJobRunner:
+    """The body of the celery task in `mlflow-dock worker`: claim the job id, run it, record.
+
+    Components are created per process on first use, because the prefork pool forks after the
+    app exists and database connections must not cross a fork.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pid: int | None = None
+        self._components: Components | None = None
+        self._owner = ""
+        self._writeback: MlflowWriteBack | None = None
+
+    def _ready(self) -> Components:
+        if self._components is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._components = Components(self._settings)
+            self._owner = worker_identity()
+            if self._settings.mlflow_write_back:
+                # Records tags in the store only; the leader replica writes them to MLflow.
+                self._writeback = MlflowWriteBack(self._components.source, self._components.store)
+        return self._components
+
+    def __call__(self, job_id: str) -> None:
+        components = self._ready()
+        settings = self._settings
+        job = None
+        for delay in (0.5, 1, 2, 4, 8, 15, 30):
+            try:
+                job = components.store.claim(
+                    job_id, owner=self._owner, lease_seconds=settings.lease_seconds
+                )
+                break
+            except Exception as exc:
+                # Store restarting: wait a little; past that the sweeper re-sends the job.
+                logger.warning("claiming job %s failed, retrying in %s s: %s", job_id, delay, exc)
+                time.sleep(delay)
+        if job is None:
+            return  # finished, running elsewhere, not runnable yet, or the store stayed down
+        writeback = self._writeback
+        execute_job(
+            job,
+            store=components.store,
+            runner=components.runner,
+            logs=components.logs,
+            max_attempts=settings.max_attempts,
+            backoff_seconds=settings.retry_backoff_seconds,
+            max_backoff_seconds=settings.max_backoff_seconds,
+            lease_seconds=settings.lease_seconds,
+            on_change=writeback.job_changed if writeback is not None else lambda _job: None,
+        )
+
+
+def create_celery_worker(settings: Settings) -> Celery:
+    """The Celery app `mlflow-dock worker` runs: one task that runs a stored job by id."""
+    if settings.broker_url is None:
+        raise ConfigError("MLFLOW_DOCK_BROKER_URL: required for `mlflow-dock worker`")
+    return create_celery(
+        settings.broker_url.get_secret_value(),
+        run_job=CeleryJobRunner(settings),
+        concurrency=max(1, settings.build_concurrency),
+        visibility_timeout_seconds=max(3600.0, 2.0 * settings.build_timeout_seconds),
+    )
 
 
 def build_service(settings: Settings) -> Service:

@@ -83,6 +83,35 @@ def serve() -> None:
 
 
 @app.command()
+def worker() -> None:
+    """Run build workers for MLFLOW_DOCK_EXECUTOR=celery (any number, on any machine)."""
+    from mlflow_dock.app import create_celery_worker
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    if settings.executor != "celery":
+        _die("MLFLOW_DOCK_EXECUTOR: set it to 'celery' to run separate workers", 2)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        celery = create_celery_worker(settings)
+    except OSError as exc:
+        _die(f"MLFLOW_DOCK_DATA_DIR: cannot create {settings.data_dir}: {exc.strerror}", 2)
+    except MlflowDockError as exc:
+        _die(str(exc), 2)
+    celery.worker_main(
+        [
+            "worker",
+            f"--loglevel={settings.log_level.upper()}",
+            f"--concurrency={max(1, settings.build_concurrency)}",
+            # No gossip/mingle/heartbeat: workers coordinate through the job store, not Celery.
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+@app.command()
 def build(
     model: Annotated[str, typer.Argument(help="registered model name, as in MLflow")],
     version: Annotated[str, typer.Argument(help="model version number")],

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from mlflow_dock.jobs.model import Job, JobKind, JobState
+from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.mlflow.writeback import MlflowWriteBack, updates_for
 
 DIGEST = "sha256:" + "d" * 64
@@ -78,21 +83,55 @@ class FlakySource:
         self.applied.append((name, version, set_tags, delete_tags))
 
 
-def test_failures_are_retried_and_never_raised():
-    source = FlakySource(failures=2)
-    wb = MlflowWriteBack(source, attempts=3, sleep=lambda _s: None)  # type: ignore[arg-type]
-    wb.start()
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield s
+    s.close()
+
+
+def test_failures_stay_pending_and_are_never_raised(store):
+    source = FlakySource(failures=3)
+    wb = MlflowWriteBack(source, store, max_backoff_seconds=0.1)  # type: ignore[arg-type]
     wb.job_changed(job(state=JobState.FAILED, error="x"))
-    wb.flush()
-    wb.stop()
-    assert len(source.applied) == 1
+    for _ in range(3):  # MLflow down: kept, backing off, however many times it fails
+        assert wb.flush_once() == 0
+        assert store.pending_tag_writes() == []  # not due yet
+        time.sleep(0.15)
+    assert len(store.pending_tag_writes()) == 2
+    assert wb.flush_once() == 2
+    assert source.applied == [
+        ("m", "3", {"mlflow_dock.status": "failed", "mlflow_dock.error": "x"}, ())
+    ]
 
 
-def test_gives_up_after_attempts():
-    source = FlakySource(failures=10)
-    wb = MlflowWriteBack(source, attempts=2, sleep=lambda _s: None)  # type: ignore[arg-type]
+def test_newest_value_wins_and_survives_a_restart(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    first = JobStore.from_url(url)
+    wb = MlflowWriteBack(FlakySource(failures=0), first, is_leader=lambda: False)  # type: ignore[arg-type]
+    wb.job_changed(job(state=JobState.RUNNING))
+    wb.job_changed(job(state=JobState.SUCCEEDED, image="reg/m:3", digest=DIGEST))
+    first.close()  # the process stops before it flushed
+    second = JobStore.from_url(url)
+    source = FlakySource(failures=0)
+    MlflowWriteBack(source, second).flush()  # type: ignore[arg-type]
+    assert source.applied == [
+        (
+            "m",
+            "3",
+            {"mlflow_dock.status": "succeeded", "mlflow_dock.image": f"reg/m@{DIGEST}"},
+            ("mlflow_dock.error",),
+        )
+    ]
+    assert second.pending_tag_writes() == []
+    second.close()
+
+
+def test_only_the_leader_flushes(store):
+    source = FlakySource(failures=0)
+    wb = MlflowWriteBack(source, store, interval_seconds=0.05, is_leader=lambda: False)  # type: ignore[arg-type]
     wb.start()
-    wb.job_changed(job())
-    wb.flush()
+    wb.job_changed(job(state=JobState.RUNNING))
+    time.sleep(0.3)
     wb.stop()
-    assert source.applied == []
+    assert source.applied == [] and len(store.pending_tag_writes()) == 1

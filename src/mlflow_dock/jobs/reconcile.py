@@ -99,7 +99,10 @@ class Reconciler:
 
 
 class ReconcileLoop:
-    """Runs reconciliation at start and then every `interval` seconds, in its own thread."""
+    """Runs reconciliation at start and then every `interval` seconds, in its own thread.
+
+    Only while `is_leader()` says so: one replica per deployment reconciles.
+    """
 
     def __init__(
         self,
@@ -108,7 +111,9 @@ class ReconcileLoop:
         interval: float,
         since: datetime,
         on_queued: Callable[[Job], None],
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
+        self._is_leader = is_leader
         self._reconciler = reconciler
         self._interval = interval
         self._since = since
@@ -127,6 +132,10 @@ class ReconcileLoop:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
+            if not self._is_leader():
+                # Check again soon: a new leader should not wait a whole interval.
+                self._stopping.wait(min(self._interval, 5.0))
+                continue
             try:
                 queued = self._reconciler.run_once(since=self._since)
             except Exception as exc:

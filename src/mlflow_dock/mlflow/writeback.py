@@ -10,18 +10,19 @@ Tags set on the version:
     mlflow_dock.provenance      <registry>/<repository>@sha256:...   (SLSA provenance; ditto)
     mlflow_dock.alias.<alias>   <registry>/<repository>:<alias tag>   (while the alias points here)
 
-Write-back is best effort by design: a failure is logged and retried in the background and
-never changes the job's outcome, because the image in the registry is the product.
+Write-back never changes a job's outcome (the image in the registry is the product), but it is
+durable: the tags to write are stored in the job store and retried until MLflow accepts them,
+by one replica at a time (the leader), across restarts.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.mlflow.client import MlflowSource
@@ -69,71 +70,140 @@ def updates_for(job: Job) -> list[TagUpdate]:
     return []
 
 
+class PendingTag(Protocol):
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def value(self) -> str | None: ...  # None: delete the tag
+    @property
+    def attempts(self) -> int: ...
+
+
+class TagWriteStore(Protocol):
+    """Where pending tag writes live (the job store): durable, shared by every replica."""
+
+    def record_tag_writes(
+        self, model_name: str, version: str, tags: Mapping[str, str | None]
+    ) -> None: ...
+
+    def pending_tag_writes(self, limit: int = ...) -> Sequence[PendingTag]: ...
+
+    def tag_write_done(self, write: Any) -> None: ...
+
+    def tag_write_failed(self, write: Any, error: str, retry_in_seconds: float) -> None: ...
+
+
 class MlflowWriteBack:
-    """A background thread applying TagUpdates with retries; `job_changed` never blocks."""
+    """Durable write-back: job changes become stored tag writes, which the leader applies.
+
+    `job_changed` (any process: a replica, a celery worker) only records the tags in the store,
+    newest value per tag winning. `start` runs a flusher that, while `is_leader()` says so,
+    applies pending writes and forgets each once MLflow has it. A failed write stays pending
+    with a capped backoff, however long MLflow is down; a restart or a new leader picks up
+    exactly where the last one stopped.
+    """
 
     def __init__(
         self,
         source: MlflowSource,
+        store: TagWriteStore,
         *,
-        attempts: int = 6,
-        backoff_seconds: float = 1.0,
-        sleep: Callable[[float], None] = time.sleep,
+        interval_seconds: float = 2.0,
+        max_backoff_seconds: float = 60.0,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self._source = source
-        self._attempts = attempts
-        self._backoff = backoff_seconds
-        self._sleep = sleep
-        self._queue: queue.Queue[TagUpdate | None] = queue.Queue()
+        self._store = store
+        self._interval = interval_seconds
+        self._max_backoff = max_backoff_seconds
+        self._is_leader = is_leader
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="mlflow-writeback", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
 
     def job_changed(self, job: Job) -> None:
+        """Record the tags the job's state calls for; never raises."""
         for update in updates_for(job):
-            self._queue.put(update)
+            tags: dict[str, str | None] = dict(update.set_tags)
+            tags.update(dict.fromkeys(update.delete_tags))
+            try:
+                self._store.record_tag_writes(update.model_name, update.version, tags)
+            except Exception as exc:
+                logger.warning(
+                    "recording MLflow tags for '%s' version %s failed: %s",
+                    update.model_name,
+                    update.version,
+                    _short(exc),
+                )
+        self._wake.set()
+
+    def flush_once(self) -> int:
+        """Apply what is pending now; returns how many tags were written."""
+        groups: dict[tuple[str, str], list[PendingTag]] = {}
+        for write in self._store.pending_tag_writes():
+            groups.setdefault((write.model_name, write.version), []).append(write)
+        written = 0
+        for (model_name, version), writes in groups.items():
+            sets = {w.tag: w.value for w in writes if w.value is not None}
+            deletes = tuple(w.tag for w in writes if w.value is None)
+            try:
+                self._source.update_tags(model_name, version, sets, deletes)
+            except Exception as exc:
+                attempts = max(w.attempts for w in writes) + 1
+                delay = min(self._max_backoff, float(2 ** min(attempts, 10)))
+                logger.warning(
+                    "writing tags to MLflow for '%s' version %s failed (attempt %d, next in "
+                    "%.0f s): %s",
+                    model_name,
+                    version,
+                    attempts,
+                    delay,
+                    _short(exc),
+                )
+                for write in writes:
+                    self._store.tag_write_failed(write, _short(exc), delay)
+                continue
+            for write in writes:
+                self._store.tag_write_done(write)
+            written += len(writes)
+        return written
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until queued updates are applied (tests, CLI)."""
+        """Apply pending writes until none is due or `timeout` passes (tests, CLI)."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+        while self._store.pending_tag_writes(limit=1) and time.monotonic() < deadline:
+            self.flush_once()
             time.sleep(0.05)
 
     def _loop(self) -> None:
-        while True:
-            update = self._queue.get()
+        while not self._stopping.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stopping.is_set() or not self._is_leader():
+                continue
             try:
-                if update is None:
-                    return
-                self._apply_with_retries(update)
-            finally:
-                self._queue.task_done()
-
-    def _apply_with_retries(self, update: TagUpdate) -> None:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                self._source.update_tags(
-                    update.model_name, update.version, update.set_tags, update.delete_tags
-                )
-                return
+                self.flush_once()
             except Exception as exc:
-                level = logging.WARNING if attempt < self._attempts else logging.ERROR
-                logger.log(
-                    level,
-                    "writing tags to MLflow for '%s' version %s failed (attempt %d/%d): %s",
-                    update.model_name,
-                    update.version,
-                    attempt,
-                    self._attempts,
-                    " ".join(str(exc).split())[:300],
+                logger.warning(
+                    "MLflow write-back pass failed (store unreachable?): %s", _short(exc)
                 )
-                if attempt < self._attempts:
-                    self._sleep(self._backoff * 2 ** (attempt - 1))
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
