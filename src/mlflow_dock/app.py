@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 
 from mlflow_dock import __version__
 from mlflow_dock.build.engine import DockerEngine
+from mlflow_dock.build.layercache import LayerCache
+from mlflow_dock.build.native import NativeBuilder, NativeConfig
 from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
+from mlflow_dock.build.warm import WarmSmoke
+from mlflow_dock.build.wheels import Platform
 from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, make_provider
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import ConfigError, MlflowDockError
@@ -36,7 +40,7 @@ from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
-from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
@@ -124,6 +128,13 @@ class Components:
             return None
         return SmokeTester(self.engine, network_mode=self.settings.build_network)
 
+    @cached_property
+    def warm(self) -> WarmSmoke | None:
+        """Smoke tests of versions assembled on an already-tested runtime (about a second)."""
+        if not self.settings.smoke_test:
+            return None
+        return WarmSmoke(self.engine)
+
     def registry(self, host: str) -> RegistryClient:
         # Credentials are fetched per client, i.e. per job: cloud tokens expire within hours.
         creds = self.credentials.get()
@@ -152,6 +163,7 @@ class Components:
             ca_bundle=s.build_ca_bundle.read_bytes() if s.build_ca_bundle else None,
             build_timeout_seconds=s.build_timeout_seconds,
             ecr_create_repositories=s.ecr_create_repositories,
+            engine_fallback=s.engine_fallback,
         )
 
     @cached_property
@@ -181,6 +193,26 @@ class Components:
         return str(repo_digests[0]) if repo_digests else str(image.id)
 
     @cached_property
+    def native(self) -> NativeBuilder | None:
+        """MLFLOW_DOCK_BUILDER=native: the engine-free builder and its layer-digest cache."""
+        s = self.settings
+        if s.builder != "native":
+            return None
+        config = self.build_config
+        return NativeBuilder(
+            NativeConfig(
+                platforms=tuple(Platform.parse(p) for p in s.platforms.split(",")),
+                cache_dir=s.data_dir / "cache",
+                index_url=config.pip_index_url,
+                extra_index_urls=config.pip_extra_index_urls,
+                ca_bundle=config.ca_bundle,
+                timeout_seconds=s.build_timeout_seconds,
+            ),
+            # Its own table on the job store's database; a second engine on the same URL.
+            cache=LayerCache(create_db_engine(s.resolved_database_url)),
+        )
+
+    @cached_property
     def runner(self) -> JobRunner:
         return JobRunner(
             config=self.build_config,
@@ -192,6 +224,8 @@ class Components:
             smoke=self.smoke,
             runtime_locks=self.runtime_locks,
             ecr=self.ecr,
+            native=self.native,
+            warm=self.warm,
         )
 
     @cached_property
@@ -218,6 +252,9 @@ class Components:
         return Reconciler(self.source, self.store)
 
     def close(self) -> None:
+        warm = self.__dict__.get("warm")
+        if warm is not None:
+            warm.close()
         if "engine" in self.__dict__:
             self.engine.close()
         if "store" in self.__dict__:

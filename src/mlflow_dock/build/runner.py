@@ -37,7 +37,14 @@ from mlflow_dock.build.dockerfile import (
     system_packages_for,
 )
 from mlflow_dock.build.engine import DockerEngine, PushResult
+from mlflow_dock.build.native import (
+    NativeBuilder,
+    NativeNotApplicable,
+    base_reference,
+    native_runtime_key,
+)
 from mlflow_dock.build.smoke import SmokeTester
+from mlflow_dock.build.warm import WarmSmoke
 from mlflow_dock.cloud.credentials import CredentialProvider, StaticCredentials
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import PermanentError
@@ -58,7 +65,9 @@ class BuildConfig:
     work_dir: Path
     registry: str
     namespace: str
-    builder: Literal["layered", "mlflow"] = "layered"
+    builder: Literal["layered", "mlflow", "native"] = "layered"
+    # native: build with the engine when the native builder cannot (no wheel, missing library)
+    engine_fallback: bool = True
     base_image: str | None = None
     pip_index_url: str | None = None
     pip_extra_index_urls: tuple[str, ...] = ()
@@ -120,8 +129,14 @@ class JobRunner:
         supply: SupplyChain | None = None,
         ecr: EcrRepositories | None = None,
         enter_step: Callable[[str], None] = lambda _name: None,
+        native: NativeBuilder | None = None,
+        warm: WarmSmoke | None = None,
     ) -> None:
         self._config = config
+        # MLFLOW_DOCK_BUILDER=native: images assembled from wheels in the registry (native.py).
+        self._native = native if config.builder == "native" else None
+        # Second and later versions of a runtime: smoke-tested in a warm container (warm.py).
+        self._warm = warm
         # "The job now enters step NAME" (resolve, assemble, build, smoke, push, tag, untag):
         # the worker times steps and attributes failures with it.
         self._step = enter_step
@@ -163,6 +178,8 @@ class JobRunner:
             log(f"downloaded model, Python {package.python_version}")
             spec, extra_files = self._image_spec(package)
             key = runtime_key(spec, ca_bundle=extra_files.get("_build/ca-bundle.crt"))
+            if self._native is not None:
+                key = native_runtime_key(key, self._native.platforms)
             labels = image_labels(
                 model_name=model_name,
                 version=version,
@@ -189,6 +206,8 @@ class JobRunner:
                 outcome = self._build_stock(target, version, prepared, work, log)
             else:
                 outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
+            if outcome is None and self._native is not None:
+                outcome = self._build_native(target, version, prepared, work, log)
             if outcome is None:
                 outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
@@ -267,20 +286,101 @@ class JobRunner:
             f"assembled {target.repository}@{staged.digest} in the registry on top of "
             f"version {previous.version}'s layers"
         )
-        if self._smoke is not None:
-            # Stored untagged: nothing is published until the smoke test passes.
-            creds = self._credentials.get()
-            self._engine.pull(
-                target.repository,
-                staged.digest,
-                username=creds.username,
-                password=creds.password,
+        note = None
+        if self._smoke is not None and self._native is not None and not self._engine_reachable():
+            note = "published untested: no Docker Engine or Podman for the smoke test"
+            log(note)
+        elif self._smoke is not None and self._warm is not None:
+            # Only the model layer differs from the previous version's image, which passed its
+            # smoke test: load the new artifacts in a warm container of that image (warm.py).
+            self._step("smoke")
+            runtime = target.with_digest(previous.digest)
+            self._warm.check(
+                str(runtime),
+                prepared.package.path,
+                prepared.example,
+                log,
+                pull=lambda: self._pull(target.repository, previous.digest),
             )
+        elif self._smoke is not None:
+            # Stored untagged: nothing is published until the smoke test passes.
+            self._step("smoke")
+            self._pull(target.repository, staged.digest)
             self._smoke.check(str(target.with_digest(staged.digest)), prepared.example, log)
         with self._registry_factory(target.host) as registry:
             image = assembly.publish(registry, staged, tag)
         reference = str(target.with_tag(tag))
-        return JobOutcome(image=reference, digest=image.digest, tags=(reference,))
+        return JobOutcome(image=reference, digest=image.digest, tags=(reference,), note=note)
+
+    def _pull(self, repository: str, reference: str | None) -> None:
+        assert reference is not None
+        creds = self._credentials.get()
+        self._engine.pull(repository, reference, username=creds.username, password=creds.password)
+
+    # -- native path: no engine ---------------------------------------------------------------
+
+    def _build_native(
+        self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome | None:
+        """Assemble from wheels in the registry; None: build with the engine instead."""
+        assert self._native is not None
+        self._step("build")
+        base = base_reference(prepared.spec.base_image)
+        tag = version_tag(version)
+        note = None
+        with self._registry_factory(target.host) as registry:
+            base_registry = (
+                registry if base.host == target.host else self._registry_factory(base.host)
+            )
+            try:
+                result = self._native.build(
+                    registry,
+                    target.path,
+                    base_registry=base_registry,
+                    base_image=str(base),
+                    model_dir=prepared.package.path,
+                    python_version=prepared.package.python_version,
+                    requirements=prepared.spec.requirements,
+                    labels={**prepared.labels, RUNTIME_KEY_LABEL: prepared.key},
+                    work=work / "native",
+                    log=log,
+                )
+            except NativeNotApplicable as exc:
+                if self._config.engine_fallback and self._engine_reachable():
+                    log(f"native build not possible ({exc}); building with the engine")
+                    return None
+                raise PermanentError(
+                    f"{exc}: use a base image that has it (MLFLOW_DOCK_BASE_IMAGE) or give "
+                    "mlflow-dock a Docker Engine or Podman (DOCKER_HOST) to build it"
+                ) from exc
+            finally:
+                if base_registry is not registry:
+                    base_registry.close()
+            if self._smoke is not None:
+                self._step("smoke")
+                if self._engine_reachable():
+                    creds = self._credentials.get()
+                    self._engine.pull(
+                        target.repository,
+                        result.digest,
+                        username=creds.username,
+                        password=creds.password,
+                    )
+                    self._smoke.check(str(target.with_digest(result.digest)), prepared.example, log)
+                else:
+                    note = "published untested: no Docker Engine or Podman for the smoke test"
+                    log(note)
+            self._step("push")
+            digest = result.tag(registry, tag)
+        reference = str(target.with_tag(tag))
+        return JobOutcome(image=reference, digest=digest, tags=(reference,), note=note)
+
+    def _engine_reachable(self) -> bool:
+        try:
+            self._engine.ping()
+        except Exception:  # whatever the failure, there is no engine to use here
+            return False
+        return True
 
     # -- engine path --------------------------------------------------------------------------
 
