@@ -1,12 +1,13 @@
-"""Step timings recorded into a real store, as the worker and runner produce them."""
+"""Step timings recorded into a real store (SQLite and PostgreSQL), as the worker and runner
+produce them."""
 
 from __future__ import annotations
 
-import pytest
-
 from mlflow_dock.jobs.steps import (
     ATTEMPT_FAILED,
+    ATTEMPT_RETRY,
     ATTEMPT_SUCCEEDED,
+    CAUSE_INTERRUPTED,
     STEP_FAILED,
     STEP_OK,
     STEP_RUNNING,
@@ -14,14 +15,6 @@ from mlflow_dock.jobs.steps import (
     current,
     enter_step,
 )
-from mlflow_dock.jobs.store import JobStore
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
-    yield store
-    store.close()
 
 
 def test_entering_a_step_ends_the_previous_one(store):
@@ -74,3 +67,15 @@ def test_a_store_failure_never_fails_the_job(store):
     recorder.enter("resolve")
     recorder.enter("push")
     recorder.finish(ATTEMPT_SUCCEEDED)
+
+
+def test_an_interrupted_attempt_closes_its_open_step(store):
+    job, _ = store.request_build("m", "1")
+    dead = StepRecorder(store, job_id=job.id, attempt=1, kind="build")
+    dead.enter("push")  # ...and the worker is killed here
+    StepRecorder(store, job_id=job.id, attempt=1, kind="build").finish(
+        ATTEMPT_RETRY, cause=CAUSE_INTERRUPTED
+    )
+    [step] = store.steps_for([job.id])[job.id]
+    assert step.outcome == STEP_FAILED
+    assert store.figures(bucket_bounds=(1.0,)).retries == {CAUSE_INTERRUPTED: 1}

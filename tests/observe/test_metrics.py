@@ -13,15 +13,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from mlflow_dock.jobs.steps import ATTEMPT_FAILED, ATTEMPT_RETRY, ATTEMPT_SUCCEEDED, StepRecorder
 from mlflow_dock.jobs.store import JobStore, utcnow
 from mlflow_dock.observe.metrics import STEP_BUCKETS, ServiceMetrics
+from support.databases import database
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yaml"
 
 
-@pytest.fixture
-def store(tmp_path) -> JobStore:
-    store = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
-    yield store
-    store.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> JobStore:
+    """The figures are SQL aggregates: both databases the README supports must agree."""
+    with database(request.param, tmp_path) as url:
+        store = JobStore.from_url(url)
+        yield store
+        store.close()
 
 
 def scrape(metrics: ServiceMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -142,12 +142,13 @@ class StepRecorder:
         with self._lock:
             self._bytes[outcome] = self._bytes.get(outcome, 0) + max(0, size)
 
-    def finish(self, outcome: str) -> None:
-        """Close the open step and record how the attempt ended."""
+    def finish(self, outcome: str, *, cause: str | None = None) -> None:
+        """Close the open step and record how the attempt ended (`cause`: override the step)."""
         if outcome != ATTEMPT_SUCCEEDED and self._open is not None:
             self.failed_step = self._open[0]
         self._close(STEP_OK if outcome == ATTEMPT_SUCCEEDED else STEP_FAILED)
-        cause = None if outcome == ATTEMPT_SUCCEEDED else (self.failed_step or CAUSE_OTHER)
+        if outcome != ATTEMPT_SUCCEEDED:
+            cause = cause or self.failed_step or CAUSE_OTHER
         with self._lock:
             transferred = dict(self._bytes)
         self._quietly(

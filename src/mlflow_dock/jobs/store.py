@@ -17,24 +17,28 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ColumnElement,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     delete,
     event,
+    func,
     inspect,
     or_,
     select,
@@ -53,6 +57,14 @@ from mlflow_dock.jobs.model import (
     JobState,
     build_key,
     check_transition,
+)
+from mlflow_dock.jobs.steps import (
+    ATTEMPT_FAILED,
+    ATTEMPT_RETRY,
+    STEP_FAILED,
+    STEP_RUNNING,
+    StepTiming,
+    StoreFigures,
 )
 
 
@@ -154,6 +166,38 @@ class _MetaRow(_Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class _StepRow(_Base):
+    """One timed step of one attempt of a job (see jobs/steps.py); seconds NULL while it runs."""
+
+    __tablename__ = "job_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String(16))
+
+
+class _AttemptRow(_Base):
+    """How one attempt ended: rows are never updated, so counts over them are true counters."""
+
+    __tablename__ = "job_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))
+    # The step that failed first ("push", "smoke", ...); NULL for successful attempts.
+    cause: Mapped[str | None] = mapped_column(String(32))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    bytes_uploaded: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_mounted: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_present: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes even for timezone-aware columns; everything we store is UTC.
     if value is not None and value.tzinfo is None:
@@ -216,6 +260,9 @@ def _new_row(
 
 
 _T = TypeVar("_T")
+# Aliases: inside JobStore, `list` names its method, not the type.
+_StepTimings = list[StepTiming]
+_Counts = list[int]
 
 
 def _requeue(row: _JobRow, now: datetime) -> None:
@@ -945,3 +992,176 @@ class JobStore:
             for state in session.execute(select(_JobRow.state)).scalars():
                 counts[JobState(state)] += 1
         return counts
+
+    # -- step timings and attempt records (the board and /metrics) ----------------------------
+
+    def start_step(self, job_id: str, attempt: int, name: str) -> int:
+        with self._write() as session:
+            row = _StepRow(
+                job_id=job_id, attempt=attempt, name=name, started_at=utcnow(), outcome=STEP_RUNNING
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def finish_step(self, step_id: int, seconds: float, outcome: str) -> None:
+        with self._write() as session:
+            session.execute(
+                update(_StepRow)
+                .where(_StepRow.id == step_id)
+                .values(seconds=seconds, outcome=outcome)
+            )
+
+    def record_attempt(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        kind: str,
+        outcome: str,
+        cause: str | None,
+        blob_bytes: Mapping[str, int],
+    ) -> None:
+        with self._write() as session:
+            session.add(
+                _AttemptRow(
+                    job_id=job_id,
+                    attempt=attempt,
+                    kind=kind,
+                    outcome=outcome,
+                    cause=cause,
+                    finished_at=utcnow(),
+                    bytes_uploaded=blob_bytes.get("uploaded", 0),
+                    bytes_mounted=blob_bytes.get("mounted", 0),
+                    bytes_present=blob_bytes.get("present", 0),
+                )
+            )
+            # A step left open by a worker that died ended with its attempt.
+            session.execute(
+                update(_StepRow)
+                .where(
+                    _StepRow.job_id == job_id,
+                    _StepRow.attempt == attempt,
+                    _StepRow.outcome == STEP_RUNNING,
+                )
+                .values(outcome=STEP_FAILED)
+            )
+
+    def steps_for(self, job_ids: Collection[str]) -> Mapping[str, Sequence[StepTiming]]:
+        """Every recorded step of the given jobs, in the order they started."""
+        found: dict[str, _StepTimings] = {job_id: [] for job_id in job_ids}
+        if not found:
+            return found
+        with self._sessions() as session:
+            rows = session.execute(
+                select(_StepRow)
+                .where(_StepRow.job_id.in_(list(found)))
+                .order_by(_StepRow.attempt, _StepRow.id)
+            ).scalars()
+            for row in rows:
+                found[row.job_id].append(
+                    StepTiming(
+                        job_id=row.job_id,
+                        attempt=row.attempt,
+                        name=row.name,
+                        started_at=_aware(row.started_at),
+                        seconds=row.seconds,
+                        outcome=row.outcome,
+                    )
+                )
+        return found
+
+    def model_names(self) -> Sequence[str]:
+        with self._sessions() as session:
+            return session.execute(
+                select(_JobRow.model_name).distinct().order_by(_JobRow.model_name)
+            ).scalars().all()
+
+    def first_delivery(self, job_id: str) -> str | None:
+        """The delivery that created the job (None for reconciled or backfilled jobs)."""
+        with self._sessions() as session:
+            return session.execute(
+                select(_DeliveryRow.delivery_id)
+                .where(_DeliveryRow.job_id == job_id)
+                .order_by(_DeliveryRow.received_at)
+                .limit(1)
+            ).scalar_one_or_none()
+
+    def figures(
+        self, *, bucket_bounds: Sequence[float], now: datetime | None = None
+    ) -> StoreFigures:
+        """Every store-derived metric in one read (aggregated in SQL where it can grow)."""
+        now = now or utcnow()
+        with self._sessions() as session:
+            jobs = {
+                (kind, state): count
+                for kind, state, count in session.execute(
+                    select(_JobRow.kind, _JobRow.state, func.count()).group_by(
+                        _JobRow.kind, _JobRow.state
+                    )
+                )
+            }
+            waiting = session.execute(
+                select(_JobRow.updated_at, _JobRow.not_before).where(
+                    _JobRow.state == JobState.QUEUED.value
+                )
+            )
+            oldest = 0.0
+            depth = 0
+            for updated_at, not_before in waiting:
+                depth += 1
+                # A job in backoff is not stuck until its retry time has passed.
+                since = max(filter(None, (_aware(updated_at), _aware(not_before))))
+                oldest = max(oldest, (now - since).total_seconds())
+            attempts: dict[tuple[str, str], int] = {}
+            retries: dict[str, int] = {}
+            smoke_failures = 0
+            for kind, outcome, cause, count in session.execute(
+                select(
+                    _AttemptRow.kind, _AttemptRow.outcome, _AttemptRow.cause, func.count()
+                ).group_by(_AttemptRow.kind, _AttemptRow.outcome, _AttemptRow.cause)
+            ):
+                attempts[(kind, outcome)] = attempts.get((kind, outcome), 0) + count
+                if outcome == ATTEMPT_RETRY and cause:
+                    retries[cause] = retries.get(cause, 0) + count
+                if outcome in (ATTEMPT_RETRY, ATTEMPT_FAILED) and cause == "smoke":
+                    smoke_failures += count
+            finished = _StepRow.seconds.is_not(None)
+            steps: dict[str, tuple[_Counts, int, float]] = {}
+            for row in session.execute(
+                select(
+                    _StepRow.name,
+                    func.count(),
+                    func.coalesce(func.sum(_StepRow.seconds), 0.0),
+                    *(
+                        func.sum(case((_StepRow.seconds <= bound, 1), else_=0))
+                        for bound in bucket_bounds
+                    ),
+                )
+                .where(finished)
+                .group_by(_StepRow.name)
+            ):
+                name, count, total, *buckets = row
+                steps[name] = ([int(b or 0) for b in buckets], int(count), float(total))
+            uploaded, mounted, present = session.execute(
+                select(
+                    func.coalesce(func.sum(_AttemptRow.bytes_uploaded), 0),
+                    func.coalesce(func.sum(_AttemptRow.bytes_mounted), 0),
+                    func.coalesce(func.sum(_AttemptRow.bytes_present), 0),
+                )
+            ).one()
+        return StoreFigures(
+            jobs=jobs,
+            queue_depth=depth,
+            oldest_queued_seconds=max(0.0, oldest),
+            attempts=attempts,
+            retries=retries,
+            smoke_failures=smoke_failures,
+            steps=steps,
+            blob_bytes={
+                "uploaded": int(uploaded),
+                "mounted": int(mounted),
+                "present": int(present),
+            },
+            bucket_bounds=tuple(bucket_bounds),
+        )

@@ -29,6 +29,7 @@ from mlflow_dock.jobs.steps import (
     ATTEMPT_FAILED,
     ATTEMPT_RETRY,
     ATTEMPT_SUCCEEDED,
+    CAUSE_INTERRUPTED,
     StepRecorder,
 )
 from mlflow_dock.jobs.store import JobStore
@@ -365,6 +366,10 @@ class WorkerPool:
                 self._logs.append(job.id, f"{job.error}")
             except Exception:
                 logger.exception("writing the log of job %s failed", job.id)
+            # The attempt whose worker died counts as a retry caused by the interruption.
+            StepRecorder(
+                self._store, job_id=job.id, attempt=job.attempts, kind=job.kind.value
+            ).finish(ATTEMPT_RETRY, cause=CAUSE_INTERRUPTED)
 
     def _sleep(self) -> None:
         timeout = self._poll
