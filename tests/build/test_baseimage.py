@@ -72,7 +72,7 @@ def test_official_python_image_wins_and_later_layers_whiteout():
 
 
 def test_image_without_glibc_is_refused():
-    with pytest.raises(NotNativeBase, match="libc6"):
+    with pytest.raises(NotNativeBase, match="libc"):
         scan_layers([layer({"usr/bin/python3.12": b"", "lib/ld-musl-x86_64.so.1": b""})])
 
 
@@ -90,3 +90,9 @@ def test_missing_python_version_names_what_there_is():
     assert base.python_for("3.11.7") == "/usr/bin/python3.11"
     with pytest.raises(NotNativeBase, match=r"no Python 3\.12 \(it has: 3\.11\)"):
         base.python_for("3.12")
+
+
+def test_glibc_from_the_library_banner_without_dpkg():
+    banner = b"\0GNU C Library (Debian GLIBC 2.36-9+deb12u7) stable release version 2.36.\n"
+    facts = scan_layers([layer({"usr/lib/aarch64-linux-gnu/libc.so.6": b"\x7fELF" + banner})])
+    assert facts.glibc == (2, 36)

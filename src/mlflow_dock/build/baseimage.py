@@ -34,6 +34,9 @@ __all__ = ["BaseFacts", "BaseImage", "NotNativeBase", "resolve_base", "scan_laye
 
 _PYTHON_RE: Final = re.compile(r"^(usr/local/bin|usr/bin)/python(3\.\d+)$")
 _GLIBC_RE: Final = re.compile(r"^(\d+)\.(\d+)")
+# glibc's own banner, for images without a dpkg database (or whose packages were unpacked but
+# never configured, as a foreign-architecture debootstrap leaves them).
+_LIBC_BANNER_RE: Final = re.compile(rb"GNU C Library [^\n]*?release version (\d+)\.(\d+)")
 _INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 _FACTS_FORMAT: Final = 1
 
@@ -109,6 +112,7 @@ def _glibc_from_dpkg(status: str) -> tuple[int, int] | None:
 def scan_layers(blobs: list[bytes]) -> BaseFacts:
     """The facts from the layers' gzip (or plain) tar blobs, bottom layer first."""
     status: str | None = None
+    banner: tuple[int, int] | None = None
     pythons: dict[str, str] = {}
     libraries: dict[str, str] = {}  # path -> basename, so whiteouts can remove entries
     for blob in blobs:
@@ -130,6 +134,11 @@ def scan_layers(blobs: list[bytes]) -> BaseFacts:
                     file = tar.extractfile(member)
                     if file is not None:
                         status = file.read().decode("utf-8", "replace")
+                if base == "libc.so.6" and member.isfile() and banner is None:
+                    file = tar.extractfile(member)
+                    found = _LIBC_BANNER_RE.search(file.read()) if file is not None else None
+                    if found:
+                        banner = int(found.group(1)), int(found.group(2))
                 match = _PYTHON_RE.match(name)
                 if match and (member.isfile() or member.issym() or member.islnk()):
                     version = match.group(2)
@@ -139,10 +148,11 @@ def scan_layers(blobs: list[bytes]) -> BaseFacts:
                 if ".so" in base and not member.isdir():
                     libraries[name] = base
     glibc = _glibc_from_dpkg(status) if status is not None else None
+    glibc = glibc or banner
     if glibc is None:
         raise NotNativeBase(
-            "base image has no dpkg status with libc6 (not a glibc Debian/Ubuntu image), so "
-            "no manylinux tag can be chosen for it"
+            "base image has neither a dpkg status with libc6 nor a readable libc.so.6 (not a "
+            "glibc image?), so no manylinux tag can be chosen for it"
         )
     return BaseFacts(glibc=glibc, pythons=pythons, libraries=frozenset(libraries.values()))
 
