@@ -21,6 +21,7 @@ from mlflow_dock.supply.signing import (
     parse_signing_key,
     simple_signing_payload,
 )
+from support.cosign import encrypted_key
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -40,33 +41,8 @@ def cosign_encrypted_pem(
     pem_type: str = "ENCRYPTED SIGSTORE PRIVATE KEY",
     n: int = 65536,
 ) -> bytes:
-    """A key as `cosign generate-key-pair` writes it, built from the published format.
-
-    cosign (pkg/cosign/keys.go) marshals the key to PKCS#8 DER and seals it with
-    go-securesystemslib's `encrypted.Encrypt`: a 32-byte random salt, scrypt(N=65536, r=8, p=1)
-    to a 32-byte key, NaCl secretbox with a 24-byte random nonce; the JSON (Go []byte fields are
-    standard base64) becomes the body of a PEM block of type ENCRYPTED SIGSTORE PRIVATE KEY.
-    """
-    der = key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    salt, nonce = os.urandom(32), os.urandom(24)
-    box_key = Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(password)
-    sealed = nacl.secret.SecretBox(box_key).encrypt(der, nonce).ciphertext
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    body = json.dumps(
-        {
-            "kdf": {"name": "scrypt", "params": {"N": n, "r": 8, "p": 1}, "salt": b64(salt)},
-            "cipher": {"name": "nacl/secretbox", "nonce": b64(nonce)},
-            "ciphertext": b64(sealed),
-        }
-    ).encode()
-    lines = [b64(body)[i : i + 64] for i in range(0, len(b64(body)), 64)]
-    return (
-        f"-----BEGIN {pem_type}-----\n" + "\n".join(lines) + f"\n-----END {pem_type}-----\n"
-    ).encode()
+    """A key as `cosign generate-key-pair` writes it (see support/cosign.py for the format)."""
+    return encrypted_key(key, password, pem_type=pem_type, n=n)
 
 
 def cosign_pem(body_b64: str) -> bytes:
