@@ -37,13 +37,16 @@ from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
 from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
-from mlflow_dock.jobs.logs import BuildLogs
+from mlflow_dock.jobs.logs import BuildLogs, Redactor
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
+from mlflow_dock.jobs.steps import current as current_step_recorder
+from mlflow_dock.jobs.steps import enter_step
 from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.mlflow.writeback import MlflowWriteBack
+from mlflow_dock.observe.metrics import ServiceMetrics
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
 from mlflow_dock.settings import Settings
@@ -80,8 +83,17 @@ class Components:
         return JobStore.from_url(self.settings.resolved_database_url)
 
     @cached_property
+    def redactor(self) -> Redactor:
+        """Configured secrets plus the registry tokens cloud providers fetch while running."""
+        return Redactor(self.settings.secret_values())
+
+    @cached_property
+    def metrics(self) -> ServiceMetrics:
+        return ServiceMetrics()
+
+    @cached_property
     def logs(self) -> BuildLogs:
-        return BuildLogs(self.settings.data_dir / "logs", secrets=self.settings.secret_values())
+        return BuildLogs(self.settings.data_dir / "logs", secrets=self.redactor)
 
     @cached_property
     def source(self) -> MlflowSource:
@@ -103,6 +115,7 @@ class Components:
             password=password.get_secret_value() if password is not None else None,
             ecr_endpoint_url=self.settings.ecr_endpoint_url,
             ecr_create_repositories=self.settings.ecr_create_repositories,
+            on_token=self.redactor.learn,
         )
 
     @cached_property
@@ -138,11 +151,15 @@ class Components:
     def registry(self, host: str) -> RegistryClient:
         # Credentials are fetched per client, i.e. per job: cloud tokens expire within hours.
         creds = self.credentials.get()
+        # Made in the job's thread: its step recorder (if any) counts the blob transfers, also
+        # those the client makes from helper threads.
+        recorder = current_step_recorder()
         return RegistryClient(
             host,
             username=creds.username,
             password=creds.password,
             scheme="http" if self.settings.registry_insecure else None,
+            on_blob=recorder.count_blob if recorder is not None else None,
         )
 
     @cached_property
@@ -224,6 +241,7 @@ class Components:
             smoke=self.smoke,
             runtime_locks=self.runtime_locks,
             ecr=self.ecr,
+            enter_step=enter_step,
             native=self.native,
             warm=self.warm,
         )
@@ -312,7 +330,7 @@ class Service:
                 # Only versions registered since this store first started: pointing mlflow-dock
                 # at an existing registry must not rebuild its whole history (`backfill` does).
                 since=self.store.watch_since(),
-                on_queued=self._queued,
+                on_queued=self._reconciled,
             )
 
     def start(self) -> None:
@@ -362,6 +380,11 @@ class Service:
             self.dispatcher.submit(job.id)
         else:
             self.pool.notify()
+
+    def _reconciled(self, job: Job) -> None:
+        # A version or alias MLflow did not deliver (or we missed): worth a counter and alert.
+        self.components.metrics.reconciled(job.kind.value)
+        self._queued(job)
 
 
 class CeleryJobRunner:
@@ -441,7 +464,11 @@ def create_asgi_app(settings: Settings, *, service: Service | None = None) -> Fa
     `serve` passes a service it already built, so wiring errors are one line on stderr.
     """
     token = settings.api_token.get_secret_value() if settings.api_token else None
+    # The app's metrics registry belongs to the components the service is (or will be) made of.
+    components = service.components if service is not None else Components(settings)
     return create_app(
-        (lambda: service) if service is not None else (lambda: build_service(settings)),
+        (lambda: service) if service is not None else (lambda: Service(components)),
         read_access=ReadAccess(token),
+        metrics=components.metrics,
+        mlflow_ui_url=settings.mlflow_tracking_uri,
     )

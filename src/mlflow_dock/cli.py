@@ -5,10 +5,10 @@ Settings are read here, once; every failure the user can fix ends as one line on
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, NoReturn
 
@@ -37,10 +37,17 @@ def _settings() -> Settings:
         _die(str(exc), 2)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def _configure_logging(
+    level: str, settings: Settings, redact: Callable[[str], str] | None = None
+) -> None:
+    """One redacting handler on the root logger, in MLFLOW_DOCK_LOG_FORMAT."""
+    from mlflow_dock.jobs.logs import Redactor
+    from mlflow_dock.observe.logformat import configure_logging
+
+    configure_logging(
+        level,
+        settings.log_format,
+        redact=redact or Redactor(settings.secret_values()),
         stream=sys.stderr,
     )
 
@@ -53,7 +60,7 @@ def serve() -> None:
     from mlflow_dock.app import build_service, create_asgi_app
 
     settings = _settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -70,12 +77,16 @@ def serve() -> None:
         service = build_service(settings)
     except MlflowDockError as exc:
         _die(str(exc), 2)
+    # Again with the service's redactor: it also learns the registry tokens fetched later.
+    _configure_logging(settings.log_level, settings, service.components.redactor)
     try:
         uvicorn.run(
             create_asgi_app(settings, service=service),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            # Uvicorn's loggers propagate to our root handler: same format, same redaction.
+            log_config=None,
             **ssl,  # type: ignore[arg-type]
         )
     except MlflowDockError as exc:
@@ -88,7 +99,7 @@ def worker() -> None:
     from mlflow_dock.app import create_celery_worker
 
     settings = _settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings)
     if settings.executor != "celery":
         _die("MLFLOW_DOCK_EXECUTOR: set it to 'celery' to run separate workers", 2)
     try:
@@ -122,7 +133,7 @@ def build(
     from mlflow_dock.jobs.logs import redact
 
     settings = _settings()
-    _configure_logging("warning" if not verbose else settings.log_level)
+    _configure_logging("warning" if not verbose else settings.log_level, settings)
     if not version.isdigit() or int(version) < 1:
         _die(f"VERSION must be a positive integer, got '{version}'", 2)
     secrets = settings.secret_values()
@@ -179,7 +190,7 @@ def backfill(
     from mlflow_dock.jobs.model import TERMINAL_STATES, JobState
 
     settings = _settings()
-    _configure_logging("warning")
+    _configure_logging("warning", settings)
     try:
         cutoff = parse_since(since) if since else None
     except ValueError as exc:

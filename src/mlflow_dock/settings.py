@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias=_env("MLFLOW_DOCK_LOG_LEVEL")
     )
+    # json: one object per line with the job id, delivery id, model and version of the work
+    # being done, for log pipelines; text: for people reading a terminal.
+    log_format: Literal["text", "json"] = Field(
+        default="text", validation_alias=_env("MLFLOW_DOCK_LOG_FORMAT")
+    )
 
     @field_validator("docker_registry")
     @classmethod
@@ -188,7 +193,7 @@ class Settings(BaseSettings):
             )
         return ",".join(dict.fromkeys(names))
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

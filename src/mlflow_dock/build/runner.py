@@ -268,6 +268,7 @@ class JobRunner:
         if previous is None or previous.digest is None:
             return None
         tag = version_tag(version)
+        self._step("assemble")
         with self._registry_factory(target.host) as registry:
             try:
                 staged = assembly.prepare(
@@ -307,6 +308,7 @@ class JobRunner:
             self._step("smoke")
             self._pull(target.repository, staged.digest)
             self._smoke.check(str(target.with_digest(staged.digest)), prepared.example, log)
+        self._step("push")
         with self._registry_factory(target.host) as registry:
             image = assembly.publish(registry, staged, tag)
         reference = str(target.with_tag(tag))
@@ -387,6 +389,7 @@ class JobRunner:
     def _build_with_engine(
         self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
     ) -> JobOutcome:
+        self._step("build")
         runtime = self._ensure_runtime(prepared, work / "runtime", log)
         context = work / "image"
         context.mkdir(parents=True)
@@ -403,8 +406,10 @@ class JobRunner:
             timeout=self._config.build_timeout_seconds,
         )
         if self._smoke is not None:
+            self._step("smoke")
             example = context / "model" / "serving_input_example.json"
             self._smoke.check(local_ref, example if prepared.example else None, log)
+        self._step("push")
         pushed = self._push(target.repository, tag, log)
         log(f"pushed {pushed.reference}@{pushed.digest}")
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
@@ -414,6 +419,7 @@ class JobRunner:
     ) -> JobOutcome:
         """MLFLOW_DOCK_BUILDER=mlflow: MLflow's own Dockerfile (see stock.py), then as above."""
         context = work / "stock"
+        self._step("build")
         log("building with MLflow's stock Dockerfile (MLFLOW_DOCK_BUILDER=mlflow)")
         extra_files = stock.render_stock_context(
             prepared.package.path,
@@ -434,7 +440,9 @@ class JobRunner:
             timeout=self._config.build_timeout_seconds,
         )
         if self._smoke is not None:
+            self._step("smoke")
             self._smoke.check(local_ref, prepared.example, log)
+        self._step("push")
         pushed = self._push(target.repository, tag, log)
         return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
 
@@ -499,6 +507,7 @@ class JobRunner:
 
     def _alias(self, job: Job, log: LogSink) -> JobOutcome:
         assert job.alias is not None
+        self._step("tag")
         build = self._history.build_for(job.model_name, job.version)
         if build is None or build.state is not JobState.SUCCEEDED or not build.digest:
             reason = build.error if build is not None and build.error else "no image was built"
@@ -515,6 +524,7 @@ class JobRunner:
 
     def _unalias(self, job: Job, log: LogSink) -> JobOutcome:
         assert job.alias is not None
+        self._step("untag")
         target = self._config.repository_for(job.model_name)
         tag = alias_tag(job.alias)
         reference = str(target.with_tag(tag))

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -24,10 +24,12 @@ from mlflow_dock.errors import (
 )
 from mlflow_dock.intake.accept import Accepted as AcceptedDelivery
 from mlflow_dock.intake.auth import ReadAccess
+from mlflow_dock.intake.board import board_router
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobState
 from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.observe.metrics import CONTENT_TYPE, ServiceMetrics
 from mlflow_dock.oci.reference import pinned
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -139,14 +141,23 @@ def create_app(
     *,
     start_workers: bool = True,
     read_access: ReadAccess | None = None,
+    metrics: ServiceMetrics | None = None,
+    mlflow_ui_url: str | None = None,
 ) -> FastAPI:
-    """The ASGI app; `service_factory` runs in the lifespan, so importing builds nothing."""
-    readers = [Depends(read_access or ReadAccess(None))]
+    """The ASGI app; `service_factory` runs in the lifespan, so importing builds nothing.
+
+    `metrics` is the app's own registry (a fresh one if not given); `mlflow_ui_url` is where
+    the board links model versions to (MLFLOW_TRACKING_URI, when it is an http(s) URL).
+    """
+    access = read_access or ReadAccess(None)
+    readers = [Depends(access)]
+    app_metrics = metrics or ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service_factory()
         app.state.service = svc
+        app_metrics.watch_store(svc.store)
         if start_workers:
             svc.start()
         try:
@@ -185,8 +196,18 @@ def create_app(
     )
     async def webhook(request: Request) -> Any:
         """Receive an MLflow webhook delivery (signature verified on the raw body first)."""
-        body = await _read_limited(request)
-        accepted = await run_in_threadpool(_service(request).accept, body, dict(request.headers))
+        try:
+            body = await _read_limited(request)
+            accepted = await run_in_threadpool(
+                _service(request).accept, body, dict(request.headers)
+            )
+        except RequestError as exc:
+            app_metrics.webhook_delivery(str(status_for(exc)))
+            raise
+        except Exception:
+            app_metrics.webhook_delivery("500")
+            raise
+        app_metrics.webhook_delivery("duplicate" if accepted.duplicate else "202")
         return Accepted(
             job_id=accepted.job.id,
             state=accepted.job.state,
@@ -216,4 +237,16 @@ def create_app(
         tail = await run_in_threadpool(svc.logs.tail, job.id, log_lines) if log_lines else []
         return _view(job, tail)
 
+    @app.get(
+        "/metrics",
+        dependencies=readers,
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    )
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics; job, queue and step figures are read from the job store."""
+        body = await run_in_threadpool(app_metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    app.include_router(board_router(access, mlflow_ui_url=mlflow_ui_url))
     return app
