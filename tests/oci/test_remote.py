@@ -541,6 +541,41 @@ def test_manifest_digest_uses_head() -> None:
     assert [r.method for r in fake.requests] == ["HEAD", "HEAD"]
 
 
+def test_referrers_api_answer_is_the_index() -> None:
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"Content-Type": OCI_INDEX}, content=index)
+
+    with client_for(handler) as client:
+        assert client.referrers(REPO, MANIFEST_DIGEST) == index
+    assert seen[0].url.path == f"/v2/{REPO}/referrers/{MANIFEST_DIGEST}"
+    assert seen[0].headers["Accept"] == OCI_INDEX
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(404, json=oci_errors("NAME_UNKNOWN", "no route")),
+        httpx.Response(405),
+        httpx.Response(200, headers={"Content-Type": "text/html"}, content=b"<html>"),
+    ],
+)
+def test_no_referrers_api_is_none(response: httpx.Response) -> None:
+    with client_for(lambda _request: response) as client:
+        assert client.referrers(REPO, MANIFEST_DIGEST) is None
+
+
+def test_referrers_errors_are_translated() -> None:
+    with client_for(lambda _request: httpx.Response(503)) as client:
+        with pytest.raises(RetryableError):
+            client.referrers(REPO, MANIFEST_DIGEST)
+        with pytest.raises(PermanentError):
+            client.referrers(REPO, "not-a-digest")
+
+
 def test_manifest_digest_without_header_falls_back_to_get() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/missing"):

@@ -37,7 +37,7 @@ import httpx
 
 from mlflow_dock.errors import JobError, PermanentError, RetryableError
 from mlflow_dock.oci.auth import RegistryAuth
-from mlflow_dock.oci.manifest import MANIFEST_MEDIA_TYPES, Manifest, digest_matches
+from mlflow_dock.oci.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, Manifest, digest_matches
 from mlflow_dock.oci.reference import (
     DOCKER_HUB_API_HOST,
     DOCKER_HUB_HOSTS,
@@ -339,6 +339,28 @@ class RegistryClient:
             if exc.status_code == 404:
                 return None
             raise
+
+    def referrers(self, repository: str, digest: str) -> bytes | None:
+        """The OCI 1.1 referrers index of ``digest`` (``GET /v2/<name>/referrers/<digest>``).
+
+        None when the registry has no referrers API: the spec forbids a 404 from registries
+        that have it, and Distribution 2.x answers 404 (some others 405, or a non-index body).
+        Clients then use the tag schema, an index tagged ``sha256-<hex>`` (oci.referrers).
+        """
+        repository = self._repository(repository)
+        self._check_digest(digest)
+        op = _Op(f"listing referrers of {repository}@{digest}", repository, digest)
+        response = self._send(
+            "GET", f"/v2/{repository}/referrers/{digest}", op, _PULL, {"Accept": OCI_INDEX}
+        )
+        if response.status_code in {404, 405}:
+            return None
+        if response.status_code != 200:
+            raise self._error(op, response=response)
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if content_type != OCI_INDEX:
+            return None
+        return response.content
 
     def delete_tag(self, repository: str, tag: str) -> bool:
         """Remove ``tag`` only (OCI 1.1 ``DELETE /v2/<repo>/manifests/<tag>``).

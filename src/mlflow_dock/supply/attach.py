@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import JobOutcome, LogSink
@@ -72,10 +72,6 @@ DeliveryLookup = Callable[[str], "str | None"]
 
 class SupplyError(PermanentError):
     """The image cannot be described (e.g. a layer format we cannot read)."""
-
-
-class _Referrers(Protocol):
-    def referrers(self, repository: str, digest: str) -> Manifest | None: ...
 
 
 @dataclass(frozen=True)
@@ -473,13 +469,8 @@ class SupplyChain:
 
     @staticmethod
     def _referrers_api(registry: RegistryClient, path: str, digest: str) -> bool:
-        probe = getattr(registry, "referrers", None)
-        if not callable(probe):
-            # The registry client has no referrers call: assume the tag schema, which every
-            # registry serves and referrers-API clients fall back to.
-            return False
-        client: _Referrers = registry  # type: ignore[assignment]
-        return client.referrers(path, digest) is not None
+        # Any answer (even an empty index) means the registry indexes subjects itself.
+        return registry.referrers(path, digest) is not None
 
     @staticmethod
     def _update_fallback_index(
