@@ -200,6 +200,7 @@ class Components:
             tool_version=__version__,
             cache_dir=self.settings.data_dir / "layer-scans",
             resolve_base=self._base_image_digest,
+            first_delivery=self.store.first_delivery,
         )
 
     def _base_image_digest(self, reference: str) -> str | None:
@@ -239,6 +240,7 @@ class Components:
             credentials=self.credentials,
             registry_factory=self.registry,
             smoke=self.smoke,
+            supply=self.supply,
             runtime_locks=self.runtime_locks,
             ecr=self.ecr,
             enter_step=enter_step,

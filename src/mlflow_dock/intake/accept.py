@@ -10,6 +10,7 @@ from mlflow_dock.intake.events import AliasCreated, AliasDeleted, ModelVersionCr
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.observe.context import bind, log_context
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,17 @@ class Intake:
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
         """Verify, de-duplicate, parse and store one delivery. Raises RequestError subclasses."""
         delivery_id = self._verifier.verify(body, headers)
+        with log_context(delivery_id=delivery_id):
+            return self._accept(delivery_id, body)
+
+    def _accept(self, delivery_id: str, body: bytes) -> Accepted:
         existing = self._store.job_for_delivery(delivery_id)
         if existing is not None:
             logger.info("delivery %s seen before: job %s", delivery_id, existing.id)
             return Accepted(existing, duplicate=True)
         event = parse_event(body)
         data = event.data
+        bind(model=data.name, version=getattr(data, "version", None))
         if isinstance(event, ModelVersionCreated):
             job, changed = self._store.request_build(
                 event.data.name, event.data.version, delivery_id=delivery_id
@@ -56,6 +62,7 @@ class Intake:
             job, changed = self._store.request_unalias(
                 event.data.name, event.data.alias, delivery_id=delivery_id
             )
+        bind(job_id=job.id, alias=job.alias)
         logger.info(
             "delivery %s: %s for '%s' -> %s job %s (%s)",
             delivery_id,
