@@ -119,3 +119,35 @@ def test_dotenv_file_is_read(env, tmp_path):
 def test_extra_index_urls_split_on_spaces_and_commas(env):
     env(MLFLOW_DOCK_PIP_EXTRA_INDEX_URLS="https://a/simple, https://b/simple")
     assert load_settings().pip_extra_index_url_list == ("https://a/simple", "https://b/simple")
+
+
+def test_missing_signing_key_file_names_the_variable(env, tmp_path):
+    env(MLFLOW_DOCK_SIGNING_KEY=str(tmp_path / "absent.key"))
+    with pytest.raises(ConfigError, match="^MLFLOW_DOCK_SIGNING_KEY: file .* does not exist$"):
+        load_settings()
+
+
+def test_signing_key_password_is_a_secret(env, tmp_path):
+    key = tmp_path / "cosign.key"
+    key.write_text("-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\n")
+    env(MLFLOW_DOCK_SIGNING_KEY=str(key), MLFLOW_DOCK_SIGNING_KEY_PASSWORD="pw-Secret-123")
+    settings = load_settings()
+    assert "pw-Secret-123" in settings.secret_values()
+    assert "pw-Secret-123" not in repr(settings)
+
+
+def test_unusable_signing_key_is_one_config_error_when_wired(env, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from support.cosign import encrypted_key
+
+    key = tmp_path / "cosign.key"
+    key.write_bytes(encrypted_key(ec.generate_private_key(ec.SECP256R1()), b"right", n=32768))
+    env(MLFLOW_DOCK_SIGNING_KEY=str(key), MLFLOW_DOCK_SIGNING_KEY_PASSWORD="wrong")
+    with pytest.raises(ConfigError, match="PASSWORD is wrong") as info:
+        Components(load_settings()).signer  # noqa: B018
+    assert "\n" not in str(info.value) and "wrong" not in str(info.value).replace("is wrong", "")
+    env(MLFLOW_DOCK_SIGNING_KEY=str(key), MLFLOW_DOCK_SIGNING_KEY_PASSWORD="right")
+    assert Components(load_settings()).signer is not None
+    env(MLFLOW_DOCK_SIGNING_KEY=None, MLFLOW_DOCK_SIGNING_KEY_PASSWORD=None)
+    assert Components(load_settings()).signer is None
