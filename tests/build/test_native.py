@@ -114,3 +114,30 @@ def test_native_runtime_key_differs_from_the_engine_s_and_by_platforms():
     assert key != "k"
     assert key != native.native_runtime_key("k", (AMD64, ARM64))
     assert key == native.native_runtime_key("k", (AMD64,))
+
+
+def test_base_missing_from_the_registry_is_not_applicable_so_the_engine_can_try(tmp_path: Path):
+    import httpx
+
+    from mlflow_dock.oci.remote import RegistryClient
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            404, json={"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}
+        )
+
+    client = RegistryClient("registry.test", scheme="https", transport=httpx.MockTransport(handler))
+    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
+    with pytest.raises(native.NativeNotApplicable, match=r"registry\.test/base/deb:1"):
+        builder.build(
+            client,
+            "models/m",
+            base_registry=client,
+            base_image="registry.test/base/deb:1",
+            model_dir=tmp_path,
+            python_version="3.11",
+            requirements="x\n",
+            labels={},
+            work=tmp_path / "work",
+            log=lambda _line: None,
+        )

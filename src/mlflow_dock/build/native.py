@@ -64,7 +64,7 @@ from mlflow_dock.oci.manifest import (
 )
 from mlflow_dock.oci.mutate import write_model_layer
 from mlflow_dock.oci.reference import ImageRef
-from mlflow_dock.oci.remote import RegistryClient
+from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
 
 __all__ = [
     "MissingLibrary",
@@ -227,7 +227,10 @@ class NativeBuilder:
         log: LogSink,
     ) -> NativeResult:
         """Write the image (an index for several platforms) to ``repository``, untagged."""
-        base_ref = base_reference(base_image)
+        try:
+            base_ref = base_reference(base_image)
+        except NotNativeBase as exc:
+            raise NativeNotApplicable(str(exc)) from exc
         work.mkdir(parents=True, exist_ok=True)
         counts = Counts()
         ca_path: Path | None = None
@@ -238,14 +241,23 @@ class NativeBuilder:
         # Everything that can refuse the native build runs before the first blob is written.
         plans = []
         for platform in self._config.platforms:
-            base = resolve_base(
-                base_registry,
-                base_ref.path,
-                base_ref.digest or base_ref.tag or "latest",
-                platform,
-                cache_dir=self._config.cache_dir / "base-images",
-            )
-            python = base.python_for(python_version)
+            try:
+                base = resolve_base(
+                    base_registry,
+                    base_ref.path,
+                    base_ref.digest or base_ref.tag or "latest",
+                    platform,
+                    cache_dir=self._config.cache_dir / "base-images",
+                )
+                python = base.python_for(python_version)
+            except NotNativeBase as exc:
+                raise NativeNotApplicable(str(exc)) from exc
+            except RegistryPermanentError as exc:
+                # The base is not in (or not readable from) that registry; an engine may
+                # still have it locally or pull it with its own credentials.
+                if exc.status_code not in (401, 403, 404):
+                    raise
+                raise NativeNotApplicable(f"base image {base_ref}: {exc}") from exc
             site = work / f"site-{platform.architecture}"
             try:
                 dists = wheels.install(
