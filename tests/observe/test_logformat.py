@@ -126,3 +126,46 @@ def test_configure_logging_routes_the_root_logger():
         root.setLevel(saved[1])
     [line] = lines(buffer)
     assert line["logger"] == "uvicorn.error" and line["message"] == f"started with {REDACTED}"
+
+
+def test_lines_of_an_accepted_delivery_carry_its_context(tmp_path):
+    """The intake's own log line, formatted as JSON, names the delivery, job, model, version."""
+    import time as _time
+
+    from mlflow_dock.intake.accept import Intake
+    from mlflow_dock.intake.signatures import WebhookVerifier, sign
+    from mlflow_dock.jobs.store import JobStore
+
+    store = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
+    intake = Intake(verifier=WebhookVerifier(["whsec-ctx"]), store=store)
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("mlflow_dock.intake.accept")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        body = json.dumps(
+            {
+                "entity": "model_version",
+                "action": "created",
+                "data": {"name": "Iris", "version": "4"},
+            }
+        ).encode()
+        ts = str(int(_time.time()))
+        headers = {
+            "X-MLflow-Delivery-Id": "d-ctx",
+            "X-MLflow-Timestamp": ts,
+            "X-MLflow-Signature": sign("whsec-ctx", "d-ctx", ts, body),
+        }
+        job = intake.accept(body, headers).job
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        store.close()
+    [line] = [entry for entry in lines(buffer) if "d-ctx" in entry["message"]]
+    assert line["delivery_id"] == "d-ctx" and line["job_id"] == job.id
+    assert (line["model"], line["version"]) == ("Iris", "4")
