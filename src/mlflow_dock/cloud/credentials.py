@@ -682,9 +682,7 @@ def make_provider(
         return StaticCredentials(username=username, password=password)
     if is_ecr_host(host):
         _note_ignored_username(username, ECR_USERNAME, host)
-        return EcrCredentials(
-            registry_host=host, endpoint_url=ecr_endpoint_url, on_token=on_token
-        )
+        return EcrCredentials(registry_host=host, endpoint_url=ecr_endpoint_url, on_token=on_token)
     if is_google_host(host):
         _note_ignored_username(username, GOOGLE_TOKEN_USERNAME, host)
         return GoogleCredentials(registry_host=host, on_token=on_token)
