@@ -123,7 +123,7 @@ def test_extra_index_urls_split_on_spaces_and_commas(env):
 
 def test_missing_signing_key_file_names_the_variable(env, tmp_path):
     env(MLFLOW_DOCK_SIGNING_KEY=str(tmp_path / "absent.key"))
-    with pytest.raises(ConfigError, match="^MLFLOW_DOCK_SIGNING_KEY: file .* does not exist$"):
+    with pytest.raises(ConfigError, match=r"^MLFLOW_DOCK_SIGNING_KEY: file .* does not exist$"):
         load_settings()
 
 
