@@ -66,7 +66,7 @@ def test_missing_registry_credential_names_it_when_wired(env, name):
         ("PORT", "eighty", "PORT: "),
         ("PORT", "70000", "PORT: "),
         ("MAX_TIMESTAMP_AGE", "0", "MAX_TIMESTAMP_AGE: "),
-        ("MLFLOW_DOCK_BUILD_CONCURRENCY", "0", "MLFLOW_DOCK_BUILD_CONCURRENCY: "),
+        ("MLFLOW_DOCK_BUILD_CONCURRENCY", "-1", "MLFLOW_DOCK_BUILD_CONCURRENCY: "),
         ("MLFLOW_DOCK_SMOKE_TEST", "perhaps", "MLFLOW_DOCK_SMOKE_TEST: "),
         ("MLFLOW_DOCK_BUILDER", "kaniko", "MLFLOW_DOCK_BUILDER: "),
         ("MLFLOW_DOCK_TLS_CERT_FILE", "/nonexistent.pem", "MLFLOW_DOCK_TLS_CERT_FILE: "),

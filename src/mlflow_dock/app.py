@@ -34,6 +34,7 @@ from mlflow_dock.errors import ConfigError, MlflowDockError
 from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.auth import ReadAccess
+from mlflow_dock.intake.probes import Check, broker_check
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
 from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
@@ -184,6 +185,26 @@ class Components:
         )
 
     @cached_property
+    def native(self) -> NativeBuilder | None:
+        """MLFLOW_DOCK_BUILDER=native: the engine-free builder and its layer-digest cache."""
+        s = self.settings
+        if s.builder != "native":
+            return None
+        config = self.build_config
+        return NativeBuilder(
+            NativeConfig(
+                platforms=tuple(Platform.parse(p) for p in s.platforms.split(",")),
+                cache_dir=s.data_dir / "cache",
+                index_url=config.pip_index_url,
+                extra_index_urls=config.pip_extra_index_urls,
+                ca_bundle=config.ca_bundle,
+                timeout_seconds=s.build_timeout_seconds,
+            ),
+            # Its own table on the job store's database; a second engine on the same URL.
+            cache=LayerCache(create_db_engine(s.resolved_database_url)),
+        )
+
+    @cached_property
     def signer(self) -> Signer | None:
         """The image signing key, or None (images get an SBOM but no signature)."""
         key, password = self.settings.signing_key, self.settings.signing_key_password
@@ -209,26 +230,6 @@ class Components:
         image = self.engine.client.images.get(reference)
         repo_digests = image.attrs.get("RepoDigests") or []
         return str(repo_digests[0]) if repo_digests else str(image.id)
-
-    @cached_property
-    def native(self) -> NativeBuilder | None:
-        """MLFLOW_DOCK_BUILDER=native: the engine-free builder and its layer-digest cache."""
-        s = self.settings
-        if s.builder != "native":
-            return None
-        config = self.build_config
-        return NativeBuilder(
-            NativeConfig(
-                platforms=tuple(Platform.parse(p) for p in s.platforms.split(",")),
-                cache_dir=s.data_dir / "cache",
-                index_url=config.pip_index_url,
-                extra_index_urls=config.pip_extra_index_urls,
-                ca_bundle=config.ca_bundle,
-                timeout_seconds=s.build_timeout_seconds,
-            ),
-            # Its own table on the job store's database; a second engine on the same URL.
-            cache=LayerCache(create_db_engine(s.resolved_database_url)),
-        )
 
     @cached_property
     def runner(self) -> JobRunner:
@@ -323,6 +324,7 @@ class Service:
                 resend_after_seconds=settings.redeliver_seconds,
                 is_leader=lambda: self.leader.is_leader,
             )
+        self._started = False
         self.reconcile: ReconcileLoop | None = None
         if settings.reconcile_interval_seconds > 0:
             self.reconcile = ReconcileLoop(
@@ -337,15 +339,9 @@ class Service:
 
     def start(self) -> None:
         MlflowSource.import_client()
-        try:
-            self.components.engine.ping()
-            smoke = self.components.smoke
-            if smoke is not None and (removed := smoke.remove_leftovers()):
-                logger.warning("removed %d smoke-test container(s) left by a crash", removed)
-        except MlflowDockError as exc:
-            # Not fatal: the engine may come up later and jobs retry; but say so at once, since
-            # a missing socket mount or group is otherwise only found at the first build.
-            logger.warning("Docker Engine not reachable yet: %s", exc)
+        self._started = True
+        if self._builds_here:
+            self._check_engine()
         self.leader.start()
         if self.writeback is not None:
             self.writeback.start()
@@ -356,6 +352,17 @@ class Service:
             self.pool.start()
         if self.reconcile is not None:
             self.reconcile.start()
+
+    def _check_engine(self) -> None:
+        try:
+            self.components.engine.ping()
+            smoke = self.components.smoke
+            if smoke is not None and (removed := smoke.remove_leftovers()):
+                logger.warning("removed %d smoke-test container(s) left by a crash", removed)
+        except MlflowDockError as exc:
+            # Not fatal: the engine may come up later and jobs retry; but say so at once, since
+            # a missing socket mount or group is otherwise only found at the first build.
+            logger.warning("Docker Engine not reachable yet: %s", exc)
 
     def stop(self) -> None:
         if self.reconcile is not None:
@@ -371,6 +378,25 @@ class Service:
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
         return self.intake.accept(body, headers)
+
+    async def accept_async(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
+        return await self.intake.accept_async(body, headers)
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """What `/ready` checks: the store always, the broker and local workers if used."""
+        checks: dict[str, Check] = {"store": self.store.ping}
+        broker = self.settings.broker_url
+        if self.settings.executor == "celery" and broker is not None:
+            checks["broker"] = broker_check(broker.get_secret_value())
+        if self._builds_here and self._started:
+            pool = self.pool
+            checks["workers"] = lambda: pool.running
+        return checks
+
+    @property
+    def _builds_here(self) -> bool:
+        # MLFLOW_DOCK_BUILD_CONCURRENCY=0: this process only accepts (an API replica).
+        return self.settings.executor == "embedded" and self.settings.build_concurrency > 0
 
     def _job_changed(self, job: Job) -> None:
         if self.writeback is not None:

@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=_env("MLFLOW_DOCK_DATABASE_URL")
     )
+    # 0: this process only accepts deliveries (an API replica; builds run elsewhere).
     build_concurrency: int = Field(
-        default=1, ge=1, le=64, validation_alias=_env("MLFLOW_DOCK_BUILD_CONCURRENCY")
+        default=1, ge=0, le=64, validation_alias=_env("MLFLOW_DOCK_BUILD_CONCURRENCY")
     )
     max_attempts: int = Field(
         default=5, ge=1, le=100, validation_alias=_env("MLFLOW_DOCK_MAX_ATTEMPTS")
