@@ -178,3 +178,66 @@ def test_alert_rules_parse_and_use_only_metrics_that_exist(store):
         assert rule["expr"].count("(") == rule["expr"].count(")")
         if "for" in rule:
             assert re.fullmatch(r"\d+[smh]", rule["for"])
+
+
+def test_the_app_serves_metrics_and_counts_webhook_answers(tmp_path):
+    """Wiring: /metrics on the real app, moved by deliveries the app answers."""
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from mlflow_dock.app import Components, Service, create_asgi_app
+    from mlflow_dock.errors import PermanentError
+    from mlflow_dock.intake.signatures import sign
+    from mlflow_dock.settings import Settings
+
+    settings = Settings(
+        _env_file=None,
+        webhook_secret="whsec-metrics",
+        docker_username="u",
+        docker_registry_password="p4ssword",
+        docker_registry="127.0.0.1:5000",
+        data_dir=tmp_path,
+        mlflow_write_back=False,
+        reconcile_interval_seconds=0,
+        smoke_test=False,
+    )
+    components = Components(settings)
+
+    class Refusing:  # the build itself is not what this test is about
+        def run(self, job, log):
+            raise PermanentError("not built in this test")
+
+    components.runner = Refusing()  # type: ignore[assignment]
+    app = create_asgi_app(settings, service=Service(components))
+    body = json.dumps(
+        {"entity": "model_version", "action": "created", "data": {"name": "m", "version": "1"}}
+    ).encode()
+    ts = str(int(time.time()))
+    signed = {
+        "X-MLflow-Delivery-Id": "d-1",
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sign("whsec-metrics", "d-1", ts, body),
+    }
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/webhook", content=body, headers=signed).status_code == 202
+        assert client.post("/webhook", content=body, headers=signed).status_code == 202
+        forged = {**signed, "X-MLflow-Signature": "v1,Zm9yZ2Vk"}
+        assert client.post("/webhook", content=body, headers=forged).status_code == 401
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert value(samples, "mlflow_dock_webhook_deliveries_total", outcome="202") == 1
+    assert value(samples, "mlflow_dock_webhook_deliveries_total", outcome="duplicate") == 1
+    assert value(samples, "mlflow_dock_webhook_deliveries_total", outcome="401") == 1
+    assert (
+        value(samples, "mlflow_dock_jobs", kind="build", state="queued")
+        + value(samples, "mlflow_dock_jobs", kind="build", state="running")
+        + value(samples, "mlflow_dock_jobs", kind="build", state="failed")
+        == 1
+    )
