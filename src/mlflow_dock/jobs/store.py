@@ -1266,9 +1266,11 @@ class JobStore:
 
     def model_names(self) -> Sequence[str]:
         with self._sessions() as session:
-            return session.execute(
-                select(_JobRow.model_name).distinct().order_by(_JobRow.model_name)
-            ).scalars().all()
+            return (
+                session.execute(select(_JobRow.model_name).distinct().order_by(_JobRow.model_name))
+                .scalars()
+                .all()
+            )
 
     def first_delivery(self, job_id: str) -> str | None:
         """The delivery that created the job (None for reconciled or backfilled jobs)."""
