@@ -8,6 +8,7 @@ published, how aliases find their digest, and what happens when a step fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,3 +302,41 @@ def test_unalias_where_the_registry_cannot_delete_tags_leaves_it_and_says_why(
     assert outcome.digest == DIGEST_1
     assert outcome.note is not None and "left in place" in outcome.note
     assert (f"team/{MODEL}", "champion") in parts.registry.tags
+
+
+class FakeSupply:
+    """Records what the runner asks to attach; the real thing is tests/supply/test_attach.py."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
+
+    def attach(self, target, outcome, log, **facts):  # type: ignore[no-untyped-def]
+        self.calls.append({"image": outcome.image, "digest": outcome.digest, **facts})
+        return dataclasses.replace(outcome, sbom=f"{target.repository}@sha256:{'5' * 64}")
+
+
+def supplied_parts(tmp_path: Path) -> tuple[Parts, FakeSupply]:
+    parts, supply = make_parts(tmp_path), FakeSupply()
+    parts.runner._supply = supply  # type: ignore[assignment]
+    return parts, supply
+
+
+def test_a_published_version_gets_its_supply_chain_artifacts(tmp_path: Path) -> None:
+    parts, supply = supplied_parts(tmp_path)
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+    (call,) = supply.calls
+    assert call["digest"] == DIGEST_1 and call["model_version"] == "1"
+    assert call["run_id"] == "run-1" and call["model_source"] == "models:/m-1"
+    assert call["job_id"] == "job-1" and call["builder"] == "layered"
+    assert outcome.sbom == f"{REPOSITORY}@sha256:{'5' * 64}"
+
+
+def test_an_adopted_version_is_attached_again(tmp_path: Path) -> None:
+    # A re-run after a lost lease adopts the published tag; its first run may have died
+    # between publishing and attaching, and attaching again is idempotent.
+    parts, supply = supplied_parts(tmp_path)
+    parts.registry.tags[(f"team/{MODEL}", "1")] = DIGEST_1
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+    assert parts.engine.builds == []
+    assert [c["digest"] for c in supply.calls] == [DIGEST_1]
+    assert outcome.sbom is not None

@@ -49,7 +49,7 @@ from mlflow_dock.cloud.credentials import CredentialProvider, StaticCredentials
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobOutcome, JobState, LogSink
-from mlflow_dock.mlflow.client import MlflowSource, ModelPackage
+from mlflow_dock.mlflow.client import MlflowSource, ModelPackage, ModelVersionInfo
 from mlflow_dock.oci.mutate import NotAssemblable
 from mlflow_dock.oci.reference import ImageRef, alias_tag, image_repository, version_tag
 from mlflow_dock.oci.remote import RegistryClient
@@ -199,7 +199,8 @@ class JobRunner:
             )
             self._ensure_repository(target)
             if (adopted := self._already_published(target, version, log)) is not None:
-                return adopted
+                # Attached again (idempotently): the first run may have published, then died.
+                return self._attach(target, adopted, info, prepared, work_id, log)
             outcome: JobOutcome | None
             if self._config.builder == "mlflow":
                 # MLflow's stock image shares no runtime layers, so there is nothing to assemble.
@@ -212,22 +213,35 @@ class JobRunner:
                 outcome = self._build_with_engine(target, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if self._supply is not None:
-            outcome = self._supply.attach(
-                target,
-                outcome,
-                log,
-                model_name=model_name,
-                model_version=version,
-                run_id=info.run_id,
-                model_source=info.source,
-                requirements_sha256=requirements_hash(prepared.spec.requirements),
-                base_image=prepared.spec.base_image,
-                builder=self._config.builder,
-                job_id=work_id,
-            )
+        outcome = self._attach(target, outcome, info, prepared, work_id, log)
         log(f"published {outcome.image}@{outcome.digest}")
         return outcome
+
+    def _attach(
+        self,
+        target: ImageRef,
+        outcome: JobOutcome,
+        info: ModelVersionInfo,
+        prepared: _Prepared,
+        work_id: str | None,
+        log: LogSink,
+    ) -> JobOutcome:
+        """SBOM, signature and provenance for a published version (supply/attach.py)."""
+        if self._supply is None:
+            return outcome
+        return self._supply.attach(
+            target,
+            outcome,
+            log,
+            model_name=info.name,
+            model_version=info.version,
+            run_id=info.run_id,
+            model_source=info.source,
+            requirements_sha256=requirements_hash(prepared.spec.requirements),
+            base_image=prepared.spec.base_image,
+            builder=self._config.builder,
+            job_id=work_id,
+        )
 
     def _image_spec(self, package: ModelPackage) -> tuple[ImageSpec, dict[str, bytes]]:
         requirements = serving_requirements(package.requirements)
