@@ -241,3 +241,30 @@ def test_the_app_serves_metrics_and_counts_webhook_answers(tmp_path):
         + value(samples, "mlflow_dock_jobs", kind="build", state="failed")
         == 1
     )
+
+
+def test_registry_clients_made_during_a_job_count_its_transfers(store, tmp_path):
+    """Wiring: Components.registry() hands the running job's recorder to the client."""
+    from mlflow_dock.app import Components
+    from mlflow_dock.settings import Settings
+
+    settings = Settings(
+        _env_file=None,
+        webhook_secret="whsec-transfers",
+        docker_username="u",
+        docker_registry_password="p4ssword",
+        docker_registry="127.0.0.1:5000",
+        data_dir=tmp_path,
+    )
+    components = Components(settings)
+    job, _ = store.request_build("m", "1")
+    recorder = StepRecorder(store, job_id=job.id, attempt=1, kind="build")
+    with recorder.active(), components.registry("127.0.0.1:5000") as client:
+        report = client._on_blob  # what upload_blob calls, possibly from helper threads
+    report("uploaded", 300)
+    report("present", 1000)
+    recorder.finish(ATTEMPT_SUCCEEDED)
+    with components.registry("127.0.0.1:5000") as outside:
+        outside._on_blob("uploaded", 5)  # no job: not attributed to anything
+    figures = store.figures(bucket_bounds=STEP_BUCKETS)
+    assert figures.blob_bytes == {"uploaded": 300, "mounted": 0, "present": 1000}
