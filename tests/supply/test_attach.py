@@ -249,3 +249,17 @@ def test_an_index_is_refused(tmp_path):
     registry.manifests[sha(body)] = (OCI_INDEX, body)
     with pytest.raises(SupplyError, match="single-platform"):
         attach(chain_for(registry, None, tmp_path), sha(body))
+
+
+@pytest.mark.parametrize(
+    ("repository", "expected"),
+    [
+        ("registry.example.com/team/iris", "registry.example.com/team/iris"),
+        ("127.0.0.1:5000/iris", "127.0.0.1:5000/iris"),
+        ("docker.io/team/iris", "index.docker.io/team/iris"),
+    ],
+)
+def test_payload_names_the_repository_as_cosign_does(repository, expected):
+    from mlflow_dock.supply.attach import _docker_reference
+
+    assert _docker_reference(ImageRef(repository)) == expected

@@ -386,7 +386,7 @@ class SupplyChain:
     ) -> Manifest:
         """cosign's signature manifest, keeping signatures others (or earlier runs) made."""
         assert self._signer is not None
-        payload = simple_signing_payload(target.repository, subject.digest)
+        payload = simple_signing_payload(_docker_reference(target), subject.digest)
         tag = referrers.cosign_tag(subject.digest, "sig")
         layers_now = self._existing_layers(registry, target.path, tag)
         kept: list[Artifact] = []
@@ -495,6 +495,16 @@ class SupplyChain:
             # Something else owns that tag with a document we cannot read; start it afresh.
             index = referrers.merge_referrers_index(None, descriptors)
         registry.put_manifest(path, tag, index)
+
+
+def _docker_reference(target: ImageRef) -> str:
+    """The repository as cosign names it in the payload (go-containerregistry's Context().Name()).
+
+    Docker Hub repositories are written with the index.docker.io host there.
+    """
+    if target.host in {"docker.io", "registry-1.docker.io", "index.docker.io"}:
+        return f"index.docker.io/{target.path}"
+    return target.repository
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
