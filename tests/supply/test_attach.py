@@ -243,11 +243,41 @@ def test_unreadable_layer_is_a_supply_error(tmp_path):
         attach(chain_for(registry, None, tmp_path), digest)
 
 
-def test_an_index_is_refused(tmp_path):
+def test_a_multi_platform_index_is_described_by_its_amd64_image(tmp_path, signer):
+    registry = MemoryRegistry()
+    image = registry.push_image(IMAGE_FILES)
+    arm = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    registry.manifests[sha(arm)] = (OCI_MANIFEST, arm)
+    platforms = [("arm64", sha(arm)), ("amd64", image)]
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": digest,
+                    "size": 1,
+                    "platform": {"os": "linux", "architecture": arch},
+                }
+                for arch, digest in platforms
+            ],
+        }
+    ).encode()
+    registry.manifests[sha(body)] = (OCI_INDEX, body)
+    attach(chain_for(registry, signer, tmp_path), sha(body))
+    sbom = registry.doc(f"sha256-{sha(body)[7:]}.sbom")
+    assert sbom["subject"]["digest"] == sha(body)
+    assert sbom["subject"]["mediaType"] == OCI_INDEX
+    bom = json.loads(registry.blobs[sbom["layers"][0]["digest"]])
+    assert [c["name"] for c in bom["components"] if c["type"] == "library"] == ["numpy"]
+
+
+def test_an_empty_index_is_a_supply_error(tmp_path):
     registry = MemoryRegistry()
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
     registry.manifests[sha(body)] = (OCI_INDEX, body)
-    with pytest.raises(SupplyError, match="single-platform"):
+    with pytest.raises(SupplyError, match="index of no images"):
         attach(chain_for(registry, None, tmp_path), sha(body))
 
 

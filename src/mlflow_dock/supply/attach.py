@@ -33,7 +33,13 @@ from typing import Any, Final
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import JobOutcome, LogSink
 from mlflow_dock.oci import referrers
-from mlflow_dock.oci.manifest import DOCKER_MANIFEST, OCI_MANIFEST, Manifest
+from mlflow_dock.oci.manifest import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Manifest,
+)
 from mlflow_dock.oci.reference import ImageRef
 from mlflow_dock.oci.referrers import Artifact, Descriptor
 from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
@@ -252,12 +258,20 @@ class SupplyChain:
         *,
         tag: str | None = None,
     ) -> tuple[bytes, int]:
-        """The SBOM document for ``image`` and how many Python distributions it lists."""
+        """The SBOM document for ``image`` and how many Python distributions it lists.
+
+        For a multi-platform index the packages are those of its first linux/amd64 image (or its
+        first image): the platforms of one version are built from the same requirements.
+        """
         doc = _json(image.body, f"manifest {image.digest}")
-        if image.media_type not in {OCI_MANIFEST, DOCKER_MANIFEST}:
+        if image.media_type in {OCI_INDEX, DOCKER_MANIFEST_LIST}:
+            child = _platform_image(doc)
+            if child is None:
+                raise SupplyError(f"{target.repository}@{image.digest} is an index of no images")
+            doc = _json(registry.get_manifest(target.path, child).body, f"manifest {child}")
+        elif image.media_type not in {OCI_MANIFEST, DOCKER_MANIFEST}:
             raise SupplyError(
-                f"{target.repository}@{image.digest} is a {image.media_type}; only single-"
-                "platform images can be described"
+                f"{target.repository}@{image.digest} is a {image.media_type}, not an image"
             )
         config_digest = _descriptor_digest(doc.get("config"), "config")
         config = _json(registry.get_blob(target.path, config_digest), "image config")
@@ -505,6 +519,22 @@ def _docker_reference(target: ImageRef) -> str:
     if target.host in {"docker.io", "registry-1.docker.io", "index.docker.io"}:
         return f"index.docker.io/{target.path}"
     return target.repository
+
+
+def _platform_image(index: dict[str, Any]) -> str | None:
+    """The digest of the index's linux/amd64 image, else of its first image."""
+    images = [
+        m
+        for m in index.get("manifests") or []
+        if isinstance(m, dict)
+        and m.get("mediaType") in {OCI_MANIFEST, DOCKER_MANIFEST}
+        and isinstance(m.get("digest"), str)
+    ]
+    for item in images:
+        platform = item.get("platform") or {}
+        if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+            return str(item["digest"])
+    return str(images[0]["digest"]) if images else None
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
