@@ -323,6 +323,7 @@ class Service:
                 interval_seconds=min(5.0, settings.lease_seconds / 3),
                 resend_after_seconds=settings.redeliver_seconds,
                 is_leader=lambda: self.leader.is_leader,
+                job_log=self.logs.append,
             )
         self._started = False
         self.reconcile: ReconcileLoop | None = None

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from mlflow_dock.errors import LeaseLostError, NotFoundError
 from mlflow_dock.jobs.model import JobKind, JobState, build_key
-from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.store import JobStore, store_unavailable
 
 LEASE = 30.0
 DIGEST_A = "sha256:" + "a" * 64
@@ -363,3 +363,13 @@ def test_supply_chain_references_are_recorded_with_the_outcome(store):
     done = store.succeed(job.id, image="r/m:1", digest=DIGEST_A, owner=job.owner, **refs)
     for got in (done, store.get(job.id)):
         assert (got.sbom, got.signature, got.provenance) == tuple(refs.values())
+
+
+
+def test_an_unreachable_database_is_recognised_as_transient():
+    from support.servers import free_port
+
+    with pytest.raises(Exception) as raised:
+        JobStore.from_url(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
+    assert store_unavailable(raised.value)
+    assert not store_unavailable(ValueError("a bug"))

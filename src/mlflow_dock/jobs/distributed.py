@@ -136,7 +136,9 @@ class Sweeper:
         interval_seconds: float,
         resend_after_seconds: float,
         is_leader: Callable[[], bool],
+        job_log: Callable[[str, str], None] = lambda _job_id, _line: None,
     ) -> None:
+        self._job_log = job_log
         self._app = app
         self._store = store
         self._interval = interval_seconds
@@ -158,6 +160,10 @@ class Sweeper:
         """One pass; returns how many messages it sent."""
         for job in self._store.reclaim_expired():
             logger.warning("job %s: %s", job.id, job.error)
+            try:
+                self._job_log(job.id, job.error or "lease expired; queued again")
+            except Exception:
+                logger.exception("writing the log of job %s failed", job.id)
         sent = 0
         for job_id in self._store.take_unsent(resend_after_seconds=self._resend):
             try:

@@ -47,7 +47,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 from mlflow_dock.errors import LeaseLostError, NotFoundError
@@ -261,6 +267,13 @@ def _new_row(
 
 
 _T = TypeVar("_T")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Is this the database being unreachable (restarting, failing over), not a bug?"""
+    return isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout)
+
+
 # Aliases: inside JobStore, `list` names its method, not the type.
 _StepTimings = list[StepTiming]
 _Counts = list[int]

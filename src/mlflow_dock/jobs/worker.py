@@ -32,7 +32,7 @@ from mlflow_dock.jobs.steps import (
     CAUSE_INTERRUPTED,
     StepRecorder,
 )
-from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.store import JobStore, store_unavailable
 from mlflow_dock.observe.context import log_context
 
 logger = logging.getLogger(__name__)
@@ -204,10 +204,13 @@ def _run_and_record(
         outcome = runner.run(job, log)
     except Exception as exc:
         reason = logs.redact(_one_line(exc))
-        if not isinstance(exc, JobError):
+        # The runner reads the store too (earlier images, alias targets): a database that is
+        # restarting is a transient fault like any other, not a crash.
+        store_down = store_unavailable(exc)
+        if not isinstance(exc, JobError) and not store_down:
             logger.exception("job %s crashed", job.id)
             reason = f"internal error: {reason}"
-        if is_retryable(exc):
+        if is_retryable(exc) or store_down:
             delay = retry_delay(job.attempts, backoff_seconds, max_backoff_seconds)
             # Retries exhausted for a transient cause: keep waiting (capped backoff) rather
             # than fail for something that goes away, e.g. a registry down for an hour.
