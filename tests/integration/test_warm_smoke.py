@@ -22,7 +22,7 @@ from support.servers import log_sklearn_model, register_model_version
 
 pytestmark = pytest.mark.integration
 
-_WARM_PASSED = re.compile(r"smoke test passed in a warm \S+ \((\d+\.\d+)s\)")
+_WARM_PASSED = re.compile(r"smoke test passed in a warm runtime \((\d+\.\d+)s\)")
 
 
 def _warm_seconds(service, job) -> float:
@@ -160,7 +160,7 @@ def test_smoke_tests_run_on_podman_too(
     warm = WarmSmoke(podman_engine)
     try:
         for _ in range(2):
-            warm.check(job["image"], model_dir, example, lines.append)
+            warm.check("runtime", job["image"], model_dir, example, lines.append)
         seconds = [float(m.group(1)) for line in lines if (m := _WARM_PASSED.search(line))]
         assert len(seconds) == 2 and seconds[1] < 3.0, lines
     finally:

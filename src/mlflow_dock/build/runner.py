@@ -311,6 +311,7 @@ class JobRunner:
             self._step("smoke")
             runtime = target.with_digest(previous.digest)
             self._warm.check(
+                prepared.key,
                 str(runtime),
                 prepared.package.path,
                 prepared.example,

@@ -140,6 +140,7 @@ class WarmSmoke:
 
     def check(
         self,
+        runtime: str,
         runtime_image: str,
         model_dir: Path,
         example: Path | None,
@@ -147,7 +148,11 @@ class WarmSmoke:
         *,
         pull: Callable[[], None] = lambda: None,
     ) -> None:
-        """Load ``model_dir`` and score ``example`` in a warm container of ``runtime_image``.
+        """Load ``model_dir`` and score ``example`` in a warm container of runtime ``runtime``.
+
+        ``runtime`` identifies everything but the model (the runtime key): versions of any model
+        with the same key share one warm container, started from ``runtime_image`` the first
+        time.
 
         ``runtime_image`` must be an image that already passed a full smoke test and differs
         from the image under test only in its model; raises PermanentError if the check fails.
@@ -155,7 +160,7 @@ class WarmSmoke:
         """
         started = time.monotonic()
         self._expire()
-        container = self._container(runtime_image, log, pull)
+        container = self._container(runtime, runtime_image, log, pull)
         relative = f"{_CHECKS}/{uuid.uuid4().hex}"
         check_dir = f"{_TMP}/{relative}"
         try:
@@ -182,7 +187,7 @@ class WarmSmoke:
             raise
         except Exception as exc:
             # The warm container itself failed (gone, engine trouble): never reuse it.
-            self._discard(runtime_image)
+            self._discard(runtime)
             raise RetryableError(f"warm smoke test could not run: {exc}") from exc
         finally:
             with contextlib.suppress(Exception):
@@ -193,12 +198,12 @@ class WarmSmoke:
         except ValueError:
             result = {}
         if code != 0 or not result:
-            self._discard(runtime_image)
+            self._discard(runtime)
             raise RetryableError(f"warm smoke test: no answer from the warm runtime: {text[-3:]}")
         if not result.get("ok"):
             raise PermanentError(f"smoke test (warm runtime): {result.get('detail')}")
         log(
-            f"smoke test passed in a warm {runtime_image} ({time.monotonic() - started:.1f}s): "
+            f"smoke test passed in a warm runtime ({time.monotonic() - started:.1f}s): "
             f"{result.get('detail')}"
         )
 
@@ -212,23 +217,23 @@ class WarmSmoke:
 
     # -- containers -----------------------------------------------------------------------
 
-    def _container(self, image: str, log: LogSink, pull: Callable[[], None]) -> Any:
+    def _container(self, key: str, image: str, log: LogSink, pull: Callable[[], None]) -> Any:
         with self._lock:
-            entry = self._warm.get(image)
+            entry = self._warm.get(key)
             if entry is not None:
                 entry.last_used = time.monotonic()
                 return entry.container
-            starting = self._starting.setdefault(image, threading.Lock())
+            starting = self._starting.setdefault(key, threading.Lock())
         with starting:
             with self._lock:
-                entry = self._warm.get(image)
+                entry = self._warm.get(key)
                 if entry is not None:
                     return entry.container
             log(f"smoke test: starting a warm runtime from {image}")
             pull()
             container = self._start(image)
             with self._lock:
-                self._warm[image] = _Warm(container, time.monotonic())
+                self._warm[key] = _Warm(container, time.monotonic())
             return container
 
     def _start(self, image: str) -> Any:
@@ -266,9 +271,9 @@ class WarmSmoke:
                 container.remove(force=True)
             raise
 
-    def _discard(self, image: str) -> None:
+    def _discard(self, key: str) -> None:
         with self._lock:
-            entry = self._warm.pop(image, None)
+            entry = self._warm.pop(key, None)
         if entry is not None:
             with contextlib.suppress(Exception):
                 entry.container.remove(force=True)
