@@ -595,11 +595,19 @@ class JobStore:
         )
         jobs = _Base.metadata.tables[_JobRow.__tablename__]
         deliveries = _Base.metadata.tables[_DeliveryRow.__tablename__]
-        with self._write() as session:
-            # Core statements on the session's connection: the ORM's per-statement work is
-            # most of this method's CPU time otherwise. Result rows have the columns' names,
-            # so `_to_job` reads them like mapped rows.
-            connection = session.connection()
+        with self._write_lock, self._engine.begin() as connection:
+            # Core statements on a plain connection: a Session's and the ORM's per-statement
+            # work is most of this method's CPU time otherwise. Result rows have the columns'
+            # names, so `_to_job` reads them like mapped rows. The rare branches run the
+            # single-request code on an ORM session joined to this same transaction.
+            session: Session | None = None
+
+            def orm() -> Session:
+                nonlocal session
+                if session is None:
+                    session = Session(bind=connection)
+                return session
+
             seen: dict[str, Job] = {}
             for chunk in _chunks(ids):
                 for row in connection.execute(
@@ -682,7 +690,7 @@ class JobStore:
                     return known, False
                 if known.state == JobState.FAILED.value:
                     insert_pending()
-                    row, changed = self._ensure_build(session, model_name, version)
+                    row, changed = self._ensure_build(orm(), model_name, version)
                     job = _to_job(row)
                     builds[key] = job
                     return job, changed
@@ -711,7 +719,7 @@ class JobStore:
                         target = alias_targets.get((request.model_name, alias))
                         if target is None:
                             insert_pending()
-                            target = self._last_alias_target(session, request.model_name, alias)
+                            target = self._last_alias_target(orm(), request.model_name, alias)
                         job = create(
                             JobKind.UNALIAS, request.model_name, target, alias=request.alias
                         )
@@ -722,6 +730,10 @@ class JobStore:
                 seen[request.delivery_id] = job
                 results.append((job, changed))
             insert_pending()
+            if session is not None:
+                # The requeued rows; committed with the INSERTs when the block ends.
+                session.flush()
+                session.close()
             return results
 
     def _last_alias_target(self, session: Session, model_name: str, alias: str) -> str:
