@@ -206,8 +206,12 @@ def test_read_token_guards_the_board_and_the_sign_in_form_sets_the_cookie(tmp_pa
         cookie = ok.headers["set-cookie"]
         assert "mlflow_dock_token=" in cookie and "HttpOnly" in cookie
         assert "samesite=strict" in cookie.lower()
-        assert client.get("/").status_code == 200  # the cookie jar now holds the token
+        board = client.get("/")
+        assert board.status_code == 200  # the cookie jar now holds the token
+        assert 'action="/signout"' in board.text
         assert client.get("/metrics").status_code == 200
+        out = client.post("/signout", follow_redirects=False)
+        assert out.status_code == 303 and 'mlflow_dock_token=""' in out.headers["set-cookie"]
         client.cookies.clear()
         assert client.get("/metrics").status_code == 401
         bearer = {"Authorization": f"Bearer {TOKEN}"}
