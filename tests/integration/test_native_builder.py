@@ -24,6 +24,7 @@ from mlflow_dock.build.dockerfile import serving_requirements
 from mlflow_dock.build.elf import parse_elf
 from mlflow_dock.build.native import NativeBuilder, NativeConfig
 from mlflow_dock.build.wheels import Platform
+from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
 from support.images import copy_image, push_rootfs, put_index
@@ -243,16 +244,7 @@ def test_native_builder_writes_an_index_with_aarch64_wheels_on_the_arm64_base(
 ):
     name = f"Native multiarch direct {str(time.time_ns())[-8:]}"
     version = log_sklearn_model(mlflow_server.url, name)
-    from mlflow.artifacts import download_artifacts
-
-    model_dir = Path(
-        download_artifacts(
-            artifact_uri=f"models:/{name}/{version}",
-            dst_path=str(tmp_path / "model"),
-            tracking_uri=mlflow_server.url,
-            registry_uri=mlflow_server.url,
-        )
-    )
+    model_dir = MlflowSource(mlflow_server.url).download(name, version, tmp_path / "model").path
     builder = NativeBuilder(
         NativeConfig(
             platforms=(Platform.parse("linux/amd64"), Platform.parse("linux/arm64")),

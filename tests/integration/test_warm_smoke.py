@@ -10,13 +10,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from mlflow_dock.build.engine import DockerEngine
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.build.warm import WARM_LABEL, WarmSmoke
+from mlflow_dock.mlflow.client import MlflowSource
 from support.jobs import build_of, job_detail, wait_for_job
 from support.servers import log_sklearn_model, register_model_version
 
@@ -142,15 +142,8 @@ def test_smoke_tests_run_on_podman_too(
         capture_output=True,
         timeout=600,
     )
-    from mlflow.artifacts import download_artifacts
-
-    model_dir = Path(
-        download_artifacts(
-            artifact_uri=f"models:/{model_name}/{version}",
-            dst_path=str(tmp_path / "model"),
-            tracking_uri=mlflow_server.url,
-            registry_uri=mlflow_server.url,
-        )
+    model_dir = (
+        MlflowSource(mlflow_server.url).download(model_name, version, tmp_path / "model").path
     )
     example = model_dir / "serving_input_example.json"
     lines: list[str] = []
