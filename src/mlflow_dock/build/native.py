@@ -30,6 +30,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,10 +108,17 @@ class NativeConfig:
 
 @dataclass
 class Counts:
+    """What happened to each blob; updated from the builder's worker threads."""
+
     uploaded: int = 0
     mounted: int = 0
     present: int = 0
     tarred: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     def __str__(self) -> str:
         return (
@@ -338,10 +346,10 @@ class NativeBuilder:
         counts: Counts,
     ) -> None:
         if registry.blob_exists(repository, digest):
-            counts.present += 1
+            counts.add("present")
             return
         registry.upload_blob(repository, data, digest)
-        counts.uploaded += 1
+        counts.add("uploaded")
 
     def _shared_blob(
         self,
@@ -355,16 +363,16 @@ class NativeBuilder:
         """A small layer every image shares (the virtualenv): mounted like package layers."""
         cached = self._cache.get(registry.host, key) if self._cache is not None else None
         if registry.blob_exists(repository, layer.digest):
-            counts.present += 1
+            counts.add("present")
         elif (
             cached is not None
             and cached.repository != repository
             and registry.mount_blob(repository, layer.digest, cached.repository)
         ):
-            counts.mounted += 1
+            counts.add("mounted")
         else:
             registry.upload_blob(repository, data, layer.digest)
-            counts.uploaded += 1
+            counts.add("uploaded")
         if self._cache is not None:
             entry = CachedLayer(layer.digest, layer.diff_id, layer.size, repository)
             self._cache.put(registry.host, key, entry, label=key)
@@ -379,14 +387,14 @@ class NativeBuilder:
         counts: Counts,
     ) -> None:
         if registry.blob_exists(repository, digest):
-            counts.present += 1
+            counts.add("present")
             return
         if base.host == registry.host and registry.mount_blob(repository, digest, base.repository):
-            counts.mounted += 1
+            counts.add("mounted")
             return
         # Another registry (or one that does not mount): copy the blob through this worker.
         registry.upload_blob(repository, base_registry.get_blob(base.repository, digest), digest)
-        counts.uploaded += 1
+        counts.add("uploaded")
 
     def _package_layer(
         self,
@@ -403,11 +411,11 @@ class NativeBuilder:
         if cached is not None:
             found = registry.blob_exists(repository, cached.digest)
             if found:
-                counts.present += 1
+                counts.add("present")
             elif cached.repository != repository and registry.mount_blob(
                 repository, cached.digest, cached.repository
             ):
-                counts.mounted += 1
+                counts.add("mounted")
                 found = True
             if found:
                 self._remember(host, group, cached.digest, cached.diff_id, cached.size, repository)
@@ -418,7 +426,7 @@ class NativeBuilder:
         with tempfile.NamedTemporaryFile(dir=work, suffix=".tar.gz", delete=False) as out:
             path = Path(out.name)
             layer = layerlib.write_layer(entries, out)
-        counts.tarred += 1
+        counts.add("tarred")
         try:
             self._ensure_blob(registry, repository, layer.digest, path, counts)
         finally:
