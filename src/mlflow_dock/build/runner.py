@@ -384,6 +384,8 @@ class JobRunner:
                         password=creds.password,
                     )
                     self._smoke.check(str(target.with_digest(result.digest)), prepared.example, log)
+                    if self._warm is not None:
+                        self._warm.prewarm(prepared.key, str(target.with_digest(result.digest)))
                 else:
                     note = "published untested: no Docker Engine or Podman for the smoke test"
                     log(note)
@@ -424,6 +426,9 @@ class JobRunner:
             self._step("smoke")
             example = context / "model" / "serving_input_example.json"
             self._smoke.check(local_ref, example if prepared.example else None, log)
+            if self._warm is not None:
+                # The next version of this runtime will be checked warm; get it warm now.
+                self._warm.prewarm(prepared.key, local_ref)
         self._step("push")
         pushed = self._push(target.repository, tag, log)
         log(f"pushed {pushed.reference}@{pushed.digest}")

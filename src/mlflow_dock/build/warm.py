@@ -207,6 +207,19 @@ class WarmSmoke:
             f"{result.get('detail')}"
         )
 
+    def prewarm(self, runtime: str, runtime_image: str) -> None:
+        """Start the warm container for ``runtime`` in the background (the engine has the image).
+
+        Called once a runtime's first version passed its full smoke test, so the next version's
+        check finds the runtime warm. Failures are ignored: the check starts it again.
+        """
+
+        def start() -> None:
+            with contextlib.suppress(Exception):
+                self._container(runtime, runtime_image, lambda _line: None, lambda: None)
+
+        threading.Thread(target=start, name="warm-smoke-prewarm", daemon=True).start()
+
     def close(self) -> None:
         """Remove every warm container this instance started."""
         with self._lock:
