@@ -165,3 +165,64 @@ def test_two_replicas_two_workers_build_each_version_once(cluster, mlflow_server
     # Each job ran once: one attempt, one claim, in the store's own account.
     assert all(j["attempts"] == 1 for j in jobs), jobs
     assert_built_once(replicas[0], registry, model, versions)
+
+
+def wait_running(replica: Any, job_id: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{replica.url}/builds/{job_id}", timeout=10).json()["state"]
+        if state == "running":
+            return
+        assert state == "queued", state
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never started")
+
+
+def test_killed_worker_and_killed_replica(cluster, mlflow_server, registry):
+    """kill -9 of the worker mid-build: the job completes on another worker once the lease
+    expires, published once. kill -9 of one replica: the other keeps accepting (and takes over
+    the leader's sweeping, which is what requeues the dead worker's job)."""
+    replicas = [cluster.replica(), cluster.replica()]
+    first_worker = cluster.worker()
+    model = f"kill-{uuid.uuid4().hex[:8]}"
+    versions = register(mlflow_server.url, model, 2)
+    secret = cluster.factory.secret
+    job_id = deliver(replicas[0], secret, model, versions[0], str(uuid.uuid4())).json()["job_id"]
+    wait_running(replicas[1], job_id)
+    first_worker.kill()
+    replicas[0].kill()
+    cluster.worker()
+    deliver(replicas[1], secret, model, versions[1], str(uuid.uuid4()))
+    jobs = wait_all_succeeded(replicas[1], model, 2)
+    taken_over = next(j for j in jobs if j["id"] == job_id)
+    assert taken_over["attempts"] == 2  # the killed attempt and the one that finished
+    detail = httpx.get(f"{replicas[1].url}/builds/{job_id}", params={"log_lines": 500}).json()
+    assert any("expired" in line for line in detail["log_tail"]), detail["log_tail"]
+    assert_built_once(replicas[1], registry, model, versions)
+
+
+def test_broker_restart_and_database_outage_lose_nothing(
+    cluster, mlflow_server, registry, postgres, redis
+):
+    """Redis restarted mid-run (its queue is not persisted: messages are lost) and PostgreSQL
+    stopped for 20 s while builds run: every job still succeeds once, the workers survive."""
+    replica = cluster.replica()
+    workers = [cluster.worker(), cluster.worker()]
+    model = f"outage-{uuid.uuid4().hex[:8]}"
+    versions = register(mlflow_server.url, model, 4)
+    secret = cluster.factory.secret
+    for version in versions[:3]:
+        deliver(replica, secret, model, version, str(uuid.uuid4()))
+    redis.restart()
+    time.sleep(2)
+    postgres.stop()
+    time.sleep(20)
+    postgres.start()
+    deliver(replica, secret, model, versions[3], str(uuid.uuid4()))
+    wait_all_succeeded(replica, model, len(versions))
+    assert all(worker.running for worker in workers)
+    assert_built_once(replica, registry, model, versions)
+    # Still working afterwards: one more version goes through.
+    more = register_model_version(mlflow_server.url, model, from_model=model, from_version="1")
+    deliver(replica, secret, model, more, str(uuid.uuid4()))
+    wait_all_succeeded(replica, model, len(versions) + 1)
