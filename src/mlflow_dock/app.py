@@ -8,6 +8,7 @@ builds anything, the `JobStore` only records, and the `WorkerPool` only runs wha
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -353,6 +354,10 @@ class Service:
             self.pool.start()
         if self.reconcile is not None:
             self.reconcile.start()
+        # Everything loaded by now (MLflow, SQLAlchemy, FastAPI: ~200k objects) lives as long
+        # as the process. Frozen, the cyclic collector stops scanning it; otherwise each full
+        # collection stalls every request in flight for ~0.2 s (it was the intake's p99).
+        gc.freeze()
 
     def _check_engine(self) -> None:
         try:
