@@ -29,7 +29,12 @@ from mlflow_dock.build.runner import BuildConfig, JobRunner
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.build.warm import WarmSmoke
 from mlflow_dock.build.wheels import Platform
-from mlflow_dock.cloud.credentials import CredentialProvider, EcrCredentials, make_provider
+from mlflow_dock.cloud.credentials import (
+    CredentialProvider,
+    EcrCredentials,
+    StaticCredentials,
+    make_provider,
+)
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import ConfigError, MlflowDockError
 from mlflow_dock.intake.accept import Accepted, Intake
@@ -162,7 +167,17 @@ class Components:
             password=creds.password,
             scheme="http" if self.settings.registry_insecure else None,
             on_blob=recorder.count_blob if recorder is not None else None,
+            # Cloud tokens can be revoked or expire early: one fresh token on a 401, on every
+            # registry path (the engine push has its own retry in the runner).
+            refresh_credentials=(
+                None if isinstance(self.credentials, StaticCredentials) else self._fresh_credentials
+            ),
         )
+
+    def _fresh_credentials(self) -> tuple[str | None, str | None]:
+        self.credentials.invalidate()
+        fresh = self.credentials.get()
+        return fresh.username, fresh.password
 
     @cached_property
     def build_config(self) -> BuildConfig:

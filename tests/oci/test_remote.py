@@ -856,3 +856,36 @@ def test_password_not_logged(caplog: pytest.LogCaptureFixture, clock) -> None:
     assert "cannot delete tag" in caplog.text
     assert PASSWORD not in caplog.text
     assert TOKEN not in caplog.text
+
+
+# --------------------------------------------------------------------------- credential refresh
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_expired_credentials_are_refreshed_once_on_401(auth: str, clock) -> None:
+    fake = with_manifest(FakeRegistry(auth=auth))
+    refreshed: list[int] = []
+
+    def refresh() -> tuple[str | None, str | None]:
+        refreshed.append(1)
+        return USER, PASSWORD
+
+    with client_for(fake, password="expired-token", refresh_credentials=refresh) as client:
+        assert client.manifest_digest(REPO, "v1") == MANIFEST_DIGEST
+    assert refreshed == [1]
+
+
+def test_credentials_still_refused_after_a_refresh_are_permanent(clock) -> None:
+    fake = with_manifest(FakeRegistry(auth="basic"))
+    refreshed: list[int] = []
+
+    def refresh() -> tuple[str | None, str | None]:
+        refreshed.append(1)
+        return USER, "still-wrong"
+
+    with (
+        client_for(fake, password="expired", refresh_credentials=refresh) as client,
+        pytest.raises(PermanentError),
+    ):
+        client.get_manifest(REPO, "v1")
+    assert refreshed == [1]

@@ -196,7 +196,11 @@ class RegistryClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         on_blob: Callable[[str, int], None] | None = None,
+        refresh_credentials: Callable[[], tuple[str | None, str | None]] | None = None,
     ) -> None:
+        # Asked once per client for a fresh (username, password) when the registry still
+        # answers 401 with ours: a cloud token can be revoked or expire mid-job.
+        self._refresh_credentials = refresh_credentials
         host = host.strip()
         if "://" in host:
             # Accept "https://ghcr.io" from settings; an explicit scheme argument still wins.
@@ -622,17 +626,29 @@ class RegistryClient:
         def fetch(realm: str, service: str | None, scope: str) -> tuple[str, float | None]:
             return self._fetch_token(realm, service, scope, op)
 
-        auth = self._auth.answer(
-            response.headers.get_list("WWW-Authenticate"),
-            repository,
-            actions,
-            sent_auth,
-            fetch,
-            extra_scope,
-        )
-        if auth is None:
+        try:
+            auth = self._auth.answer(
+                response.headers.get_list("WWW-Authenticate"),
+                repository,
+                actions,
+                sent_auth,
+                fetch,
+                extra_scope,
+            )
+        except RegistryError as exc:
+            # The token service refused our credentials: the same case as a 401 below.
+            if exc.status_code != 401 or self._refresh_credentials is None:
+                raise
+            auth = None
+        if auth is not None:
+            response = self._request(method, url, op, headers, content, auth)
+        if response.status_code != 401 or self._refresh_credentials is None:
             return response
-        return self._request(method, url, op, headers, content, auth)
+        refresh, self._refresh_credentials = self._refresh_credentials, None
+        username, password = refresh()
+        self.username = username
+        self._auth = RegistryAuth(username=username, password=password)
+        return self._send(method, path, op, actions, headers, content, extra_scope=extra_scope)
 
     def _request(
         self,
