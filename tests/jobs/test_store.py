@@ -373,3 +373,23 @@ def test_an_unreachable_database_is_recognised_as_transient():
         JobStore.from_url(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
     assert store_unavailable(raised.value)
     assert not store_unavailable(ValueError("a bug"))
+
+
+def test_replicas_starting_together_all_open_the_store(store_url):
+    opened: list[JobStore] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(JobStore.from_url(store_url))
+        except BaseException as exc:  # the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 4
+    for s in opened:
+        s.close()

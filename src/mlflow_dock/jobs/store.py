@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import (
+    DBAPIError,
     DisconnectionError,
     IntegrityError,
     InterfaceError,
@@ -343,8 +345,17 @@ class JobStore:
         return store
 
     def create_schema(self) -> None:
-        _Base.metadata.create_all(self._engine)
-        self._add_missing_columns()
+        # Replicas starting together race to create tables and add columns; the loser's DDL
+        # fails because the winner's exists, and a second pass finds nothing left to do.
+        for attempt in range(3):
+            try:
+                _Base.metadata.create_all(self._engine)
+                self._add_missing_columns()
+                break
+            except DBAPIError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         self._migrate_build_keys()
 
     def _add_missing_columns(self) -> None:
