@@ -53,12 +53,19 @@ try:
     import pandas  # noqa: F401  (what most models load; imported once, here)
 except ImportError:
     pass
+# The image's own model (the previous version, same runtime): loading it once here imports
+# its flavor's libraries (sklearn, torch, ...) in the parent, so every forked check starts
+# with them imported and only deserialises the new artifacts.
+try:
+    mlflow.pyfunc.load_model(os.environ.get("__pyfunc_model_path__", "/opt/ml/model"))
+except Exception as exc:
+    print(f"warm: could not preload the image's model: {exc}", flush=True)
 path = sys.argv[1]
 os.makedirs(os.path.dirname(path), exist_ok=True)
 server = socket.socket(socket.AF_UNIX)
 server.bind(path)
 server.listen(8)
-print("warm", flush=True)
+print("warm: ready", flush=True)
 while True:
     conn, _ = server.accept()
     request = json.loads(conn.makefile().readline())
@@ -265,6 +272,8 @@ class WarmSmoke:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             labels={SMOKE_LABEL: "1", WARM_LABEL: "1", OWNER_LABEL: _this_process()},
+            # Checks fork the loader; BLAS thread pools do not survive a fork everywhere.
+            environment={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
         )
         deadline = time.monotonic() + self._start_timeout
         try:
@@ -275,7 +284,7 @@ class WarmSmoke:
                         "smoke test: the warm runtime exited: "
                         + container.logs(tail=5).decode("utf-8", "replace")[-600:]
                     )
-                if b"warm" in container.logs(tail=5):
+                if b"warm: ready" in container.logs(tail=5):
                     return container
                 time.sleep(0.1)
             raise RetryableError(f"smoke test: warm runtime not ready in {self._start_timeout}s")
