@@ -340,3 +340,26 @@ def test_an_adopted_version_is_attached_again(tmp_path: Path) -> None:
     assert parts.engine.builds == []
     assert [c["digest"] for c in supply.calls] == [DIGEST_1]
     assert outcome.sbom is not None
+
+
+def test_a_version_tag_already_in_the_registry_is_adopted_not_moved(parts: Parts) -> None:
+    # A job re-run after a lost lease: its first run published before it lost the store.
+    parts.registry.tags[(f"team/{MODEL}", "1")] = DIGEST_1
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+    assert parts.engine.builds == [] and parts.engine.pushes == []
+    assert (outcome.image, outcome.digest) == (f"{REPOSITORY}:1", DIGEST_1)
+
+
+def test_the_runtime_build_holds_the_deployment_wide_lock(tmp_path: Path) -> None:
+    parts = make_parts(tmp_path)
+    held: list[str] = []
+
+    class Locks:
+        @contextlib.contextmanager
+        def hold(self, name: str):  # type: ignore[no-untyped-def]
+            held.append(name)
+            yield
+
+    parts.runner._runtime_locks_shared = Locks()  # the runner's only collaborator not in Parts
+    parts.runner.run(build_job("1"), parts.log.append)
+    assert len(held) == 1 and held[0].startswith("runtime:")
