@@ -16,8 +16,10 @@ Both receivers run in the same run on this machine, each as one uvicorn process 
 signed MLflow deliveries from a file: every delivery id is sent at most once (nine in ten are
 `model_version.created` for a new version, one in ten `model_version_alias.created` for a
 version created earlier). Afterwards the store is read back: every job id answered with a 202 must
-be there with its delivery recorded ("nothing lost"). Prints req/s, p50/p99 and the ratio, and
-writes them to `bench/results/intake.md`.
+be there with its delivery recorded ("nothing lost"). Bare and mlflow-dock alternate for
+`--rounds` rounds (other load on a shared machine varies); prints req/s, p50/p99 and the ratio
+per round, and writes them to `bench/results/intake.md`. `--build-concurrency 1` measures a
+version that cannot run accept-only (before MLFLOW_DOCK_BUILD_CONCURRENCY=0 existed).
 """
 
 from __future__ import annotations
@@ -244,9 +246,9 @@ def bare_receiver(port: int, secret: str) -> None:
     uvicorn.run(app, host=HOST, port=port, log_level="info")
 
 
-def verify_store(db: Path, ids_file: Path, sent_ids: set[str]) -> tuple[int, int, int]:
+def verify_store(db: Path, ids_files: list[Path], sent_ids: set[str]) -> tuple[int, int, int]:
     """(202 answers, of them found with a recorded delivery, deliveries never sent)."""
-    answered = [x for x in ids_file.read_text().splitlines() if x]
+    answered = [x for f in ids_files for x in f.read_text().splitlines() if x]
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute("SELECT delivery_id, job_id FROM deliveries").fetchall()
     by_job: dict[str, list[str]] = {}
@@ -262,9 +264,22 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=80_000, help="prepared deliveries")
+    parser.add_argument(
+        "--requests", type=int, default=60_000, help="prepared deliveries per round"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="bare and mlflow-dock alternate this many times (other load on the machine varies)",
+    )
     parser.add_argument(
         "--build-concurrency", default="0", help="MLFLOW_DOCK_BUILD_CONCURRENCY for the service"
+    )
+    parser.add_argument(
+        "--write-back",
+        action="store_true",
+        help="MLflow write-back on (tags recorded in the store; MLflow itself is unreachable)",
     )
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument(
@@ -284,13 +299,14 @@ def main() -> int:
     secret = secrets.token_urlsafe(24)
     script = work / "deliveries.lua"
     script.write_text(_LUA)
-    deliveries = work / "deliveries.tsv"
-    write_deliveries(deliveries, secret, args.requests, model="Intake Bench")
+    rounds = [work / f"deliveries-{i}.tsv" for i in range(args.rounds)]
+    for i, path in enumerate(rounds):
+        write_deliveries(path, secret, args.requests, model=f"Intake Bench {i}")
     warmup = work / "warmup.tsv"
     write_deliveries(warmup, secret, 2000, model="Intake Warmup")
     sent_ids = {
         line.split("\t", 1)[0]
-        for path in (deliveries, warmup)
+        for path in (*rounds, warmup)
         for line in path.read_text().splitlines()
     }
 
@@ -311,7 +327,7 @@ def main() -> int:
         "MLFLOW_DOCK_BUILD_CONCURRENCY": args.build_concurrency,
         "MLFLOW_DOCK_SMOKE_TEST": "false",
         "MLFLOW_DOCK_RECONCILE_INTERVAL": "0",
-        "MLFLOW_DOCK_MLFLOW_WRITE_BACK": "false",
+        "MLFLOW_DOCK_MLFLOW_WRITE_BACK": "true" if args.write_back else "false",
     }
     env.pop("MLFLOW_DOCK_DATABASE_URL", None)
     env.pop("MLFLOW_DOCK_API_TOKEN", None)
@@ -333,21 +349,23 @@ def main() -> int:
             warm_args = argparse.Namespace(**{**vars(args), "duration": 2})
             for name, port in (("bare", bare_port), ("mlflow-dock", dock_port)):
                 run_wrk(name, port, script, warmup, work / "warm-ids.txt", warm_args)
-            results: list[Result] = []
-            bare_ids = work / "bare-ids.txt"
-            dock_ids = work / "dock-ids.txt"
-            results.append(run_wrk("bare", bare_port, script, deliveries, bare_ids, args))
-            profiler = None
-            if args.profile:
-                profiler = subprocess.Popen(
-                    ["py-spy", "record", "-p", str(dock.pid), "-o", args.profile, "-f", "raw"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            results.append(run_wrk("mlflow-dock", dock_port, script, deliveries, dock_ids, args))
-            if profiler is not None:
-                profiler.send_signal(2)
-                profiler.wait(30)
+            results: list[tuple[Result, Result, float]] = []
+            dock_ids: list[Path] = []
+            for i, deliveries in enumerate(rounds):
+                bare_r = run_wrk("bare", bare_port, script, deliveries, work / "bare-ids.txt", args)
+                profiler = None
+                if args.profile and i == 0:
+                    profiler = subprocess.Popen(
+                        ["py-spy", "record", "-p", str(dock.pid), "-o", args.profile, "-f", "raw"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                dock_ids.append(work / f"dock-ids-{i}.txt")
+                dock_r = run_wrk("mlflow-dock", dock_port, script, deliveries, dock_ids[-1], args)
+                if profiler is not None:
+                    profiler.send_signal(2)
+                    profiler.wait(30)
+                results.append((bare_r, dock_r, os.getloadavg()[0]))
     finally:
         for proc in procs:
             proc.terminate()
@@ -358,30 +376,33 @@ def main() -> int:
                 proc.kill()
 
     answered, found, unknown = verify_store(data_dir / "jobs.db", dock_ids, sent_ids)
-    bare_r, dock_r = results
     lines = [
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, unique signed deliveries, "
-        f"one uvicorn process each, {os.cpu_count()} CPUs",
+        f"one uvicorn process each, {os.cpu_count()} CPUs; rounds alternate bare and mlflow-dock",
         "",
-        "| receiver | requests | req/s | p50 | p99 | max | statuses | socket errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| round | receiver | requests | req/s | p50 | p99 | max | statuses | socket errors "
+        "| ratio | load avg |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    for r in results:
-        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r.statuses.items()))
-        lines.append(
-            f"| {r.name} | {r.requests} | {r.rate:,.0f} | {r.p50_ms:.1f} ms | {r.p99_ms:.1f} ms "
-            f"| {r.max_ms:.1f} ms | {statuses} | {r.errors} |"
-        )
+    for i, (bare_r, dock_r, load) in enumerate(results, 1):
+        for r in (bare_r, dock_r):
+            statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r.statuses.items()))
+            ratio = f"{dock_r.rate / bare_r.rate:.2f}" if r is dock_r else ""
+            lines.append(
+                f"| {i} | {r.name} | {r.requests} | {r.rate:,.0f} | {r.p50_ms:.1f} ms "
+                f"| {r.p99_ms:.1f} ms | {r.max_ms:.1f} ms | {statuses} | {r.errors} | {ratio} "
+                f"| {load:.1f} |"
+            )
+            if r.wrapped:
+                lines.append(f"WARNING: {r.name} reused deliveries; raise --requests")
+    ratios = sorted(d.rate / b.rate for b, d, _ in results)
     lines += [
         "",
-        f"mlflow-dock / bare: {dock_r.rate / bare_r.rate:.2f} of the bare receiver's rate",
+        f"mlflow-dock / bare (median of {len(ratios)} rounds): {ratios[len(ratios) // 2]:.2f}",
         f"nothing lost: {found} of {answered} deliveries answered 202 are in the store"
         f" ({'OK' if found == answered else 'LOST ' + str(answered - found)}); "
         f"{unknown} stored deliveries were never sent",
     ]
-    for r in results:
-        if r.wrapped:
-            lines.append(f"WARNING: {r.name} reused deliveries; raise --requests")
     report = "\n".join(lines)
     print(report)
     out = REPO_ROOT / "bench" / "results"
