@@ -95,3 +95,15 @@ def test_backfill_bad_since_is_one_line(tmp_path):
         "mlflow-dock: error: --since: 'yesterday-ish' is neither an ISO date/time nor an age "
         "like 30m, 12h, 7d"
     ]
+
+
+def test_worker_needs_the_celery_executor_and_a_broker(tmp_path):
+    env = {"MLFLOW_WEBHOOK_SECRET": "whsec-zzz", "DOCKER_USERNAME": "u"}
+    result = run_cli("worker", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mlflow-dock: error: MLFLOW_DOCK_EXECUTOR: set it to 'celery' to run separate workers"
+    ]
+    result = run_cli("worker", env={**env, "MLFLOW_DOCK_EXECUTOR": "celery"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "MLFLOW_DOCK_BROKER_URL" in result.stderr and "Traceback" not in result.stderr
