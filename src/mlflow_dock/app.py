@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -52,7 +52,7 @@ from mlflow_dock.jobs.steps import enter_step
 from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
-from mlflow_dock.mlflow.writeback import MlflowWriteBack
+from mlflow_dock.mlflow.writeback import MlflowWriteBack, updates_for
 from mlflow_dock.observe.metrics import ServiceMetrics
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
@@ -324,7 +324,7 @@ class Service:
                 settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
             ),
             store=self.store,
-            on_queued=self._queued,
+            on_queued=self._accepted,
         )
         self.pool = components.worker_pool(on_change=self._job_changed)
         # MLFLOW_DOCK_EXECUTOR=celery: this process accepts and enqueues; workers build.
@@ -429,6 +429,25 @@ class Service:
             self.dispatcher.submit(job.id)
         else:
             self.pool.notify()
+
+    def _accepted(self, jobs: Sequence[Job]) -> None:
+        """Jobs one intake batch queued: their write-back tags share one transaction."""
+        if self.writeback is not None:
+            writes = [
+                (u.model_name, u.version, {**u.set_tags, **dict.fromkeys(u.delete_tags)})
+                for job in jobs
+                for u in updates_for(job)
+            ]
+            try:
+                self.store.record_tag_writes_many(writes)
+            except Exception as exc:
+                # As `MlflowWriteBack.job_changed`: the tags follow with the job's next state.
+                logger.warning("recording MLflow tags for %d job(s) failed: %s", len(jobs), exc)
+        for job in jobs:
+            if self.dispatcher is not None:
+                self.dispatcher.submit(job.id)
+            else:
+                self.pool.notify()
 
     def _reconciled(self, job: Job) -> None:
         # A version or alias MLflow did not deliver (or we missed): worth a counter and alert.

@@ -124,3 +124,32 @@ def test_failed_build_is_requeued_once_per_batch(store):
     )
     assert [changed for _, changed in results] == [True, False]
     assert store.build_for("m", "1").state is JobState.QUEUED
+
+
+def _pending(store: JobStore):
+    # Revisions only order overwrites against a flush; inside one transaction none can read
+    # an intermediate value, so a batch may count fewer of them.
+    return sorted((w.model_name, w.version, w.tag, w.value) for w in store.pending_tag_writes())
+
+
+def test_many_tag_writes_in_one_transaction_match_one_at_a_time(store_url, tmp_path):
+    single = JobStore.from_url(f"sqlite:///{tmp_path / 'single.db'}")
+    grouped = JobStore.from_url(store_url)
+    writes = [
+        ("m", "1", {"mlflow_dock.status": "queued"}),
+        ("m", "2", {"mlflow_dock.status": "queued", "mlflow_dock.error": None}),
+        ("m", "1", {"mlflow_dock.status": "running"}),  # newest value wins
+    ]
+    for store in (single, grouped):
+        store.record_tag_writes("m", "2", {"mlflow_dock.status": "failed"})  # an existing row
+    for write in writes:
+        single.record_tag_writes(*write)
+    grouped.record_tag_writes_many(writes)
+    grouped.record_tag_writes_many([])
+    assert _pending(grouped) == _pending(single)
+    overwritten = [
+        w for w in grouped.pending_tag_writes() if (w.version, w.tag) == ("2", "mlflow_dock.status")
+    ]
+    assert [(w.value, w.revision) for w in overwritten] == [("queued", 1)]
+    single.close()
+    grouped.close()

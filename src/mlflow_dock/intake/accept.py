@@ -32,14 +32,19 @@ class Accepted:
 
 
 class Intake:
-    """Turns verified deliveries into stored jobs; `on_queued` hears of each new or requeued job."""
+    """Turns verified deliveries into stored jobs.
+
+    `on_queued` hears, once per committed batch and before its deliveries are answered, of the
+    jobs the batch created or queued again (a batch, so that what it records can share one
+    transaction too).
+    """
 
     def __init__(
         self,
         *,
         verifier: WebhookVerifier,
         store: JobStore,
-        on_queued: Callable[[Job], None] = lambda _job: None,
+        on_queued: Callable[[Sequence[Job]], None] = lambda _jobs: None,
     ) -> None:
         self._verifier = verifier
         self._store = store
@@ -75,25 +80,28 @@ class Intake:
     def _commit(self, requests: Sequence[DeliveryRequest]) -> list[Accepted]:
         results = self._store.accept_deliveries(requests)
         accepted = []
-        queued = 0
+        queued: list[Job] = []
+        debug = logger.isEnabledFor(logging.DEBUG)
         for request, (job, changed) in zip(requests, results, strict=True):
-            # One batch holds several deliveries: each one's lines carry its own context.
-            with _context(request, job):
-                # Per delivery at debug: at full intake rate one line each is a measurable
-                # share of the CPU; the summary below and the access log stay at info.
-                logger.debug(
-                    "delivery %s: %s for '%s' -> %s job %s (%s)",
-                    request.delivery_id,
-                    request.kind,
-                    request.model_name,
-                    job.kind,
-                    job.id,
-                    "queued" if changed else f"existing, {job.state}",
-                )
-                if changed:
-                    queued += 1
-                    self._on_queued(job)
+            # Per delivery at debug: at full intake rate one line each is a measurable share
+            # of the CPU; the summary below and the access log stay at info. One batch holds
+            # several deliveries: each one's line carries its own context.
+            if debug:
+                with _context(request, job):
+                    logger.debug(
+                        "delivery %s: %s for '%s' -> %s job %s (%s)",
+                        request.delivery_id,
+                        request.kind,
+                        request.model_name,
+                        job.kind,
+                        job.id,
+                        "queued" if changed else f"existing, {job.state}",
+                    )
+            if changed:
+                queued.append(job)
             accepted.append(Accepted(job, duplicate=not changed))
+        if queued:
+            self._on_queued(queued)
         if len(requests) == 1:
             request, job = requests[0], accepted[0].job
             with _context(request, job):
@@ -110,8 +118,8 @@ class Intake:
             logger.info(
                 "stored %d deliveries in one transaction: %d queued, %d existing",
                 len(requests),
-                queued,
-                len(requests) - queued,
+                len(queued),
+                len(requests) - len(queued),
             )
         return accepted
 

@@ -45,6 +45,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Engine, Row
@@ -746,6 +747,70 @@ class JobStore:
                 session.flush()
                 session.close()
             return results
+
+    def record_tag_writes_many(
+        self, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
+    ) -> None:
+        """`record_tag_writes` for many versions in one transaction (a batch of deliveries).
+
+        Same rows and the same newest-value-wins rule; new tags (the common case: versions
+        just created) become one multi-row INSERT.
+        """
+        if writes:
+            self._racing(lambda: self._record_tag_writes_many(writes))
+
+    def _record_tag_writes_many(
+        self, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
+    ) -> None:
+        latest: dict[tuple[str, str, str], str | None] = {}
+        for model_name, version, tags in writes:
+            for tag, value in tags.items():
+                latest[(model_name, version, tag)] = value
+        if not latest:
+            return
+        table = _Base.metadata.tables[_TagWriteRow.__tablename__]
+        with self._write_lock, self._engine.begin() as connection:
+            existing: set[tuple[str, str, str]] = set()
+            keys = list(latest)
+            for start in range(0, len(keys), 300):
+                chunk = keys[start : start + 300]
+                for row in connection.execute(
+                    select(table.c.model_name, table.c.version, table.c.tag).where(
+                        tuple_(table.c.model_name, table.c.version, table.c.tag).in_(chunk)
+                    )
+                ):
+                    existing.add((row.model_name, row.version, row.tag))
+            for key in existing:
+                model_name, version, tag = key
+                connection.execute(
+                    update(table)
+                    .where(
+                        table.c.model_name == model_name,
+                        table.c.version == version,
+                        table.c.tag == tag,
+                    )
+                    .values(
+                        value=latest[key],
+                        revision=table.c.revision + 1,
+                        attempts=0,
+                        not_before=None,
+                        last_error=None,
+                    )
+                )
+            new = [
+                {
+                    "model_name": m,
+                    "version": v,
+                    "tag": t,
+                    "value": value,
+                    "revision": 0,
+                    "attempts": 0,
+                }
+                for (m, v, t), value in latest.items()
+                if (m, v, t) not in existing
+            ]
+            if new:
+                connection.execute(insert(table), new)
 
     def _last_alias_target(self, session: Session, model_name: str, alias: str) -> str:
         return (
