@@ -90,24 +90,27 @@ def run_native(
 ) -> dict[str, object]:
     components = Components(settings)
     store, runner = components.store, components.runner
-    lines: list[str] = []
-
-    class Logs:
-        def append(self, job_id: str, line: str) -> None:
-            lines.append(line)
-
+    logs = bs.TimedLogs(settings.data_dir / "logs")
     before, uploads_before = registry.stored_bytes(), uploads(registry)
     start = time.monotonic()
     job, _ = store.request_build(model, version)
-    claimed = store.claim_next()
+    claimed = store.claim_next(owner="bench", lease_seconds=3600)
     assert claimed is not None and claimed.id == job.id
     finished = execute_job(
-        claimed, store=store, runner=runner, logs=Logs(), max_attempts=1, backoff_seconds=0
+        claimed,
+        store=store,
+        runner=runner,
+        logs=logs,
+        max_attempts=1,
+        backoff_seconds=0,
+        lease_seconds=3600,
     )
     seconds = time.monotonic() - start
     store.close()
-    if finished.state is not JobState.SUCCEEDED:
-        raise RuntimeError(f"{model} v{version}: {finished.error}\n" + "\n".join(lines[-30:]))
+    lines = [line for _t, line in logs.lines]
+    if finished is None or finished.state is not JobState.SUCCEEDED:
+        error = finished.error if finished is not None else "not recorded"
+        raise RuntimeError(f"{model} v{version}: {error}\n" + "\n".join(lines[-30:]))
     if any("in the registry on top of" in line for line in lines):
         path = "registry assembly (previous version's layers)"
     elif any("without an engine" in line for line in lines):
@@ -122,7 +125,11 @@ def run_native(
         "seconds": seconds,
         "growth": registry.stored_bytes() - before,
         "uploads": uploads(registry) - uploads_before,
-        "log": [line for line in lines if "packages installed" in line or "assembled" in line],
+        "log": [
+            line
+            for line in lines
+            if "packages installed" in line or "assembled" in line or "attached SBOM" in line
+        ],
     }
 
 
