@@ -132,7 +132,7 @@ class WarmSmoke:
         engine: DockerEngine,
         *,
         limits: WarmLimits | None = None,
-        start_timeout: float = 120.0,
+        start_timeout: float = 300.0,
         check_timeout: float = 120.0,
         idle_seconds: float = 900.0,
     ) -> None:
