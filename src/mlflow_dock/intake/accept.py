@@ -88,15 +88,7 @@ class Intake:
             # several deliveries: each one's line carries its own context.
             if debug:
                 with _context(request, job):
-                    logger.debug(
-                        "delivery %s: %s for '%s' -> %s job %s (%s)",
-                        request.delivery_id,
-                        request.kind,
-                        request.model_name,
-                        job.kind,
-                        job.id,
-                        "queued" if changed else f"existing, {job.state}",
-                    )
+                    logger.debug("%s", _outcome_line(request, job, changed=changed))
             if changed:
                 queued.append(job)
             accepted.append(Accepted(job, duplicate=not changed))
@@ -105,15 +97,7 @@ class Intake:
         if len(requests) == 1:
             request, job = requests[0], accepted[0].job
             with _context(request, job):
-                logger.info(
-                    "delivery %s: %s for '%s' -> %s job %s (%s)",
-                    request.delivery_id,
-                    request.kind,
-                    request.model_name,
-                    job.kind,
-                    job.id,
-                    "queued" if queued else f"existing, {job.state}",
-                )
+                logger.info("%s", _outcome_line(request, job, changed=bool(queued)))
         else:
             logger.info(
                 "stored %d deliveries in one transaction: %d queued, %d existing",
@@ -144,3 +128,11 @@ def _request(delivery_id: str, body: bytes) -> DeliveryRequest:
             delivery_id, JobKind.ALIAS, event.data.name, event.data.version, event.data.alias
         )
     return DeliveryRequest(delivery_id, JobKind.UNALIAS, event.data.name, "", event.data.alias)
+
+
+def _outcome_line(request: DeliveryRequest, job: Job, *, changed: bool) -> str:
+    outcome = "queued" if changed else f"existing, {job.state}"
+    return (
+        f"delivery {request.delivery_id}: {request.kind} for '{request.model_name}' -> "
+        f"{job.kind} job {job.id} ({outcome})"
+    )

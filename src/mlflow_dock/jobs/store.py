@@ -489,19 +489,7 @@ class JobStore:
             else:
                 # The deleted event names no version; the alias's last target is where its
                 # MLflow tag has to be removed.
-                version = (
-                    session.execute(
-                        select(_JobRow.version)
-                        .where(
-                            _JobRow.kind == JobKind.ALIAS.value,
-                            _JobRow.model_name == model_name,
-                            _JobRow.alias == alias,
-                        )
-                        .order_by(_JobRow.created_at.desc())
-                        .limit(1)
-                    ).scalar_one_or_none()
-                    or ""
-                )
+                version = self._last_alias_target(session, model_name, alias)
             row = _new_row(kind, model_name, version, alias=alias, depends_on=depends_on)
             session.add(row)
             session.flush()
