@@ -9,6 +9,7 @@
      |    +-- PayloadTooLargeError   413
      |    +-- PayloadError           422: authenticated, but not an event we can act on
      |    +-- NotFoundError          404
+     |    +-- UnavailableError       503: the job store is down; MLflow retries a 503 delivery
      +-- LeaseLostError              a worker's lease on a job expired and another took it over
      +-- JobError                    running a job failed
           +-- RetryableError         transient: registry 5xx, connection errors, timeouts
@@ -59,6 +60,10 @@ class PayloadError(RequestError):
 
 class NotFoundError(RequestError):
     pass
+
+
+class UnavailableError(RequestError):
+    """A dependency the request needs (the job store) is down; the client should retry."""
 
 
 class LeaseLostError(MlflowDockError):

@@ -270,3 +270,23 @@ def test_read_endpoints_need_the_token_when_one_is_set(settings, runner):
         assert c.get("/health").status_code == 200
         # The webhook stays HMAC-only: no token needed, the signature decides.
         assert deliver(c, {"entity": "x"}, secret="wrong").status_code == 401
+
+
+def test_a_store_outage_answers_503_so_mlflow_retries(settings, runner, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    components = Components(settings)
+    components.runner = runner  # type: ignore[assignment]
+    service = Service(components)
+
+    def down(_requests):
+        raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+
+    with TestClient(create_app(lambda: service)) as c:
+        monkeypatch.setattr(service.store, "accept_deliveries", down)
+        response = deliver(c, created(), delivery="d-outage")
+        assert response.status_code == 503
+        assert "retry" in response.json()["detail"]
+        monkeypatch.undo()
+        # Once the store is back, MLflow's retry of the same delivery is accepted.
+        assert deliver(c, created(), delivery="d-outage").status_code == 202

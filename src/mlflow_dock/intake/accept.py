@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from anyio import to_thread
 
-from mlflow_dock.errors import PayloadError
+from mlflow_dock.errors import PayloadError, UnavailableError
 from mlflow_dock.intake.commit import GroupCommit
 from mlflow_dock.intake.events import AliasCreated, ModelVersionCreated, parse_event
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.model import Job, JobKind
-from mlflow_dock.jobs.store import DeliveryRequest, JobStore
+from mlflow_dock.jobs.store import DeliveryRequest, JobStore, store_unavailable
 from mlflow_dock.observe.context import log_context
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,14 @@ class Intake:
         return await self._batches.submit(request)
 
     def _commit(self, requests: Sequence[DeliveryRequest]) -> list[Accepted]:
-        results = self._store.accept_deliveries(requests)
+        try:
+            results = self._store.accept_deliveries(requests)
+        except Exception as exc:
+            # MLflow retries a 503 (and never a 500 it cannot tell from a bug), so a database
+            # restart or fail-over loses no delivery.
+            if store_unavailable(exc):
+                raise UnavailableError("the job store is unavailable; retry later") from exc
+            raise
         accepted = []
         queued: list[Job] = []
         debug = logger.isEnabledFor(logging.DEBUG)

@@ -21,6 +21,7 @@ from mlflow_dock.errors import (
     SignatureError,
     TimestampError,
     UnauthorizedError,
+    UnavailableError,
 )
 from mlflow_dock.intake.accept import Accepted as AcceptedDelivery
 from mlflow_dock.intake.auth import ReadAccess
@@ -44,6 +45,7 @@ STATUS_CODES: dict[type[RequestError], int] = {
     NotFoundError: 404,
     PayloadTooLargeError: 413,
     PayloadError: 422,
+    UnavailableError: 503,
 }
 
 
