@@ -234,3 +234,27 @@ def test_mlflow_links_only_for_http_tracking_servers(uri, expected):
 
 def test_version_link_quotes_the_model_name():
     assert version_link("http://m", "a/b c", "4") == "http://m/#/models/a%2Fb%20c/versions/4"
+
+
+def test_board_and_api_show_the_sbom_and_signature_of_an_image(tmp_path):
+    sbom = "127.0.0.1:5000/models/m@sha256:" + "5" * 64
+    signature = "127.0.0.1:5000/models/m@sha256:" + "6" * 64
+
+    class SigningRunner(StepRunner):
+        def run(self, job, log):
+            outcome = super().run(job, log)
+            return JobOutcome(
+                image=outcome.image,
+                digest=outcome.digest,
+                tags=outcome.tags,
+                sbom=sbom,
+                signature=signature,
+            )
+
+    with client_for(make_settings(tmp_path), SigningRunner()) as c:
+        job_id = deliver(c, created("1"), "d-signed").json()["job_id"]
+        job = finished(c, job_id)
+        assert (job["sbom"], job["signature"], job["provenance"]) == (sbom, signature, None)
+        row = row_html(c.get("/").text, job_id)
+        assert f'data-copy="{sbom}"' in row and f'data-copy="{signature}"' in row
+        assert "provenance" not in row

@@ -91,6 +91,10 @@ class JobView(BaseModel):
     finished_at: datetime | None
     duration_seconds: float | None
     error: str | None
+    # Supply-chain artifacts attached to the image (repository@digest of each), if any.
+    sbom: str | None = None
+    signature: str | None = None
+    provenance: str | None = None
     log_tail: list[str] | None = None
 
 
@@ -125,6 +129,9 @@ def _view(job: Job, log_tail: list[str] | None = None) -> JobView:
         finished_at=job.finished_at,
         duration_seconds=job.duration_seconds,
         error=job.error,
+        sbom=job.sbom,
+        signature=job.signature,
+        provenance=job.provenance,
         log_tail=log_tail,
     )
 
