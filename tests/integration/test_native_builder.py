@@ -271,10 +271,6 @@ def test_native_builder_writes_an_index_with_aarch64_wheels_on_the_arm64_base(
     _check_multiarch(registry, docker_client, path, version)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supply.attach (issue 11) refuses OCI image indexes, so the SBOM step fails the job",
-)
 def test_two_platforms_publish_an_index_through_the_service(
     service_factory,
     webhook_factory,
