@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Final, cast
 
 from mlflow_dock.build.wheels import Distribution
+from mlflow_dock.oci.mutate import HashingWriter, LayerDigests
 
 __all__ = [
     "DIR",
@@ -88,33 +89,6 @@ class Entry:
     linkname: str = ""
 
 
-@dataclass(frozen=True)
-class LayerDigests:
-    digest: str  # sha256 of the gzip blob: the manifest's layer descriptor
-    diff_id: str  # sha256 of the uncompressed tar: the config's rootfs.diff_ids
-    size: int  # bytes of the gzip blob
-
-
-class _HashingWriter:
-    """Write-through that hashes and counts; tarfile's stream mode and gzip only write()."""
-
-    def __init__(self, sink: IO[bytes] | gzip.GzipFile) -> None:
-        self._sink = sink
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self._sink.write(data)
-
-    def flush(self) -> None:
-        self._sink.flush()
-
-    def digest(self) -> str:
-        return "sha256:" + self.sha256.hexdigest()
-
-
 def _with_parents(entries: Iterable[Entry]) -> list[Entry]:
     by_name: dict[str, Entry] = {}
     for entry in entries:
@@ -136,11 +110,11 @@ def write_layer(
 ) -> LayerDigests:
     """Write ``entries`` (parents added, sorted) as a gzip tar layer into ``out``."""
     when = source_date_epoch() if mtime is None else mtime
-    compressed = _HashingWriter(out)
+    compressed = HashingWriter(out)
     with gzip.GzipFile(
         filename="", mode="wb", fileobj=compressed, compresslevel=level, mtime=0
     ) as gz:
-        uncompressed = _HashingWriter(gz)
+        uncompressed = HashingWriter(gz)
         stream = cast(IO[bytes], uncompressed)
         with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for entry in _with_parents(entries):

@@ -54,6 +54,7 @@ from mlflow_dock.oci.manifest import (
 
 __all__ = [
     "CREATED_BY_SUFFIX",
+    "HashingWriter",
     "Layer",
     "LayerDigests",
     "NotAssemblable",
@@ -98,7 +99,7 @@ class Layer:
     size: int
 
 
-class _HashingWriter:
+class HashingWriter:
     """Write-through that hashes and counts what passes; tarfile and gzip need only write()."""
 
     def __init__(self, sink: IO[bytes] | gzip.GzipFile) -> None:
@@ -157,12 +158,12 @@ def write_model_layer(
     if not model_dir.is_dir():
         raise PermanentError(f"model directory {model_dir} does not exist")
     parts = _target_parts(target)
-    compressed = _HashingWriter(out)
+    compressed = HashingWriter(out)
     # filename="" keeps the name out of the header; mtime=0 keeps the time out.
     with gzip.GzipFile(
         filename="", mode="wb", fileobj=compressed, compresslevel=_GZIP_LEVEL, mtime=0
     ) as gz:
-        uncompressed = _HashingWriter(gz)
+        uncompressed = HashingWriter(gz)
         # Stream mode ("w|") only ever calls write(), which is all the hashing writer has.
         stream = cast(IO[bytes], uncompressed)
         with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
