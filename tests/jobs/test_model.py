@@ -37,3 +37,8 @@ def test_build_key_separates_name_and_version():
 def test_retry_delay_is_exponential_and_capped():
     assert [retry_delay(n, 5) for n in (1, 2, 3)] == [5, 10, 20]
     assert retry_delay(30, 5) == 300
+
+
+def test_retry_delay_stays_capped_however_many_attempts():
+    # A job waiting out a days-long outage keeps counting attempts.
+    assert retry_delay(5000, 5.0, 300.0) == 300.0

@@ -60,7 +60,10 @@ def build_key(model_name: str, version: str) -> str:
 
 def retry_delay(attempt: int, base_seconds: float, cap_seconds: float = 300.0) -> float:
     """Exponential backoff for the attempt that just failed (1-based)."""
-    return float(min(cap_seconds, base_seconds * 2 ** max(0, attempt - 1)))
+    # Jobs waiting out a long outage keep counting attempts; past ~1000 the float would
+    # overflow, and the cap has long been reached anyway.
+    exponent = min(max(0, attempt - 1), 60)
+    return float(min(cap_seconds, base_seconds * 2**exponent))
 
 
 @dataclass(frozen=True)

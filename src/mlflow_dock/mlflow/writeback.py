@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mlflow_dock.jobs.model import Job, JobKind, JobState
+from mlflow_dock.jobs.model import Job, JobKind, JobState, retry_delay
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.oci.reference import pinned
 
@@ -166,7 +166,7 @@ class MlflowWriteBack:
                 self._source.update_tags(model_name, version, sets, deletes)
             except Exception as exc:
                 attempts = max(w.attempts for w in writes) + 1
-                delay = min(self._max_backoff, float(2 ** min(attempts, 10)))
+                delay = retry_delay(attempts + 1, 1.0, self._max_backoff)
                 logger.warning(
                     "writing tags to MLflow for '%s' version %s failed (attempt %d, next in "
                     "%.0f s): %s",
