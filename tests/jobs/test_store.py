@@ -365,7 +365,6 @@ def test_supply_chain_references_are_recorded_with_the_outcome(store):
         assert (got.sbom, got.signature, got.provenance) == tuple(refs.values())
 
 
-
 def test_an_unreachable_database_is_recognised_as_transient():
     from support.servers import free_port
 
