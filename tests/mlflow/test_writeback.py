@@ -135,3 +135,35 @@ def test_only_the_leader_flushes(store):
     time.sleep(0.3)
     wb.stop()
     assert source.applied == [] and len(store.pending_tag_writes()) == 1
+
+
+class RefusingSource:
+    def __init__(self, code):
+        self.code = code
+        self.calls = 0
+
+    def update_tags(self, name, version, set_tags, delete_tags):
+        from mlflow_dock.mlflow.client import MlflowRefusedError
+
+        self.calls += 1
+        raise MlflowRefusedError(f"writing tags: {self.code}", code=self.code)
+
+
+def test_tags_for_a_version_mlflow_does_not_have_are_dropped_not_retried_forever(store):
+    source = RefusingSource("RESOURCE_DOES_NOT_EXIST")
+    wb = MlflowWriteBack(source, store, max_backoff_seconds=0.1)  # type: ignore[arg-type]
+    wb.job_changed(job(version="999", state=JobState.FAILED, error="no such version"))
+    assert wb.flush_once() == 0
+    time.sleep(0.15)
+    assert store.pending_tag_writes() == [] and wb.flush_once() == 0
+    assert source.calls == 1
+
+
+def test_a_credentials_refusal_keeps_the_tags_pending(store):
+    # An operator can fix credentials; the tags must still arrive then.
+    source = RefusingSource("PERMISSION_DENIED")
+    wb = MlflowWriteBack(source, store, max_backoff_seconds=0.1)  # type: ignore[arg-type]
+    wb.job_changed(job(state=JobState.FAILED, error="x"))
+    assert wb.flush_once() == 0
+    time.sleep(0.15)
+    assert len(store.pending_tag_writes()) == 2

@@ -44,6 +44,14 @@ class ModelPackage:
     has_serving_example: bool
 
 
+class MlflowRefusedError(PermanentError):
+    """MLflow answered with an error code no retry can fix; `code` is MLflow's own."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def translate_mlflow_error(exc: BaseException, what: str) -> Exception:
     """The single mapping from MLflow client failures to retryable or permanent job errors."""
     from mlflow.exceptions import MlflowException
@@ -52,7 +60,7 @@ def translate_mlflow_error(exc: BaseException, what: str) -> Exception:
         code = str(exc.error_code)
         message = exc.message.splitlines()[0] if exc.message else code
         if code in _PERMANENT_CODES:
-            return PermanentError(f"{what}: {message}")
+            return MlflowRefusedError(f"{what}: {message}", code=code)
         return RetryableError(f"{what}: MLflow error {code}: {message}")
     return RetryableError(f"{what}: cannot reach MLflow: {type(exc).__name__}: {exc}")
 
@@ -108,16 +116,20 @@ class MlflowSource:
     ) -> None:
         from mlflow.exceptions import MlflowException
 
+        what = f"writing tags of '{name}' version {version}"
         client = self._client()
-        for key, value in set_tags.items():
-            client.set_model_version_tag(name, version, key, value)
-        for key in delete_tags:
-            try:
-                client.delete_model_version_tag(name, version, key)
-            except MlflowException as exc:
-                # Deleting a tag that is not there is the outcome we wanted.
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
+        try:
+            for key, value in set_tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            for key in delete_tags:
+                try:
+                    client.delete_model_version_tag(name, version, key)
+                except MlflowException as exc:
+                    # Deleting a tag that is not there is the outcome we wanted.
+                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+        except Exception as exc:
+            raise translate_mlflow_error(exc, what) from exc
 
     def list_versions(self, name: str | None = None) -> list[ModelVersionInfo]:
         what = "listing model versions" + (f" of '{name}'" if name else "")

@@ -25,12 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState, retry_delay
-from mlflow_dock.mlflow.client import MlflowSource
+from mlflow_dock.mlflow.client import MlflowRefusedError, MlflowSource
 from mlflow_dock.oci.reference import pinned
 
 logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "mlflow_dock."
+# MLflow's refusals that no later attempt changes: the version does not exist (a webhook or
+# reconciliation named one MLflow never had) or the value is invalid. Credential refusals are
+# not here: an operator can fix those, and the tags then still arrive.
+_NOTHING_TO_RETRY = frozenset(
+    {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
+)
 _MAX_VALUE = 4000  # MLflow caps model version tag values at 5000 characters
 
 
@@ -164,25 +170,44 @@ class MlflowWriteBack:
             deletes = tuple(w.tag for w in writes if w.value is None)
             try:
                 self._source.update_tags(model_name, version, sets, deletes)
-            except Exception as exc:
-                attempts = max(w.attempts for w in writes) + 1
-                delay = retry_delay(attempts + 1, 1.0, self._max_backoff)
-                logger.warning(
-                    "writing tags to MLflow for '%s' version %s failed (attempt %d, next in "
-                    "%.0f s): %s",
+            except MlflowRefusedError as exc:
+                if exc.code not in _NOTHING_TO_RETRY:
+                    self._backoff(writes, exc)
+                    continue
+                # The version is gone (or MLflow refuses the value): retrying forever would
+                # only repeat the answer. Credentials errors, by contrast, can be fixed.
+                logger.error(
+                    "MLflow refused tags for '%s' version %s; dropped: %s",
                     model_name,
                     version,
-                    attempts,
-                    delay,
                     _short(exc),
                 )
                 for write in writes:
-                    self._store.tag_write_failed(write, _short(exc), delay)
+                    self._store.tag_write_done(write)
+                continue
+            except Exception as exc:
+                self._backoff(writes, exc)
                 continue
             for write in writes:
                 self._store.tag_write_done(write)
             written += len(writes)
         return written
+
+    def _backoff(self, writes: list[PendingTag], exc: Exception) -> None:
+        """Keep the writes pending, due again after a capped, growing delay."""
+        model_name, version = writes[0].model_name, writes[0].version
+        attempts = max(w.attempts for w in writes) + 1
+        delay = retry_delay(attempts + 1, 1.0, self._max_backoff)
+        logger.warning(
+            "writing tags to MLflow for '%s' version %s failed (attempt %d, next in %.0f s): %s",
+            model_name,
+            version,
+            attempts,
+            delay,
+            _short(exc),
+        )
+        for write in writes:
+            self._store.tag_write_failed(write, _short(exc), delay)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Apply pending writes until none is due or `timeout` passes (tests, CLI)."""
