@@ -256,5 +256,8 @@ def test_board_and_api_show_the_sbom_and_signature_of_an_image(tmp_path):
         job = finished(c, job_id)
         assert (job["sbom"], job["signature"], job["provenance"]) == (sbom, signature, None)
         row = row_html(c.get("/").text, job_id)
-        assert f'data-copy="{sbom}"' in row and f'data-copy="{signature}"' in row
+        assert f'title="CycloneDX: {sbom}"' in row
+        assert f'title="cosign signature: {signature}"' in row
         assert "provenance" not in row
+        # One copy target per row: the image's pinned reference.
+        assert row.count("data-copy=") == 1
