@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -272,7 +272,7 @@ class Components:
             self.store, owner=worker_identity(), lease_seconds=self.settings.lease_seconds
         )
 
-    def worker_pool(self, **hooks: object) -> WorkerPool:
+    def worker_pool(self, *, on_change: Callable[[Job], None] = lambda _job: None) -> WorkerPool:
         return WorkerPool(
             store=self.store,
             runner=self.runner,
@@ -282,7 +282,7 @@ class Components:
             backoff_seconds=self.settings.retry_backoff_seconds,
             max_backoff_seconds=self.settings.max_backoff_seconds,
             lease_seconds=self.settings.lease_seconds,
-            **hooks,  # type: ignore[arg-type]
+            on_change=on_change,
         )
 
     def reconciler(self) -> Reconciler:
