@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import httpx
 
@@ -271,10 +271,7 @@ def start_registry(
     log_path = workdir / "registry.log"
     env = {**os.environ, **_QUIET_ENV}
 
-    last_error: ServerStartError | None = None
-    # free_port() can race with another process grabbing the port; retry on a new one.
-    for _ in range(3):
-        port = free_port()
+    def launch(port: int) -> tuple[RegistryServer, subprocess.Popen[bytes]]:
         # JSON is valid YAML, and avoids depending on a YAML emitter here.
         config_path.write_text(json.dumps(_registry_config(workdir, port, htpasswd_path), indent=2))
         proc = _spawn(["docker-registry", "serve", str(config_path)], log_path, env)
@@ -288,23 +285,11 @@ def start_registry(
             config_path=config_path,
             _proc=proc,
         )
-        try:
-            _wait_until(
-                _answers(f"{server.url}/v2/", 401),
-                proc,
-                what="docker-registry",
-                log_path=log_path,
-                timeout=timeout,
-            )
-        except ServerStartError as exc:
-            server.stop()
-            if not exc.exited:
-                raise
-            last_error = exc
-            continue
-        return server
-    assert last_error is not None
-    raise last_error
+        return server, proc
+
+    return _start_on_free_port(
+        launch, "/v2/", 401, what="docker-registry", log_path=log_path, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------------- MLflow server
@@ -358,9 +343,7 @@ def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer
     # A tracking URI inherited from the caller's shell must not redirect the server.
     env.pop("MLFLOW_TRACKING_URI", None)
 
-    last_error: ServerStartError | None = None
-    for _ in range(3):
-        port = free_port()
+    def launch(port: int) -> tuple[MlflowServer, subprocess.Popen[bytes]]:
         argv = [
             PYTHON,
             "-m",
@@ -389,11 +372,38 @@ def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer
             encryption_key=key,
             _proc=proc,
         )
+        return server, proc
+
+    return _start_on_free_port(
+        launch, "/health", 200, what="mlflow server", log_path=log_path, timeout=timeout
+    )
+
+
+_S = TypeVar("_S", RegistryServer, MlflowServer)
+
+
+def _start_on_free_port(
+    launch: Callable[[int], tuple[_S, subprocess.Popen[bytes]]],
+    ready_path: str,
+    ready_status: int,
+    *,
+    what: str,
+    log_path: Path,
+    timeout: float,
+) -> _S:
+    """Start a server on a free port, on a new port when it exits before it is ready.
+
+    free_port() can race with another process grabbing the port, so an early exit is retried
+    (three tries); a server that runs but never answers is not.
+    """
+    last_error: ServerStartError | None = None
+    for _ in range(3):
+        server, proc = launch(free_port())
         try:
             _wait_until(
-                _answers(f"{server.url}/health", 200),
+                _answers(server.url + ready_path, ready_status),
                 proc,
-                what="mlflow server",
+                what=what,
                 log_path=log_path,
                 timeout=timeout,
             )
