@@ -52,7 +52,7 @@ from mlflow_dock.jobs.steps import enter_step
 from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
-from mlflow_dock.mlflow.writeback import MlflowWriteBack, updates_for
+from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for, updates_for
 from mlflow_dock.observe.metrics import ServiceMetrics
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
@@ -272,7 +272,10 @@ class Components:
             self.store, owner=worker_identity(), lease_seconds=self.settings.lease_seconds
         )
 
-    def worker_pool(self, *, on_change: Callable[[Job], None] = lambda _job: None) -> WorkerPool:
+    def worker_pool(
+        self, *, on_change: Callable[[Job], None] = lambda _job: None, durable_tags: bool = False
+    ) -> WorkerPool:
+        """`durable_tags`: each outcome's MLflow tags are stored in the outcome's transaction."""
         return WorkerPool(
             store=self.store,
             runner=self.runner,
@@ -283,6 +286,7 @@ class Components:
             max_backoff_seconds=self.settings.max_backoff_seconds,
             lease_seconds=self.settings.lease_seconds,
             on_change=on_change,
+            tag_writes=tag_writes_for if durable_tags else None,
         )
 
     def reconciler(self) -> Reconciler:
@@ -326,7 +330,9 @@ class Service:
             store=self.store,
             on_queued=self._accepted,
         )
-        self.pool = components.worker_pool(on_change=self._job_changed)
+        self.pool = components.worker_pool(
+            on_change=self._job_changed, durable_tags=self.writeback is not None
+        )
         # MLFLOW_DOCK_EXECUTOR=celery: this process accepts and enqueues; workers build.
         self.dispatcher: Dispatcher | None = None
         self.sweeper: Sweeper | None = None
@@ -506,6 +512,7 @@ class CeleryJobRunner:
             max_backoff_seconds=settings.max_backoff_seconds,
             lease_seconds=settings.lease_seconds,
             on_change=writeback.job_changed if writeback is not None else lambda _job: None,
+            tag_writes=tag_writes_for if writeback is not None else None,
         )
 
 

@@ -333,6 +333,53 @@ def test_a_tag_overwritten_during_a_flush_is_kept(store):
     assert store.pending_tag_writes() == []  # backing off, not dropped
 
 
+def _status_tags(job):
+    return [(job.model_name, job.version, {"mlflow_dock.status": job.state.value})]
+
+
+def test_an_outcome_and_its_tag_writes_commit_together(store):
+    job, _ = store.request_build("m", "1")
+    claim(store, owner="w")
+    done = store.succeed(job.id, image="r/m:1", digest=DIGEST_A, owner="w", tag_writes=_status_tags)
+    assert done.state is JobState.SUCCEEDED
+    assert [(w.tag, w.value) for w in store.pending_tag_writes()] == [
+        ("mlflow_dock.status", "succeeded")
+    ]
+
+
+def test_an_outcome_is_not_recorded_without_its_tag_writes(store):
+    """One transaction: if the tags cannot be stored, neither is the outcome (and vice versa)."""
+    job, _ = store.request_build("m", "1")
+    claim(store, owner="w")
+
+    def broken(_job):
+        raise RuntimeError("crash between the outcome and its tags")
+
+    with pytest.raises(RuntimeError):
+        store.fail(job.id, "bad", owner="w", tag_writes=broken)
+    assert store.get(job.id).state is JobState.RUNNING  # rolled back, still the worker's
+    assert store.pending_tag_writes() == []
+    store.retry_later(job.id, "503", 0, owner="w", tag_writes=_status_tags)
+    assert store.get(job.id).state is JobState.QUEUED
+    assert [w.value for w in store.pending_tag_writes()] == ["queued"]
+
+
+def test_a_lost_lease_stores_neither_outcome_nor_tags(store):
+    job, _ = store.request_build("m", "1")
+    claim(store, owner="w")
+    with pytest.raises(LeaseLostError):
+        store.succeed(job.id, image="i", digest=DIGEST_A, owner="other", tag_writes=_status_tags)
+    assert store.pending_tag_writes() == []
+
+
+def test_recording_a_pending_value_again_writes_it_once(store):
+    store.record_tag_writes("m", "1", {"s": "succeeded"})
+    (write,) = store.pending_tag_writes()
+    store.record_tag_writes("m", "1", {"s": "succeeded"})  # the change hook after the outcome
+    store.tag_write_done(write)
+    assert store.pending_tag_writes() == []
+
+
 def test_sqlite_store_from_nul_key_era_stays_readable(tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     old = JobStore.from_url(url)

@@ -154,3 +154,24 @@ def test_permanent_failures_fail(store, tmp_path):
         lease_seconds=30,
     )
     assert ended is not None and ended.state is JobState.FAILED and ended.permanent
+
+
+def test_outcome_tags_are_stored_with_the_outcome(store, tmp_path):
+    store.request_build("m", "1")
+    claimed = store.claim_next(owner="w", lease_seconds=30)
+    seen: list[JobState] = []
+    ended = execute_job(
+        claimed,
+        store=store,
+        runner=Runner(),
+        logs=BuildLogs(tmp_path / "logs"),
+        max_attempts=3,
+        backoff_seconds=1,
+        lease_seconds=30,
+        on_change=lambda job: seen.append(job.state),
+        tag_writes=lambda job: [(job.model_name, job.version, {"status": job.state.value})],
+    )
+    assert ended is not None and ended.state is JobState.SUCCEEDED
+    # Already pending when the change hook runs: no hook is needed for the tag to survive.
+    assert [(w.tag, w.value) for w in store.pending_tag_writes()] == [("status", "succeeded")]
+    assert seen == [JobState.RUNNING, JobState.SUCCEEDED]

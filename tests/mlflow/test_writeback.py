@@ -6,7 +6,8 @@ import pytest
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.jobs.store import JobStore
-from mlflow_dock.mlflow.writeback import MlflowWriteBack, updates_for
+from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for, updates_for
+from support.databases import database
 
 DIGEST = "sha256:" + "d" * 64
 
@@ -167,3 +168,29 @@ def test_a_credentials_refusal_keeps_the_tags_pending(store):
     assert wb.flush_once() == 0
     time.sleep(0.15)
     assert len(store.pending_tag_writes()) == 2
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_an_outcome_recorded_with_its_tags_reaches_mlflow_after_a_crash(kind, tmp_path):
+    """The worker stores the outcome and its tags in one commit: a process that dies right
+    after it (before any change hook ran) still gets its tags written by the next leader."""
+    with database(kind, tmp_path) as url:
+        worker = JobStore.from_url(url)
+        queued, _ = worker.request_build("m", "3")
+        worker.claim_next(owner="w", lease_seconds=30)
+        worker.succeed(
+            queued.id, image="reg/m:3", digest=DIGEST, owner="w", tag_writes=tag_writes_for
+        )
+        worker.close()  # killed here: no on_change, no flush
+        leader = JobStore.from_url(url)
+        source = FlakySource(failures=0)
+        MlflowWriteBack(source, leader).flush()  # type: ignore[arg-type]
+        leader.close()
+    assert source.applied == [
+        (
+            "m",
+            "3",
+            {"mlflow_dock.status": "succeeded", "mlflow_dock.image": f"reg/m@{DIGEST}"},
+            ("mlflow_dock.error",),
+        )
+    ]

@@ -82,6 +82,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# MLflow tag writes a job's new state calls for, as (model name, version, {tag: value or None
+# to delete}); the write-back derives them (mlflow/writeback.py), the store only keeps them.
+TagWrites = Callable[[Job], Sequence[tuple[str, str, Mapping[str, str | None]]]]
+
+
 class _Base(DeclarativeBase):
     pass
 
@@ -999,11 +1004,14 @@ class JobStore:
         sbom: str | None = None,
         signature: str | None = None,
         provenance: str | None = None,
+        tag_writes: TagWrites | None = None,
     ) -> Job:
+        """Record a success; with `tag_writes`, its MLflow tags are stored in the same commit."""
         return self._transition(
             job_id,
             JobState.SUCCEEDED,
             owner,
+            tag_writes,
             image=image,
             digest=digest,
             tags_json=json.dumps(list(tags)),
@@ -1016,12 +1024,19 @@ class JobStore:
         )
 
     def fail(
-        self, job_id: str, reason: str, *, permanent: bool = True, owner: str | None = None
+        self,
+        job_id: str,
+        reason: str,
+        *,
+        permanent: bool = True,
+        owner: str | None = None,
+        tag_writes: TagWrites | None = None,
     ) -> Job:
         return self._transition(
             job_id,
             JobState.FAILED,
             owner,
+            tag_writes,
             error=reason,
             permanent=permanent,
             finished_at=utcnow(),
@@ -1035,6 +1050,7 @@ class JobStore:
         *,
         waiting: bool = False,
         owner: str | None = None,
+        tag_writes: TagWrites | None = None,
     ) -> Job:
         """Queue the job again after `delay_seconds`.
 
@@ -1045,15 +1061,25 @@ class JobStore:
             job_id,
             JobState.QUEUED,
             owner,
+            tag_writes,
             error=f"{'waiting' if waiting else 'will retry'}: {reason}",
             not_before=utcnow() + timedelta(seconds=delay_seconds),
             enqueued_at=None,
         )
 
     def _transition(
-        self, job_id: str, target: JobState, owner: str | None, **values: object
+        self,
+        job_id: str,
+        target: JobState,
+        owner: str | None,
+        tag_writes: TagWrites | None = None,
+        **values: object,
     ) -> Job:
-        """Move a job to `target`; with `owner`, only while that owner still holds its lease."""
+        """Move a job to `target`; with `owner`, only while that owner still holds its lease.
+
+        `tag_writes`: the MLflow tags the new state calls for are stored in the same
+        transaction (an outbox), so no crash can record the outcome and lose its tags.
+        """
         with self._write() as session:
             row = session.get(_JobRow, job_id, with_for_update=True)
             if row is None:
@@ -1071,7 +1097,12 @@ class JobStore:
             for name, value in values.items():
                 setattr(row, name, value)
             session.flush()
-            return _to_job(row)
+            job = _to_job(row)
+            if tag_writes is not None:
+                for model_name, version, tags in tag_writes(job):
+                    self._upsert_tag_writes(session, model_name, version, tags)
+                session.flush()
+            return job
 
     # -- named leases (leader election, runtime builds) ----------------------------------------
 
@@ -1127,32 +1158,40 @@ class JobStore:
         self, model_name: str, version: str, tags: Mapping[str, str | None]
     ) -> None:
         with self._write() as session:
-            for tag, value in tags.items():
-                row = session.execute(
-                    select(_TagWriteRow).where(
-                        _TagWriteRow.model_name == model_name,
-                        _TagWriteRow.version == version,
-                        _TagWriteRow.tag == tag,
-                    )
-                ).scalar_one_or_none()
-                if row is None:
-                    session.add(
-                        _TagWriteRow(
-                            model_name=model_name,
-                            version=version,
-                            tag=tag,
-                            value=value,
-                            revision=0,
-                            attempts=0,
-                        )
-                    )
-                else:
-                    row.value = value
-                    row.revision += 1
-                    row.attempts = 0
-                    row.not_before = None
-                    row.last_error = None
+            self._upsert_tag_writes(session, model_name, version, tags)
             session.flush()
+
+    @staticmethod
+    def _upsert_tag_writes(
+        session: Session, model_name: str, version: str, tags: Mapping[str, str | None]
+    ) -> None:
+        for tag, value in tags.items():
+            row = session.execute(
+                select(_TagWriteRow).where(
+                    _TagWriteRow.model_name == model_name,
+                    _TagWriteRow.version == version,
+                    _TagWriteRow.tag == tag,
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                session.add(
+                    _TagWriteRow(
+                        model_name=model_name,
+                        version=version,
+                        tag=tag,
+                        value=value,
+                        revision=0,
+                        attempts=0,
+                    )
+                )
+            # The same value again is already pending: recording it twice (the outcome's
+            # transaction, then a change hook) must not make MLflow see it twice.
+            elif row.value != value:
+                row.value = value
+                row.revision += 1
+                row.attempts = 0
+                row.not_before = None
+                row.last_error = None
 
     def pending_tag_writes(self, limit: int = 200) -> list[TagWrite]:
         now = utcnow()

@@ -32,7 +32,7 @@ from mlflow_dock.jobs.steps import (
     CAUSE_INTERRUPTED,
     StepRecorder,
 )
-from mlflow_dock.jobs.store import JobStore, store_unavailable
+from mlflow_dock.jobs.store import JobStore, TagWrites, store_unavailable
 from mlflow_dock.observe.context import log_context
 
 logger = logging.getLogger(__name__)
@@ -95,12 +95,14 @@ def execute_job(
     max_backoff_seconds: float = 300.0,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     on_change: Callable[[Job], None] = lambda _job: None,
+    tag_writes: TagWrites | None = None,
 ) -> Job | None:
     """Run a job the caller has claimed (under `job.owner`'s lease) and record how it ended.
 
     Never raises. Returns the recorded job, or None when the outcome was not recorded (the
     lease was lost, or the store stayed unreachable); the lease then expires and the job is
-    reclaimed.
+    reclaimed. `tag_writes` derives the outcome's MLflow tags, stored in the outcome's own
+    transaction (durable write-back); `on_change` still hears of every change.
     """
 
     def log(line: str) -> None:
@@ -115,7 +117,15 @@ def execute_job(
     try:
         if job.owner is None:
             ended = _run_and_record(
-                job, log, store, runner, logs, max_attempts, backoff_seconds, max_backoff_seconds
+                job,
+                log,
+                store,
+                runner,
+                logs,
+                max_attempts,
+                backoff_seconds,
+                max_backoff_seconds,
+                tag_writes,
             )
         else:
             with LeaseHeartbeat(store, job.id, job.owner, lease_seconds):
@@ -128,6 +138,7 @@ def execute_job(
                     max_attempts,
                     backoff_seconds,
                     max_backoff_seconds,
+                    tag_writes,
                 )
     except LeaseLostError as exc:
         log(f"result dropped: {exc}")
@@ -194,6 +205,7 @@ def _run_and_record(
     max_attempts: int,
     backoff_seconds: float,
     max_backoff_seconds: float,
+    tag_writes: TagWrites | None = None,
 ) -> Job:
     log(
         f"attempt {job.attempts} of {max_attempts}: {job.kind} job for '{job.model_name}' "
@@ -219,11 +231,15 @@ def _run_and_record(
             log(f"{verb} {delay:.0f} s: {reason}")
             logger.warning("job %s will retry in %.0f s: %s", job.id, delay, reason)
             return _record(
-                lambda: store.retry_later(job.id, reason, delay, waiting=waiting, owner=owner)
+                lambda: store.retry_later(
+                    job.id, reason, delay, waiting=waiting, owner=owner, tag_writes=tag_writes
+                )
             )
         log(f"FAILED: {reason}")
         logger.error("job %s failed: %s", job.id, reason)
-        return _record(lambda: store.fail(job.id, reason, permanent=True, owner=owner))
+        return _record(
+            lambda: store.fail(job.id, reason, permanent=True, owner=owner, tag_writes=tag_writes)
+        )
     finished = _record(
         lambda: store.succeed(
             job.id,
@@ -235,6 +251,7 @@ def _run_and_record(
             sbom=outcome.sbom,
             signature=outcome.signature,
             provenance=outcome.provenance,
+            tag_writes=tag_writes,
         )
     )
     if outcome.note:
@@ -287,8 +304,10 @@ class WorkerPool:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         poll_seconds: float = 2.0,
         on_change: Callable[[Job], None] = lambda _job: None,
+        tag_writes: TagWrites | None = None,
     ) -> None:
         self._on_change = on_change
+        self._tag_writes = tag_writes
         self._store = store
         self._runner = runner
         self._logs = logs
@@ -352,6 +371,7 @@ class WorkerPool:
                 max_backoff_seconds=self._max_backoff,
                 lease_seconds=self._lease,
                 on_change=self._on_change,
+                tag_writes=self._tag_writes,
             )
             if job.kind is JobKind.BUILD:
                 # A finished build may unblock alias jobs waiting on it.

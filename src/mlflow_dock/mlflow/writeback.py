@@ -76,6 +76,18 @@ def updates_for(job: Job) -> list[TagUpdate]:
     return []
 
 
+def tag_writes_for(job: Job) -> list[tuple[str, str, dict[str, str | None]]]:
+    """`updates_for` as the store records it: (model, version, {tag: value, None: delete}).
+
+    Passed to the store's outcome methods (`succeed`, `fail`, `retry_later`) so a job's
+    outcome and the tags it calls for are committed together.
+    """
+    return [
+        (u.model_name, u.version, {**u.set_tags, **dict.fromkeys(u.delete_tags)})
+        for u in updates_for(job)
+    ]
+
+
 class PendingTag(Protocol):
     @property
     def model_name(self) -> str: ...
@@ -144,17 +156,20 @@ class MlflowWriteBack:
             self._thread = None
 
     def job_changed(self, job: Job) -> None:
-        """Record the tags the job's state calls for; never raises."""
-        for update in updates_for(job):
-            tags: dict[str, str | None] = dict(update.set_tags)
-            tags.update(dict.fromkeys(update.delete_tags))
+        """Record the tags the job's state calls for; never raises.
+
+        For states recorded elsewhere (a claim, an intake); an outcome the worker recorded
+        with `tag_writes` already holds its tags, and recording the same values again is a
+        no-op in the store.
+        """
+        for model_name, version, tags in tag_writes_for(job):
             try:
-                self._store.record_tag_writes(update.model_name, update.version, tags)
+                self._store.record_tag_writes(model_name, version, tags)
             except Exception as exc:
                 logger.warning(
                     "recording MLflow tags for '%s' version %s failed: %s",
-                    update.model_name,
-                    update.version,
+                    model_name,
+                    version,
                     _short(exc),
                 )
         self._wake.set()
