@@ -959,6 +959,33 @@ def test_prepare_stores_an_untagged_image_and_tag_publishes_it(
     assert {tuple(s) for s in scopes[1:]} == {(f"repository:{REPO}:pull,push",)}
 
 
+def test_publish_never_moves_a_tag_that_names_another_image(tmp_path: Path) -> None:
+    """A re-run after a lost lease prepared another digest: the tag keeps the first one."""
+    fake = BlobRegistry()
+    v1 = fake.push_image(REPO, "1")
+    with client_for(fake) as client:
+        prepared = prepare(
+            client,
+            REPO,
+            previous_reference=v1,
+            model_dir=make_model(tmp_path / "m", "2"),
+            labels=V2_LABELS,
+            created=CREATED,
+        )
+        first_run = fake.push_image(REPO, "2")  # the tag appeared while this run prepared
+        assert first_run != prepared.digest
+        image = publish(client, prepared, "2")
+        again = publish(client, prepared, "1")  # a tag already on this very image: no write
+        fake.manifests[(REPO, "3")] = fake.manifests[(REPO, prepared.digest)]
+        same = publish(client, prepared, "3")
+    assert image.digest == first_run and image.tag == "2"
+    assert image.note is not None and first_run in image.note and "never move" in image.note
+    assert again.digest == v1 and again.note is not None
+    assert same.digest == prepared.digest and same.note is None
+    assert not [p for m, p in fake.writes() if m == "PUT" and p.endswith(("/2", "/1", "/3"))]
+    assert fake.manifests[(REPO, "2")][0] != fake.manifests[(REPO, prepared.digest)][0]
+
+
 def test_assemble_with_a_tag_puts_the_manifest_once(tmp_path: Path) -> None:
     fake = BlobRegistry()
     fake.push_image(REPO, "1")

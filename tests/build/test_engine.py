@@ -6,7 +6,14 @@ import docker.errors
 import pytest
 import requests
 
-from mlflow_dock.build.engine import _stream_error, _translate_sdk_error, classify_engine_error
+from mlflow_dock.build.engine import (
+    DockerEngine,
+    _stream_error,
+    _translate_sdk_error,
+    classify_engine_error,
+    with_fresh_credentials,
+)
+from mlflow_dock.cloud.credentials import Credentials, StaticCredentials
 from mlflow_dock.errors import PermanentError, RetryableError
 
 
@@ -63,3 +70,97 @@ def test_engine_500_carrying_a_refusal_is_permanent():
         "pull failed", response=Response(), explanation="pull access denied for x"
     )
     assert isinstance(_translate_sdk_error(exc, "pulling x", transfer=True), PermanentError)
+
+
+class RotatingCredentials:
+    """A cloud-style provider: a new token after every invalidate()."""
+
+    def __init__(self) -> None:
+        self.invalidated = 0
+
+    def get(self) -> Credentials:
+        return Credentials(username="AWS", password=f"token-{self.invalidated}")
+
+    def invalidate(self) -> None:
+        self.invalidated += 1
+
+
+class TokenCheckingApi:
+    """The docker SDK's low-level pull/push as the engine answers them: a stream of JSON
+    chunks, with the registry's refusal of an expired token inside it."""
+
+    def __init__(self, valid_password: str) -> None:
+        self.valid = valid_password
+        self.calls: list[tuple[str, str]] = []
+
+    def _stream(self, operation: str, auth_config: dict[str, str]):
+        self.calls.append((operation, auth_config["password"]))
+        if auth_config["password"] != self.valid:
+            yield {
+                "error": "unauthorized: authentication required",
+                "errorDetail": {"message": "unauthorized: authentication required"},
+            }
+            return
+        yield {"status": "Digest: sha256:" + "f" * 64}
+        yield {"aux": {"Digest": "sha256:" + "f" * 64}}
+
+    def pull(self, repository, *, tag, stream, decode, auth_config):
+        return self._stream("pull", auth_config)
+
+    def push(self, repository, *, tag, stream, decode, auth_config):
+        return self._stream("push", auth_config)
+
+
+def engine_with(api: TokenCheckingApi) -> DockerEngine:
+    engine = DockerEngine()
+    engine._client = type("Client", (), {"api": api})()
+    return engine
+
+
+def test_an_engine_pull_refused_for_an_expired_token_is_retried_with_a_fresh_one():
+    credentials = RotatingCredentials()
+    api = TokenCheckingApi(valid_password="token-1")  # token-0 expired early
+    engine = engine_with(api)
+    with_fresh_credentials(
+        credentials,
+        lambda c: engine.pull(
+            "r/m", "sha256:" + "a" * 64, username=c.username, password=c.password
+        ),
+    )
+    assert credentials.invalidated == 1
+    assert api.calls == [("pull", "token-0"), ("pull", "token-1")]
+
+
+def test_an_engine_push_refused_for_an_expired_token_is_retried_with_a_fresh_one():
+    credentials = RotatingCredentials()
+    api = TokenCheckingApi(valid_password="token-1")
+    engine = engine_with(api)
+    result = with_fresh_credentials(
+        credentials,
+        lambda c: engine.push("r/m", "1", username=c.username, password=c.password, log=print),
+    )
+    assert result.digest == "sha256:" + "f" * 64
+    assert api.calls == [("push", "token-0"), ("push", "token-1")]
+
+
+def test_a_refused_static_password_is_not_tried_twice():
+    api = TokenCheckingApi(valid_password="right")
+    engine = engine_with(api)
+    with pytest.raises(PermanentError, match="unauthorized"):
+        with_fresh_credentials(
+            StaticCredentials(username="u", password="wrong"),
+            lambda c: engine.pull("r/m", "1", username=c.username, password=c.password),
+        )
+    assert len(api.calls) == 1
+
+
+def test_a_refresh_that_is_refused_again_fails_for_good():
+    credentials = RotatingCredentials()
+    api = TokenCheckingApi(valid_password="never")
+    engine = engine_with(api)
+    with pytest.raises(PermanentError):
+        with_fresh_credentials(
+            credentials,
+            lambda c: engine.pull("r/m", "1", username=c.username, password=c.password),
+        )
+    assert credentials.invalidated == 1 and len(api.calls) == 2

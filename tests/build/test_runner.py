@@ -363,3 +363,20 @@ def test_the_runtime_build_holds_the_deployment_wide_lock(tmp_path: Path) -> Non
     parts.runner._runtime_locks_shared = Locks()  # the runner's only collaborator not in Parts
     parts.runner.run(build_job("1"), parts.log.append)
     assert len(held) == 1 and held[0].startswith("runtime:")
+
+
+def test_a_version_tag_that_appears_during_the_build_is_kept_not_moved(parts: Parts) -> None:
+    """Checked right before the push too: another run (whose lease this one took over while it
+    was only paused) published while this one was building."""
+    build = parts.engine.build
+
+    def build_then_other_run_publishes(context, **kwargs) -> None:
+        build(context, **kwargs)
+        if kwargs["tag"] == f"{REPOSITORY}:1":
+            parts.registry.tags[(f"team/{MODEL}", "1")] = DIGEST_2
+
+    parts.engine.build = build_then_other_run_publishes  # type: ignore[method-assign]
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+    assert parts.engine.pushes == []
+    assert outcome.digest == DIGEST_2 and outcome.note is not None
+    assert "never move" in outcome.note

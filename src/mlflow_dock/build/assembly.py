@@ -30,7 +30,15 @@ from mlflow_dock.oci.mutate import (
 )
 from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
 
-__all__ = ["AssembledImage", "Prepared", "assemble", "prepare", "publish"]
+__all__ = [
+    "AssembledImage",
+    "Prepared",
+    "Published",
+    "assemble",
+    "prepare",
+    "publish",
+    "publish_manifest",
+]
 
 # Small models are built, hashed and uploaded without touching the disk; big ones spill over.
 _SPOOL_IN_MEMORY: Final = 64 << 20
@@ -45,6 +53,44 @@ class AssembledImage:
     size: int  # compressed bytes of config plus all layers
     media_type: str
     tag: str | None = None
+    # Set when the tag already named another image and was left alone (publish_manifest):
+    # `digest` is then that image's; config, layer and size describe this run's, untagged.
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a tag points after :func:`publish_manifest`."""
+
+    digest: str
+    note: str | None = None  # the tag named another image already and was kept
+
+
+def publish_manifest(
+    registry: RegistryClient, repository: str, tag: str, manifest: Manifest
+) -> Published:
+    """PUT ``manifest`` under ``tag`` unless the tag already names another image.
+
+    Version tags never move: users pin them, and a job re-run after a lost lease (whose first
+    run may have published, then lost the store) must not replace the image they pulled. The
+    tag's current digest is read right before the PUT; if it names another image, that image
+    stays and is the outcome, with a note saying so (this run's image stays untagged). OCI has
+    no conditional PUT, so two publishers racing within one round trip can still both write;
+    leases make that a worker that lost its lease and keeps going, whose outcome the store
+    then refuses.
+    """
+    current = registry.manifest_digest(repository, tag)
+    if current == manifest.digest:
+        return Published(current)  # published already (by this image): nothing to write
+    if current is not None:
+        return Published(
+            current,
+            note=(
+                f"tag {tag} already pointed at {current}; kept it (version tags never move), "
+                f"this run's {manifest.digest} stays untagged"
+            ),
+        )
+    return Published(registry.put_manifest(repository, tag, manifest))
 
 
 @dataclass(frozen=True)
@@ -78,10 +124,14 @@ def publish(registry: RegistryClient, prepared: Prepared, tag: str) -> Assembled
     """Point ``tag`` at a prepared image, e.g. once a smoke test of ``repository@digest`` passed.
 
     Takes the client anew rather than keeping the one that prepared: a smoke test may take
-    minutes, longer than a registry token lives.
+    minutes, longer than a registry token lives. A tag that names another image already is
+    kept (:func:`publish_manifest`): the result then describes that image's digest and
+    carries a note.
     """
-    registry.put_manifest(prepared.repository, tag, prepared.manifest)
-    return AssembledImage(**{**vars(prepared.image), "tag": tag})
+    published = publish_manifest(registry, prepared.repository, tag, prepared.manifest)
+    return AssembledImage(
+        **{**vars(prepared.image), "tag": tag, "digest": published.digest, "note": published.note}
+    )
 
 
 def _previous_image(

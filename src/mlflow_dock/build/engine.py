@@ -17,14 +17,17 @@ import io
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from mlflow_dock.cloud.credentials import CredentialProvider, Credentials, StaticCredentials
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.jobs.model import LogSink
+
+_T = TypeVar("_T")
 
 # Refusals in engine/registry messages that carry no status code. They win over everything but
 # an explicit 5xx/429 status, because "denied" beside a vague error is still a credential problem.
@@ -103,6 +106,25 @@ def _translate_sdk_error(exc: Exception, what: str, *, transfer: bool = False) -
     return classify_engine_error(f"{type(exc).__name__}: {exc}", what=what, transfer=transfer)
 
 
+def with_fresh_credentials(
+    credentials: CredentialProvider, transfer: Callable[[Credentials], _T]
+) -> _T:
+    """Run an engine push or pull; when the registry refuses it, once more with a new token.
+
+    A cloud token (ECR, Artifact Registry) can be revoked or expire before its stated end, and
+    the engine only says "denied" or "unauthorized"; one fresh token is worth a try. A static
+    password that was refused stays refused, so that is not retried. The registry API calls
+    have the same rule in `RegistryClient(refresh_credentials=...)`.
+    """
+    try:
+        return transfer(credentials.get())
+    except PermanentError:
+        if isinstance(credentials, StaticCredentials):
+            raise
+        credentials.invalidate()
+        return transfer(credentials.get())
+
+
 _PROGRESS_STATUSES = frozenset({"Preparing", "Waiting", "Pushing"})
 
 
@@ -110,6 +132,7 @@ _PROGRESS_STATUSES = frozenset({"Preparing", "Waiting", "Pushing"})
 class PushResult:
     reference: str
     digest: str
+    note: str | None = None  # the tag named an image already and was kept (not pushed)
 
 
 class DockerEngine:

@@ -36,7 +36,7 @@ from mlflow_dock.build.dockerfile import (
     serving_requirements,
     system_packages_for,
 )
-from mlflow_dock.build.engine import DockerEngine, PushResult
+from mlflow_dock.build.engine import DockerEngine, PushResult, with_fresh_credentials
 from mlflow_dock.build.native import (
     NativeBuilder,
     NativeNotApplicable,
@@ -45,7 +45,7 @@ from mlflow_dock.build.native import (
 )
 from mlflow_dock.build.smoke import SmokeTester
 from mlflow_dock.build.warm import WarmSmoke
-from mlflow_dock.cloud.credentials import CredentialProvider, StaticCredentials
+from mlflow_dock.cloud.credentials import CredentialProvider
 from mlflow_dock.cloud.ecr import EcrRepositories
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobOutcome, JobState, LogSink
@@ -327,12 +327,17 @@ class JobRunner:
         with self._registry_factory(target.host) as registry:
             image = assembly.publish(registry, staged, tag)
         reference = str(target.with_tag(tag))
+        note = image.note or note
         return JobOutcome(image=reference, digest=image.digest, tags=(reference,), note=note)
 
     def _pull(self, repository: str, reference: str | None) -> None:
         assert reference is not None
-        creds = self._credentials.get()
-        self._engine.pull(repository, reference, username=creds.username, password=creds.password)
+        with_fresh_credentials(
+            self._credentials,
+            lambda c: self._engine.pull(
+                repository, reference, username=c.username, password=c.password
+            ),
+        )
 
     # -- native path: no engine ---------------------------------------------------------------
 
@@ -376,13 +381,7 @@ class JobRunner:
             if self._smoke is not None:
                 self._step("smoke")
                 if self._engine_reachable():
-                    creds = self._credentials.get()
-                    self._engine.pull(
-                        target.repository,
-                        result.digest,
-                        username=creds.username,
-                        password=creds.password,
-                    )
+                    self._pull(target.repository, result.digest)
                     self._smoke.check(str(target.with_digest(result.digest)), prepared.example, log)
                     if self._warm is not None:
                         self._warm.prewarm(prepared.key, str(target.with_digest(result.digest)))
@@ -390,9 +389,10 @@ class JobRunner:
                     note = "published untested: no Docker Engine or Podman for the smoke test"
                     log(note)
             self._step("push")
-            digest = result.tag(registry, tag)
+            published = assembly.publish_manifest(registry, target.path, tag, result.manifest)
         reference = str(target.with_tag(tag))
-        return JobOutcome(image=reference, digest=digest, tags=(reference,), note=note)
+        note = published.note or note
+        return JobOutcome(image=reference, digest=published.digest, tags=(reference,), note=note)
 
     def _engine_reachable(self) -> bool:
         try:
@@ -430,9 +430,14 @@ class JobRunner:
                 # The next version of this runtime will be checked warm; get it warm now.
                 self._warm.prewarm(prepared.key, local_ref)
         self._step("push")
-        pushed = self._push(target.repository, tag, log)
+        pushed = self._push(target, tag, log)
         log(f"pushed {pushed.reference}@{pushed.digest}")
-        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+        return JobOutcome(
+            image=pushed.reference,
+            digest=pushed.digest,
+            tags=(pushed.reference,),
+            note=pushed.note,
+        )
 
     def _build_stock(
         self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
@@ -463,8 +468,13 @@ class JobRunner:
             self._step("smoke")
             self._smoke.check(local_ref, prepared.example, log)
         self._step("push")
-        pushed = self._push(target.repository, tag, log)
-        return JobOutcome(image=pushed.reference, digest=pushed.digest, tags=(pushed.reference,))
+        pushed = self._push(target, tag, log)
+        return JobOutcome(
+            image=pushed.reference,
+            digest=pushed.digest,
+            tags=(pushed.reference,),
+            note=pushed.note,
+        )
 
     def _already_published(self, target: ImageRef, version: str, log: LogSink) -> JobOutcome | None:
         """The version's image if its tag exists: a re-run never moves a version tag.
@@ -481,21 +491,24 @@ class JobRunner:
         log(f"{reference} is already published ({digest}); adopting it")
         return JobOutcome(image=reference, digest=digest, tags=(reference,))
 
-    def _push(self, repository: str, tag: str, log: LogSink) -> PushResult:
-        creds = self._credentials.get()
-        try:
-            return self._engine.push(
-                repository, tag, username=creds.username, password=creds.password, log=log
-            )
-        except PermanentError:
-            if isinstance(self._credentials, StaticCredentials):
-                raise
-            # A cloud token can be revoked or expire early; one fresh token is worth a try.
-            self._credentials.invalidate()
-            creds = self._credentials.get()
-            return self._engine.push(
-                repository, tag, username=creds.username, password=creds.password, log=log
-            )
+    def _push(self, target: ImageRef, tag: str, log: LogSink) -> PushResult:
+        """Push the local image under `tag`, unless the tag names an image already.
+
+        Checked right before the push (the build may have taken minutes): a version tag never
+        moves (assembly.publish_manifest has the same rule for registry-side publishing).
+        """
+        with self._registry_factory(target.host) as registry:
+            current = registry.manifest_digest(target.path, tag)
+        if current is not None:
+            note = f"tag {tag} already pointed at {current}; kept it (version tags never move)"
+            log(note)
+            return PushResult(str(target.with_tag(tag)), current, note=note)
+        return with_fresh_credentials(
+            self._credentials,
+            lambda c: self._engine.push(
+                target.repository, tag, username=c.username, password=c.password, log=log
+            ),
+        )
 
     def _ensure_runtime(self, prepared: _Prepared, context: Path, log: LogSink) -> str:
         """The local runtime image for the spec, built only if this engine does not have it."""
