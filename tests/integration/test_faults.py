@@ -16,6 +16,8 @@ import httpx
 from support.jobs import created_payload, signed_delivery
 from support.servers import log_sklearn_model, register_model_version, start_registry
 
+FREEZE_SECONDS = 90
+
 EMBEDDED = {
     "MLFLOW_DOCK_LEASE_SECONDS": "3",
     "MLFLOW_DOCK_RETRY_BACKOFF_SECONDS": "1",
@@ -70,11 +72,13 @@ def test_killed_embedded_replica_on_sqlite(service_factory, mlflow_server, tmp_p
 def test_frozen_registry_then_every_job_succeeds(
     service_factory, mlflow_server, registry, tmp_path: Path
 ):
-    """The registry is stopped (SIGSTOP) while versions are being published, then resumed.
+    """The registry is stopped (SIGSTOP) for 90 s while versions are being published.
 
-    40 s instead of the 90 s in the issue: the registry client gives up on a silent registry
-    after 30 s, so 40 s already makes every in-flight publish time out, retry and wait, which
-    is the behaviour a 90 s freeze shows, at less than half the cost.
+    Longer than the registry client's 30 s timeout times the attempts (MAX_ATTEMPTS=2): every
+    job in flight times out, is retried, runs out of attempts and waits (capped backoff of
+    5 s), and completes once the registry answers again. Requests the frozen registry still
+    holds are answered after SIGCONT, late: a tag PUT of an attempt that already gave up may
+    land then, which is what publish_manifest's check before each tag PUT is for.
     """
     private = start_registry(tmp_path / "registry", registry.username, registry.password)
     try:
@@ -93,7 +97,7 @@ def test_frozen_registry_then_every_job_succeeds(
         pid = private._proc.pid  # the test owns this process
         os.killpg(pid, signal.SIGSTOP)
         try:
-            time.sleep(40)
+            time.sleep(FREEZE_SECONDS)
         finally:
             os.killpg(pid, signal.SIGCONT)
         ended = [wait_state(service, job_id, {"succeeded"}, timeout=300) for job_id in ids]
