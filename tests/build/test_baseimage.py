@@ -96,3 +96,20 @@ def test_glibc_from_the_library_banner_without_dpkg():
     banner = b"\0GNU C Library (Debian GLIBC 2.36-9+deb12u7) stable release version 2.36.\n"
     facts = scan_layers([layer({"usr/lib/aarch64-linux-gnu/libc.so.6": b"\x7fELF" + banner})])
     assert facts.glibc == (2, 36)
+
+
+def test_layers_on_a_known_base_inherit_its_facts():
+    below = BaseFacts(
+        glibc=(2, 36), pythons={"3.11": "/usr/bin/python3.11"}, libraries=frozenset({"libc.so.6"})
+    )
+    facts = scan_layers(
+        [
+            layer(
+                {"usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0": b""},
+                {"usr/lib/x86_64-linux-gnu/libgomp.so.1": "x"},
+            )
+        ],
+        below=below,
+    )
+    assert facts.glibc == (2, 36) and facts.pythons == below.pythons
+    assert {"libc.so.6", "libgomp.so.1"} <= facts.libraries

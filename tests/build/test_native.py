@@ -141,3 +141,41 @@ def test_base_missing_from_the_registry_is_not_applicable_so_the_engine_can_try(
             work=tmp_path / "work",
             log=lambda _line: None,
         )
+
+
+def test_missing_library_lists_every_missing_soname(tmp_path: Path):
+    fake_dist(
+        tmp_path, "lightgbm", "4.6.0", {"lightgbm/lib/a.so": tiny_elf64(62, ["libgomp.so.1"])}
+    )
+    fake_dist(tmp_path, "scs", "3.2.0", {"scs/b.so": tiny_elf64(62, ["libgfortran.so.5"])})
+    with pytest.raises(native.MissingLibrary) as info:
+        native.check_libraries(tmp_path, distributions(tmp_path), base_image(), AMD64)
+    assert info.value.libraries == ("libgfortran.so.5", "libgomp.so.1")
+
+
+def test_base_on_an_unreachable_other_registry_is_not_applicable(tmp_path: Path):
+    import httpx
+
+    from mlflow_dock.oci.remote import RegistryClient
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Name or service not known", request=request)
+
+    target = RegistryClient(
+        "registry.test", scheme="https", transport=httpx.MockTransport(unreachable)
+    )
+    hub = RegistryClient("docker.io", transport=httpx.MockTransport(unreachable))
+    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
+    with pytest.raises(native.NativeNotApplicable, match=r"python:3\.11-slim is not readable"):
+        builder.build(
+            target,
+            "models/m",
+            base_registry=hub,
+            base_image="python:3.11-slim",
+            model_dir=tmp_path,
+            python_version="3.11",
+            requirements="x\n",
+            labels={},
+            work=tmp_path / "work",
+            log=lambda _line: None,
+        )

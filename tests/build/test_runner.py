@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_dock.build.baseimage import BaseFacts, BaseImage
 from mlflow_dock.build.engine import PushResult
+from mlflow_dock.build.ospackages import derived_tag
 from mlflow_dock.build.runner import RUNTIME_KEY_LABEL, BuildConfig, JobRunner
+from mlflow_dock.build.wheels import Platform
 from mlflow_dock.cloud.credentials import Credentials, StaticCredentials
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.mlflow.client import ModelPackage, ModelVersionInfo
+from mlflow_dock.oci.manifest import Manifest
 from mlflow_dock.oci.remote import RegistryPermanentError
 
 REGISTRY = "127.0.0.1:5000"
@@ -55,6 +59,9 @@ class FakeEngine:
     def image_exists(self, reference: str) -> bool:
         return reference in self.images
 
+    def ping(self) -> None:
+        return None
+
     def build(self, context: Path, *, extra_files, tag, labels, log, timeout) -> None:
         self.builds.append((tag, dict(labels), (context / "Dockerfile").read_text()))
         self.images.add(tag)
@@ -87,6 +94,7 @@ class FakeRegistry:
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
     can_delete: bool = True
     manifests: dict[str, bool] = field(default_factory=dict)
+    host: str = REGISTRY
 
     def __enter__(self) -> FakeRegistry:
         return self
@@ -380,3 +388,51 @@ def test_a_version_tag_that_appears_during_the_build_is_kept_not_moved(parts: Pa
     assert parts.engine.pushes == []
     assert outcome.digest == DIGEST_2 and outcome.note is not None
     assert "never move" in outcome.note
+
+
+def _base() -> BaseImage:
+    return BaseImage(
+        host="127.0.0.1:5000",
+        repository="base/debian",
+        platform=Platform.parse("linux/amd64"),
+        manifest=Manifest.from_bytes(b"{}", "application/vnd.oci.image.manifest.v1+json"),
+        config={},
+        layers=(),
+        facts=BaseFacts(glibc=(2, 36), pythons={}, libraries=frozenset()),
+    )
+
+
+def test_a_derived_base_is_built_once_with_apt_and_pushed_under_its_content_tag(
+    parts: Parts, tmp_path: Path
+) -> None:
+    base = _base()
+    derived = parts.runner._derived_base(
+        parts.registry,  # type: ignore[arg-type]
+        base,
+        ("libgomp1",),
+        tmp_path / "ctx",
+        parts.log.append,
+    )
+    tag = derived_tag(base.manifest.digest, ["libgomp1"])
+    assert derived == f"team/mlflow-dock-base@{DIGEST_1}"
+    assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]
+    (built, labels, dockerfile) = parts.engine.builds[0]
+    assert built == f"{REGISTRY}/team/mlflow-dock-base:{tag}"
+    assert dockerfile.startswith(f"FROM 127.0.0.1:5000/base/debian@{base.manifest.digest}")
+    assert "libgomp1" in dockerfile and labels["io.mlflow-dock.os-packages"] == "libgomp1"
+    assert parts.engine.pushes == [(f"{REGISTRY}/team/mlflow-dock-base", tag)]
+
+
+def test_an_existing_derived_base_is_reused_without_an_engine(parts: Parts, tmp_path: Path):
+    base = _base()
+    tag = derived_tag(base.manifest.digest, ["libgomp1"])
+    parts.registry.tags[("team/mlflow-dock-base", tag)] = DIGEST_2
+    derived = parts.runner._derived_base(
+        parts.registry,  # type: ignore[arg-type]
+        base,
+        ("libgomp1",),
+        tmp_path / "ctx",
+        parts.log.append,
+    )
+    assert derived == f"team/mlflow-dock-base@{DIGEST_2}"
+    assert parts.engine.builds == [] and parts.engine.pulls == []

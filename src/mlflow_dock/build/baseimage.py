@@ -109,11 +109,15 @@ def _glibc_from_dpkg(status: str) -> tuple[int, int] | None:
     return None
 
 
-def scan_layers(blobs: list[bytes]) -> BaseFacts:
-    """The facts from the layers' gzip (or plain) tar blobs, bottom layer first."""
+def scan_layers(blobs: list[bytes], *, below: BaseFacts | None = None) -> BaseFacts:
+    """The facts from the layers' gzip (or plain) tar blobs, bottom layer first.
+
+    ``below``: the facts of layers under ``blobs`` (a derived base scans only what it added);
+    its libraries are kept by name, so a whiteout in ``blobs`` cannot remove one of them.
+    """
     status: str | None = None
     banner: tuple[int, int] | None = None
-    pythons: dict[str, str] = {}
+    pythons: dict[str, str] = dict(below.pythons) if below is not None else {}
     libraries: dict[str, str] = {}  # path -> basename, so whiteouts can remove entries
     for blob in blobs:
         data = blob
@@ -148,13 +152,16 @@ def scan_layers(blobs: list[bytes]) -> BaseFacts:
                 if ".so" in base and not member.isdir():
                     libraries[name] = base
     glibc = _glibc_from_dpkg(status) if status is not None else None
-    glibc = glibc or banner
+    glibc = glibc or banner or (below.glibc if below is not None else None)
     if glibc is None:
         raise NotNativeBase(
             "base image has neither a dpkg status with libc6 nor a readable libc.so.6 (not a "
             "glibc image?), so no manylinux tag can be chosen for it"
         )
-    return BaseFacts(glibc=glibc, pythons=pythons, libraries=frozenset(libraries.values()))
+    inherited = below.libraries if below is not None else frozenset()
+    return BaseFacts(
+        glibc=glibc, pythons=pythons, libraries=inherited | frozenset(libraries.values())
+    )
 
 
 def _platform_manifest(
@@ -180,8 +187,13 @@ def resolve_base(
     platform: Platform,
     *,
     cache_dir: Path,
+    parent: BaseImage | None = None,
 ) -> BaseImage:
-    """The base image for ``platform``, with its facts (scanned once per manifest digest)."""
+    """The base image for ``platform``, with its facts (scanned once per manifest digest).
+
+    ``parent``: an image this one was built on (a derived base); when its layers are this
+    image's first layers, only the layers on top are downloaded and scanned.
+    """
     manifest = _platform_manifest(registry, repository, reference, platform)
     document = json.loads(manifest.body)
     config_bytes = registry.get_blob(repository, str(document["config"]["digest"]))
@@ -202,9 +214,16 @@ def resolve_base(
         except (ValueError, KeyError):
             facts = None
     if facts is None:
-        blobs = [registry.get_blob(repository, str(layer["digest"])) for layer in layers]
+        below: BaseFacts | None = None
+        scan = layers
+        parent_digests = [str(layer["digest"]) for layer in parent.layers] if parent else []
+        if parent is not None and parent_digests == [
+            str(layer["digest"]) for layer in layers[: len(parent_digests)]
+        ]:
+            below, scan = parent.facts, layers[len(parent_digests) :]
+        blobs = [registry.get_blob(repository, str(layer["digest"])) for layer in scan]
         try:
-            facts = scan_layers(blobs)
+            facts = scan_layers(blobs, below=below)
         except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
             raise NotNativeBase(f"cannot read base image layers: {exc}") from exc
         tmp = cached.with_suffix(".tmp")

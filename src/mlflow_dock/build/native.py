@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mlflow_dock.build import layers as layerlib
-from mlflow_dock.build import wheels
+from mlflow_dock.build import ospackages, wheels
 from mlflow_dock.build.baseimage import BaseImage, NotNativeBase, resolve_base
 from mlflow_dock.build.dockerfile import (
     HEALTHCHECK_COMMAND,
@@ -65,9 +65,10 @@ from mlflow_dock.oci.manifest import (
 )
 from mlflow_dock.oci.mutate import write_model_layer
 from mlflow_dock.oci.reference import ImageRef
-from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
+from mlflow_dock.oci.remote import RegistryClient, RegistryError, RegistryPermanentError
 
 __all__ = [
+    "DeriveBase",
     "MissingLibrary",
     "NativeBuilder",
     "NativeConfig",
@@ -92,7 +93,20 @@ class NativeNotApplicable(PermanentError):
 
 
 class MissingLibrary(NativeNotApplicable):
-    """An extension module needs a shared library that neither the base nor its wheel has."""
+    """An extension module needs a shared library that neither the base nor its wheel has.
+
+    ``libraries``: every soname missing anywhere in the install, not only the named package's.
+    """
+
+    def __init__(self, message: str, *, package: str | None, libraries: tuple[str, ...]) -> None:
+        super().__init__(message, package=package)
+        self.libraries = libraries
+
+
+# Given the base and the Debian packages it lacks: the reference (in the target registry, as
+# "repository@digest" or "repository:tag") of the base with those packages (ospackages.py),
+# or None when it can be neither found nor built (no engine).
+DeriveBase = Callable[[BaseImage, tuple[str, ...]], str | None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,14 +212,21 @@ def check_libraries(
                 )
             elves.append((relative, info.needed, owner.get(relative, relative)))
     available = base.facts.libraries | shipped | _ALWAYS_PRESENT
+    first: tuple[str, list[str], str] | None = None
+    every: set[str] = set()
     for relative, needed, package in sorted(elves):
         missing = [lib for lib in needed if lib not in available]
         if missing:
-            raise MissingLibrary(
-                f"package '{package}' needs {', '.join(missing)} ({relative}), which base image "
-                f"{base.host}/{base.repository} does not have",
-                package=package,
-            )
+            first = first or (relative, missing, package)
+            every.update(missing)
+    if first is not None:
+        relative, missing, package = first
+        raise MissingLibrary(
+            f"package '{package}' needs {', '.join(missing)} ({relative}), which base image "
+            f"{base.host}/{base.repository} does not have",
+            package=package,
+            libraries=tuple(sorted(every)),
+        )
 
 
 # --------------------------------------------------------------------------- builder
@@ -233,8 +254,14 @@ class NativeBuilder:
         labels: dict[str, str],
         work: Path,
         log: LogSink,
+        derive_base: DeriveBase | None = None,
     ) -> NativeResult:
-        """Write the image (an index for several platforms) to ``repository``, untagged."""
+        """Write the image (an index for several platforms) to ``repository``, untagged.
+
+        ``derive_base``: when the only obstacle is shared libraries that known Debian packages
+        provide, get the base with those packages from it (one engine step, see ospackages.py)
+        and build on that; only for a single platform (the engine builds for its own).
+        """
         try:
             base_ref = base_reference(base_image)
         except NotNativeBase as exc:
@@ -248,6 +275,7 @@ class NativeBuilder:
         started = time.monotonic()
         # Everything that can refuse the native build runs before the first blob is written.
         plans = []
+        base_for: dict[Platform, RegistryClient] = {}
         for platform in self._config.platforms:
             try:
                 base = resolve_base(
@@ -260,12 +288,22 @@ class NativeBuilder:
                 python = base.python_for(python_version)
             except NotNativeBase as exc:
                 raise NativeNotApplicable(str(exc)) from exc
-            except RegistryPermanentError as exc:
+            except RegistryError as exc:
                 # The base is not in (or not readable from) that registry; an engine may
-                # still have it locally or pull it with its own credentials.
-                if exc.status_code not in (401, 403, 404):
+                # still have it locally or pull it with its own credentials. A registry other
+                # than the target that cannot be reached at all counts too (the default base
+                # on Docker Hub from a machine without Internet access); the target's own
+                # outage stays retryable, since nothing could be pushed anyway.
+                refused = isinstance(exc, RegistryPermanentError) and exc.status_code in (
+                    401,
+                    403,
+                    404,
+                )
+                if not refused and base_registry is registry:
                     raise
-                raise NativeNotApplicable(f"base image {base_ref}: {exc}") from exc
+                raise NativeNotApplicable(
+                    f"base image {base_ref} is not readable from its registry: {exc}"
+                ) from exc
             site = work / f"site-{platform.architecture}"
             try:
                 dists = wheels.install(
@@ -282,7 +320,35 @@ class NativeBuilder:
                 )
             except NoWheel as exc:
                 raise NativeNotApplicable(str(exc), package=exc.package) from exc
-            check_libraries(site, dists, base, platform)
+            try:
+                check_libraries(site, dists, base, platform)
+            except MissingLibrary as exc:
+                packages = ospackages.packages_for(exc.libraries)
+                if derive_base is None or packages is None or len(self._config.platforms) != 1:
+                    raise
+                log(
+                    f"base image lacks {', '.join(exc.libraries)}: adding Debian package(s) "
+                    f"{' '.join(packages)} to it (engine, once per base and package set)"
+                )
+                derived = derive_base(base, packages)
+                if derived is None:
+                    raise
+                path, at, digest = derived.partition("@")
+                if not at:
+                    path, _, digest = derived.rpartition(":")
+                try:
+                    base = resolve_base(
+                        registry,
+                        path,
+                        digest,
+                        platform,
+                        cache_dir=self._config.cache_dir / "base-images",
+                        parent=base,
+                    )
+                except NotNativeBase as inner:
+                    raise NativeNotApplicable(str(inner)) from inner
+                base_for[platform] = registry
+                check_libraries(site, dists, base, platform)
             log(
                 f"{platform}: {len(dists)} packages installed for "
                 f"{platform.python_platform(base.facts.glibc)}, Python {python} "
@@ -299,7 +365,7 @@ class NativeBuilder:
                     registry,
                     repository,
                     base=base,
-                    base_registry=base_registry,
+                    base_registry=base_for.get(platform, base_registry),
                     python=python,
                     python_version=python_version,
                     site=site,

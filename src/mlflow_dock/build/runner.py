@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
-from mlflow_dock.build import assembly, stock
+from mlflow_dock.build import assembly, ospackages, stock
+from mlflow_dock.build.baseimage import BaseImage
 from mlflow_dock.build.dockerfile import (
     MODEL_DIR,
     ImageSpec,
@@ -95,6 +96,15 @@ RUNTIME_REPOSITORY = "mlflow-dock-runtime"
 
 RegistryFactory = Callable[[str], RegistryClient]
 
+# A base image on another registry than the target (the default python:X.Y-slim on Docker Hub)
+# is read anonymously (the target's credentials are not that registry's business) and with a
+# short timeout: a machine that cannot reach it goes to the engine fallback in seconds.
+BASE_REGISTRY_TIMEOUT = 10.0
+
+
+def anonymous_registry(host: str) -> RegistryClient:
+    return RegistryClient(host, timeout=BASE_REGISTRY_TIMEOUT)
+
 
 class RuntimeLocks(Protocol):
     """Deployment-wide mutual exclusion: one worker builds a given runtime at a time."""
@@ -131,8 +141,10 @@ class JobRunner:
         enter_step: Callable[[str], None] = lambda _name: None,
         native: NativeBuilder | None = None,
         warm: WarmSmoke | None = None,
+        base_registry_factory: RegistryFactory = anonymous_registry,
     ) -> None:
         self._config = config
+        self._base_registry_factory = base_registry_factory
         # MLFLOW_DOCK_BUILDER=native: images assembled from wheels in the registry (native.py).
         self._native = native if config.builder == "native" else None
         # Second and later versions of a runtime: smoke-tested in a warm container (warm.py).
@@ -352,7 +364,7 @@ class JobRunner:
         note = None
         with self._registry_factory(target.host) as registry:
             base_registry = (
-                registry if base.host == target.host else self._registry_factory(base.host)
+                registry if base.host == target.host else self._base_registry_factory(base.host)
             )
             try:
                 result = self._native.build(
@@ -366,6 +378,9 @@ class JobRunner:
                     labels={**prepared.labels, RUNTIME_KEY_LABEL: prepared.key},
                     work=work / "native",
                     log=log,
+                    derive_base=lambda base, packages: self._derived_base(
+                        registry, base, packages, work / "os-packages", log
+                    ),
                 )
             except NativeNotApplicable as exc:
                 if self._config.engine_fallback and self._engine_reachable():
@@ -393,6 +408,63 @@ class JobRunner:
         reference = str(target.with_tag(tag))
         note = published.note or note
         return JobOutcome(image=reference, digest=published.digest, tags=(reference,), note=note)
+
+    def _derived_base(
+        self,
+        registry: RegistryClient,
+        base: BaseImage,
+        packages: tuple[str, ...],
+        context: Path,
+        log: LogSink,
+    ) -> str | None:
+        """``base`` + Debian ``packages`` in the target registry ("path@digest"), see ospackages.
+
+        Found by its content-addressed tag if any build made it before (no engine needed
+        then); otherwise built once by the engine and pushed. None: no engine may build it.
+        """
+        derived = self._config.repository_for(ospackages.DERIVED_REPOSITORY)
+        tag = ospackages.derived_tag(base.manifest.digest, packages)
+        shared = self._runtime_locks_shared
+        with shared.hold(f"os-base:{tag}") if shared else nullcontext():
+            digest = registry.manifest_digest(derived.path, tag)
+            if digest is not None:
+                log(f"reusing derived base {derived.repository}:{tag} ({' '.join(packages)})")
+                return f"{derived.path}@{digest}"
+            if not self._config.engine_fallback or not self._engine_reachable():
+                return None
+            self._ensure_repository(derived)
+            source = f"{base.host}/{base.repository}"
+            creds = self._credentials.get()
+            same = base.host == registry.host
+            self._engine.pull(
+                source,
+                base.manifest.digest,
+                username=creds.username if same else "",
+                password=creds.password if same else "",
+            )
+            context.mkdir(parents=True, exist_ok=True)
+            (context / "Dockerfile").write_text(
+                ospackages.render_derived_dockerfile(f"{source}@{base.manifest.digest}", packages)
+            )
+            self._engine.build(
+                context,
+                extra_files={},
+                tag=str(derived.with_tag(tag)),
+                labels={
+                    "io.mlflow-dock.derived-from": f"{source}@{base.manifest.digest}",
+                    "io.mlflow-dock.os-packages": " ".join(packages),
+                },
+                log=log,
+                timeout=self._config.build_timeout_seconds,
+            )
+            pushed = with_fresh_credentials(
+                self._credentials,
+                lambda c: self._engine.push(
+                    derived.repository, tag, username=c.username, password=c.password, log=log
+                ),
+            )
+        log(f"pushed derived base {derived.repository}:{tag}@{pushed.digest}")
+        return f"{derived.path}@{pushed.digest}"
 
     def _engine_reachable(self) -> bool:
         try:
