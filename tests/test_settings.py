@@ -39,7 +39,7 @@ def test_defaults_with_only_required_variables(env):
     s = load_settings()
     assert s.docker_registry == "docker.io"
     assert s.max_timestamp_age == 300 and s.port == 8000
-    assert s.build_concurrency == 1 and s.builder == "layered" and s.smoke_test
+    assert s.build_concurrency == 1 and s.builder == "native" and s.smoke_test
     assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith(
         "jobs.db"
     )

@@ -66,8 +66,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=_env("MLFLOW_DOCK_IMAGE_NAMESPACE")
     )
     base_image: str | None = Field(default=None, validation_alias=_env("MLFLOW_DOCK_BASE_IMAGE"))
+    # native (engine-free) by default; it hands what it cannot build to the engine itself.
     builder: Literal["layered", "mlflow", "native"] = Field(
-        default="layered", validation_alias=_env("MLFLOW_DOCK_BUILDER")
+        default="native", validation_alias=_env("MLFLOW_DOCK_BUILDER")
     )
     # Comma-separated OCI platforms for MLFLOW_DOCK_BUILDER=native; more than one: an index.
     platforms: str = Field(default="linux/amd64", validation_alias=_env("MLFLOW_DOCK_PLATFORMS"))

@@ -91,6 +91,26 @@ def base_image() -> str:
 
 
 @pytest.fixture(scope="session")
+def registry_base_image(
+    registry: RegistryServer, docker_client: docker.DockerClient, base_image: str
+) -> str:
+    """The test base image in the test registry, as a user's base is in theirs.
+
+    The services under test get this as MLFLOW_DOCK_BASE_IMAGE, so the default (native)
+    builder reads it through the registry API; the engine keeps the same name locally, so
+    engine builds (layered, stock, the fallback) start from it without pulling.
+    """
+    repository = f"{registry.host}/mlflow-dock-test/base"
+    tag = "bookworm-py3.11"
+    docker_client.images.get(base_image).tag(repository, tag)
+    for chunk in docker_client.api.push(
+        repository, tag, stream=True, decode=True, auth_config=registry.auth_config
+    ):
+        assert "error" not in chunk, chunk
+    return f"{repository}:{tag}"
+
+
+@pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     server = start_registry(tmp_path_factory.mktemp("registry"), "dock", secrets.token_urlsafe(18))
     yield server
@@ -222,9 +242,9 @@ def service_factory(
     tmp_path: Path,
     registry: RegistryServer,
     mlflow_server: MlflowServer,
-    base_image: str,
+    registry_base_image: str,
 ) -> Iterator[ServiceFactory]:
-    factory = ServiceFactory(tmp_path, registry, mlflow_server, base_image)
+    factory = ServiceFactory(tmp_path, registry, mlflow_server, registry_base_image)
     yield factory
     factory.stop_all()
     if _test_failed(request):

@@ -44,19 +44,6 @@ def pinned(*extra: str) -> list[str]:
     return [f"{d}=={importlib.metadata.version(d)}" for d in DEFAULT_PACKAGES] + list(extra)
 
 
-@pytest.fixture(scope="session")
-def registry_base_image(registry: RegistryServer, docker_client, base_image: str) -> str:
-    """The test base image in the test registry (pushed by the test's engine: setup only)."""
-    repository = f"{registry.host}/mlflow-dock-test/base"
-    tag = "bookworm-py3.11"
-    docker_client.images.get(base_image).tag(repository, tag)
-    for chunk in docker_client.api.push(
-        repository, tag, stream=True, decode=True, auth_config=registry.auth_config
-    ):
-        assert "error" not in chunk, chunk
-    return f"{repository}:{tag}"
-
-
 def _client(registry: RegistryServer) -> RegistryClient:
     return RegistryClient(registry.host, username=registry.username, password=registry.password)
 
@@ -145,6 +132,9 @@ def test_requirement_the_native_builder_cannot_serve_fails_at_once_without_an_en
         DOCKER_HOST=NO_ENGINE,
         MLFLOW_DOCK_SMOKE_TEST="false",
         MLFLOW_DOCK_MAX_ATTEMPTS="1",
+        # Its own namespace: a derived base with libgomp1 that another test pushed would
+        # otherwise (rightly) be reused without an engine.
+        MLFLOW_DOCK_IMAGE_NAMESPACE=f"no-engine-{time.time_ns()}",
     )
     webhook_factory(f"{service.url}/webhook", service_factory.secret)
     name = f"Native lightgbm {str(time.time_ns())[-8:]}"
@@ -156,6 +146,40 @@ def test_requirement_the_native_builder_cannot_serve_fails_at_once_without_an_en
     assert "lightgbm" in error and "libgomp.so.1" in error, error
     assert "MLFLOW_DOCK_BASE_IMAGE" in error and "DOCKER_HOST" in error, error
     assert "\n" not in error.strip()
+
+
+def test_missing_os_library_becomes_a_derived_base_and_the_rest_stays_native(
+    service_factory, webhook_factory, mlflow_server, registry, docker_client
+):
+    # The default builder (native) with an engine; the base is the conftest's registry copy.
+    service = service_factory(MLFLOW_DOCK_BUILD_NETWORK="host", MLFLOW_DOCK_SMOKE_TEST="false")
+    webhook_factory(f"{service.url}/webhook", service_factory.secret)
+    name = f"Native derived base {str(time.time_ns())[-8:]}"
+    version = log_sklearn_model(mlflow_server.url, name, pip_requirements=pinned("lightgbm"))
+    job = wait_for_job(service, build_of(name, version), timeout=300)
+    log = "\n".join(job_detail(service, job["id"])["log_tail"])
+    assert job["state"] == "succeeded", log
+    assert "adding Debian package(s) libgomp1" in log and "without an engine" in log, log
+    assert "building runtime image" not in log and "building with the engine" not in log, log
+
+    # The image is the derived base (base layers + one apt layer) plus native layers on top.
+    path = naming.repository_name(name)
+    manifest = _manifest(registry, path, version)
+    derived = re.search(
+        rf"pushed derived base {re.escape(registry.host)}/(\S+?):(os-[0-9a-f]+)@", log
+    )
+    assert derived is not None, log
+    derived_manifest = _manifest(registry, derived.group(1), derived.group(2))
+    base_layers = [layer["digest"] for layer in derived_manifest["layers"]]
+    assert [layer["digest"] for layer in manifest["layers"]][: len(base_layers)] == base_layers
+
+    # libgomp is really there: lightgbm's extension loads in the published image.
+    image = f"{registry.host}/{path}:{version}"
+    docker_client.images.pull(image, auth_config=registry.auth_config)
+    output = docker_client.containers.run(
+        image, ["python", "-c", "import lightgbm; print(lightgbm.__version__)"], remove=True
+    )
+    assert output.strip()
 
 
 def test_requirement_without_a_wheel_goes_to_the_engine_when_there_is_one(
