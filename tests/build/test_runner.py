@@ -436,3 +436,28 @@ def test_an_existing_derived_base_is_reused_without_an_engine(parts: Parts, tmp_
     )
     assert derived == f"team/mlflow-dock-base@{DIGEST_2}"
     assert parts.engine.builds == [] and parts.engine.pulls == []
+
+
+def test_a_base_pull_refused_for_a_cloud_token_gets_one_fresh_token(tmp_path: Path) -> None:
+    credentials = RotatingCredentials()
+    parts = make_parts(tmp_path, credentials=credentials)
+    pull = parts.engine.pull
+    refusals = [PermanentError("pulling base: unauthorized: authentication required")]
+
+    def pull_refused_once(repository: str, reference: str, *, username, password) -> None:
+        if refusals:
+            raise refusals.pop()
+        assert password == "token-1"
+        pull(repository, reference, username=username, password=password)
+
+    parts.engine.pull = pull_refused_once  # type: ignore[method-assign]
+    base = _base()
+    parts.runner._derived_base(
+        parts.registry,  # type: ignore[arg-type]
+        base,
+        ("libgomp1",),
+        tmp_path / "ctx",
+        parts.log.append,
+    )
+    assert credentials.invalidated == 1
+    assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]

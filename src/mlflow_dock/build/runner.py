@@ -434,14 +434,11 @@ class JobRunner:
                 return None
             self._ensure_repository(derived)
             source = f"{base.host}/{base.repository}"
-            creds = self._credentials.get()
-            same = base.host == registry.host
-            self._engine.pull(
-                source,
-                base.manifest.digest,
-                username=creds.username if same else "",
-                password=creds.password if same else "",
-            )
+            if base.host == registry.host:
+                # With the target's credentials, refreshed once if a cloud token was refused.
+                self._pull(source, base.manifest.digest)
+            else:
+                self._engine.pull(source, base.manifest.digest, username="", password="")
             context.mkdir(parents=True, exist_ok=True)
             (context / "Dockerfile").write_text(
                 ospackages.render_derived_dockerfile(f"{source}@{base.manifest.digest}", packages)
