@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, Integer, String, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = ["CachedLayer", "LayerCache"]
@@ -61,16 +62,24 @@ class LayerCache:
             return CachedLayer(row.digest, row.diff_id, row.size, row.repository)
 
     def put(self, host: str, key: str, layer: CachedLayer, *, label: str) -> None:
-        with self._sessions.begin() as session:
-            session.merge(
-                _LayerRow(
-                    host=host,
-                    key=key,
-                    digest=layer.digest,
-                    diff_id=layer.diff_id,
-                    size=layer.size,
-                    repository=layer.repository,
-                    label=label[:1024],
-                    updated=datetime.now(UTC),
-                )
-            )
+        # Two workers that built the same layer at once both find no row and insert: the
+        # loser's INSERT hits the primary key, and merging again updates the winner's row.
+        for attempt in range(2):
+            try:
+                with self._sessions.begin() as session:
+                    session.merge(
+                        _LayerRow(
+                            host=host,
+                            key=key,
+                            digest=layer.digest,
+                            diff_id=layer.diff_id,
+                            size=layer.size,
+                            repository=layer.repository,
+                            label=label[:1024],
+                            updated=datetime.now(UTC),
+                        )
+                    )
+                return
+            except IntegrityError:
+                if attempt:
+                    raise
