@@ -7,14 +7,18 @@ session's registry and MLflow server. Leases are 3 s so lost workers are noticed
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy
 
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
@@ -27,9 +31,10 @@ from support.cluster import (
     start_worker,
 )
 from support.jobs import created_payload, signed_delivery
-from support.servers import log_sklearn_model, log_tail, register_model_version
+from support.servers import log_sklearn_model, log_tail, register_model_version, start_service
 
 LEASE = "3"
+VERSIONS = 100
 
 
 @pytest.fixture
@@ -63,8 +68,9 @@ class Cluster:
             "MLFLOW_DOCK_MAX_BACKOFF_SECONDS": "5",
             "MLFLOW_DOCK_RECONCILE_INTERVAL": "0",
             "MLFLOW_DOCK_BUILD_NETWORK": "host",
-            # Builds after the first are registry assemblies; a smoke test per version would
-            # only measure the container runtime here.
+            # Builds after the first are registry assemblies; a smoke test per version (a
+            # container per version, 100 of them in the delivery test) would measure the
+            # container runtime, not distribution. Smoke tests have their own tests.
             "MLFLOW_DOCK_SMOKE_TEST": "false",
         }
         self.workers: list[WorkerProcess] = []
@@ -75,12 +81,34 @@ class Cluster:
     def worker(self) -> WorkerProcess:
         env = self.factory.env(self.tmp / "workers", **self.overrides)
         worker = start_worker(env, self.tmp / "workers")
-        self.workers.append(worker)
+        self.workers.append(worker)  # list.append is atomic: start() calls this from threads
         return worker
 
+    def start(self, replicas: int, workers: int) -> list[Any]:
+        """Start replicas and workers all at once: each takes seconds to import and connect,
+        which in sequence is most of a short test's wall time."""
+        envs = [
+            self.factory.env(self.tmp / f"replica-{i}", **self.overrides) for i in range(replicas)
+        ]
+        assert len({env["PORT"] for env in envs}) == replicas  # free_port() may repeat itself
+        with ThreadPoolExecutor(max_workers=replicas + workers) as pool:
+            starting = [
+                pool.submit(start_service, env, self.tmp / f"replica-{i}")
+                for i, env in enumerate(envs)
+            ]
+            launching = [pool.submit(self.worker) for _ in range(workers)]
+            started = []
+            for future in starting:
+                started.append(future.result())
+                # The factory stops them and prints their logs if the test fails.
+                self.factory.services.append(started[-1])
+            for future in launching:
+                future.result()
+        return started
+
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.workers))) as pool:
+            list(pool.map(WorkerProcess.stop, self.workers))
 
 
 @pytest.fixture
@@ -145,26 +173,82 @@ def assert_built_once(replica: Any, registry: Any, model: str, versions: list[st
             assert client.manifest_digest(path, naming.version_tag(job["version"])) == job["digest"]
 
 
-def test_two_replicas_two_workers_build_each_version_once(cluster, mlflow_server, registry):
-    """N = 6: enough for both workers and both replicas to race on every version (each
-    delivery goes to both replicas, a retried delivery and a second webhook), small enough for
-    CI: after the first version, builds are registry assemblies of a few seconds."""
-    replicas = [cluster.replica(), cluster.replica()]
-    cluster.worker()
-    cluster.worker()
+def manifest_puts_by_tag(registry: Any, model: str) -> Counter[str]:
+    """Successful manifest PUTs under a tag of `model`'s repository, from the registry's log."""
+    uri = re.compile(
+        rf"http\.request\.method=PUT .*http\.request\.uri=\"?/v2/"
+        rf"{re.escape(naming.repository_name(model))}/manifests/([^\s\"]+)"
+    )
+    puts: Counter[str] = Counter()
+    for line in registry.log_path.read_text(errors="replace").splitlines():
+        if "response completed" not in line or "http.response.status=201" not in line:
+            continue
+        match = uri.search(line)
+        # By digest ("sha256:...") or a supply-chain artifact's tag ("sha256-....sbom"): not
+        # a version tag.
+        if match and not match.group(1).startswith("sha256"):
+            puts[match.group(1)] += 1
+    return puts
+
+
+def delivery_ids(postgres: PostgresServer) -> int:
+    engine = sqlalchemy.create_engine(postgres.url)
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(sqlalchemy.text("SELECT count(*) FROM deliveries")).one()[0]
+            )
+    finally:
+        engine.dispose()
+
+
+def test_100_versions_delivered_to_both_replicas_by_mlflow_are_built_once(
+    cluster, mlflow_server, mlflow_client, webhook_factory, registry, postgres
+):
+    """Two replicas, two workers, 100 versions: MLflow itself sends every `created` event to
+    both replicas (one webhook per replica URL), 200 deliveries. Exactly 100 jobs, each run
+    once, each version tag written once in the registry.
+
+    The first version is built and waited for before the other 99 are created, so those are
+    registry assemblies on its layers, as in production once a model has an image; otherwise
+    all 99 would race past the missing previous image into full builds.
+    """
+    # Two build processes per worker: an assembly is mostly waiting on MLflow and the registry.
+    cluster.overrides["MLFLOW_DOCK_BUILD_CONCURRENCY"] = "2"
     model = f"dist-{uuid.uuid4().hex[:8]}"
-    versions = register(mlflow_server.url, model, 6)
-    secret = cluster.factory.secret
-    for version in versions:
-        delivery = str(uuid.uuid4())
-        deliver(replicas[0], secret, model, version, delivery)
-        deliver(replicas[1], secret, model, version, delivery)  # MLflow retrying elsewhere
-        deliver(replicas[1], secret, model, version, str(uuid.uuid4()))  # a second webhook
-    jobs = wait_all_succeeded(replicas[1], model, len(versions))
-    assert len(jobs) == len(versions)
-    # Each job ran once: one attempt, one claim, in the store's own account.
-    assert all(j["attempts"] == 1 for j in jobs), jobs
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Logged under another name while the cluster starts, before any webhook exists: the
+        # test's versions are registered from its artifacts, and every one of them is delivered.
+        logging_source = pool.submit(log_sklearn_model, mlflow_server.url, f"{model}-source")
+        replicas = cluster.start(replicas=2, workers=2)
+        source = mlflow_client.get_model_version(f"{model}-source", logging_source.result())
+    for replica in replicas:
+        webhook_factory(
+            f"{replica.url}/webhook", cluster.factory.secret, events=("model_version.created",)
+        )
+    assert source.source
+    model_id = source.model_id or source.source.rsplit("/", 1)[-1]
+    mlflow_client.create_registered_model(model)
+
+    def create_version() -> str:
+        created = mlflow_client.create_model_version(
+            model, source=source.source, run_id=source.run_id, model_id=model_id
+        )
+        return str(created.version)
+
+    versions = [create_version()]
+    wait_all_succeeded(replicas[0], model, 1)
+    versions += [create_version() for _ in range(VERSIONS - 1)]
+    jobs = wait_all_succeeded(replicas[1], model, VERSIONS, timeout=300)
+    assert len(jobs) == VERSIONS
+    # Every delivery arrived (MLflow retries a failed one under the same id)...
+    assert delivery_ids(postgres) == 2 * VERSIONS
+    # ... and each job ran once: one attempt, one claim, in the store's own account ...
+    assert all(j["attempts"] == 1 for j in jobs), [j for j in jobs if j["attempts"] != 1]
     assert_built_once(replicas[0], registry, model, versions)
+    # ... and in the registry's: one manifest PUT per version tag.
+    puts = manifest_puts_by_tag(registry, model)
+    assert puts == Counter({naming.version_tag(v): 1 for v in versions}), puts
 
 
 def wait_running(replica: Any, job_id: str, timeout: float = 300) -> None:
