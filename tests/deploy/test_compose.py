@@ -1,5 +1,8 @@
 """compose.yaml: parses, builds only from this repository or uses standard images, is wired
-the way the README says (MLflow delivering webhooks, celery executor, PostgreSQL, Redis)."""
+the way the README says (MLflow delivering webhooks, celery executor, PostgreSQL, Redis, an
+engine-free worker; deploy/compose/engine.yaml adds the engine).
+
+tests/integration/test_compose.py runs the stack for real."""
 
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ from mlflow_dock.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+ENGINE_OVERRIDE = ROOT / "deploy" / "compose" / "engine.yaml"
 # Public images a user's machine pulls; everything else must be built from this repository.
 STANDARD_IMAGES = {"postgres:16", "redis:7", "registry:2"}
 REQUIRED_VARIABLES = {
     "MLFLOW_WEBHOOK_SECRET": "whsec-compose-test",
     "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "3mSJXcCZbVvVbWsZKtd9rJkE2cbPPSsm1bcjlgA1f2E=",
     "POSTGRES_PASSWORD": "pg-compose-test",
-    "DOCKER_GID": "999",
 }
+PORT_VARIABLES = ("POSTGRES_PORT", "REDIS_PORT", "REGISTRY_PORT", "MLFLOW_PORT", "SERVE_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,22 @@ def test_serve_and_worker_use_celery_postgres_and_redis(compose):
         assert set(env) <= known, set(env) - known
     serve = compose["services"]["serve"]
     assert any("/ready" in part for part in serve["healthcheck"]["test"])
-    assert "/var/run/docker.sock:/var/run/docker.sock" not in serve.get("volumes", [])
+
+
+def test_no_service_mounts_the_docker_socket_and_the_worker_builds_natively(compose):
+    for name, service in compose["services"].items():
+        assert not any("docker.sock" in str(v) for v in service.get("volumes", [])), name
+        assert "DOCKER_HOST" not in _env(service), name
+    assert _env(compose["services"]["worker"])["MLFLOW_DOCK_BUILDER"] == "native"
+
+
+def test_every_published_port_is_loopback_and_movable(compose):
+    text = COMPOSE.read_text()
+    for name in PORT_VARIABLES:
+        assert f"${{{name}:-" in text, name
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:${"), (name, port)
 
 
 def test_env_example_names_every_required_variable():
@@ -100,6 +119,10 @@ def test_env_example_names_every_required_variable():
     for name in REQUIRED_VARIABLES:
         assert f"${{{name}:?" in text
         assert f"\n{name}=" in example
+    for name in PORT_VARIABLES:
+        assert f"\n#{name}=" in example
+    assert "${DOCKER_GID:?" in ENGINE_OVERRIDE.read_text()
+    assert "\nDOCKER_GID=" in example
 
 
 def _compose_command() -> list[str] | None:
@@ -153,3 +176,32 @@ def test_docker_compose_config_validates(tmp_path):
     )
     assert missing.returncode != 0
     assert "MLFLOW_WEBHOOK_SECRET" in missing.stderr
+
+
+def test_engine_override_gives_only_the_worker_the_socket(tmp_path):
+    command = _compose_command()
+    if command is None:
+        pytest.skip(
+            "neither docker-compose nor the compose plugin is installed (.ci/run installs it)"
+        )
+    env_file = tmp_path / "test.env"
+    variables = {**REQUIRED_VARIABLES, "DOCKER_GID": "999"}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
+    env = {k: v for k, v in os.environ.items() if k not in variables}
+    files = ["-f", str(COMPOSE), "-f", str(ENGINE_OVERRIDE)]
+    result = subprocess.run(
+        [*command, "--env-file", str(env_file), *files, "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    worker = services["worker"]
+    assert [str(g) for g in worker["group_add"]] == ["999"]
+    assert any("docker.sock" in str(v) for v in worker["volumes"])
+    assert worker["environment"]["MLFLOW_DOCK_BUILDER"] == "native"
+    for name, service in services.items():
+        if name != "worker":
+            assert not any("docker.sock" in str(v) for v in service.get("volumes", [])), name

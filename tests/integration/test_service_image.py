@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -25,12 +23,11 @@ import pytest
 from docker.models.containers import Container
 from docker.models.images import Image
 
-from support.servers import REPO_ROOT, SYSTEM_CA_BUNDLE, free_port
+from support.servers import free_port
+from support.service_image import ImageBuildError, build_image, service_build_context
 
 UID = "10001"
 DATA_DIR = "/var/lib/mlflow-dock"
-# What the Dockerfile COPYs; the build context is a copy of just these.
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "README.md")
 REQUIRED_ENV = {
     "MLFLOW_WEBHOOK_SECRET": "image-test-webhook-secret",
     "DOCKER_USERNAME": "dock",
@@ -39,45 +36,24 @@ REQUIRED_ENV = {
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
-def _build_context(target: Path) -> Path:
-    for name in CONTEXT_FILES:
-        shutil.copy2(REPO_ROOT / name, target / name)
-    shutil.copytree(
-        REPO_ROOT / "src",
-        target / "src",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
-    if SYSTEM_CA_BUNDLE.exists():
-        build_inputs = target / ".build"
-        build_inputs.mkdir()
-        shutil.copy2(SYSTEM_CA_BUNDLE, build_inputs / "ca-bundle.crt")
-    return target
-
-
 @pytest.fixture(scope="module")
 def service_image(
     docker_client: docker.DockerClient,
     base_image: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Image]:
-    context = _build_context(tmp_path_factory.mktemp("service-image-context"))
+    context = service_build_context(tmp_path_factory.mktemp("service-image-context"))
     tag = f"mlflow-dock-service-test:{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     try:
-        image, _ = docker_client.images.build(
-            path=str(context),
-            tag=tag,
+        image = build_image(
+            docker_client,
+            context,
+            tag,
             buildargs={"BASE_IMAGE": base_image, "VERSION": "0.0.0-test"},
-            # The default bridge network does not reach the package index on this machine.
-            network_mode="host",
-            rm=True,
-            forcerm=True,
         )
-    except docker.errors.BuildError as exc:
-        tail = "".join(
-            str(chunk.get("stream") or chunk.get("error") or "") for chunk in exc.build_log
-        )
-        pytest.fail(f"service image build failed: {exc}\n{tail[-6000:]}", pytrace=False)
+    except ImageBuildError as exc:
+        pytest.fail(f"service image build failed: {exc}", pytrace=False)
     print(f"service image {tag} built in {time.monotonic() - started:.1f}s")
     yield image
     # Only the final stage's layers go: the builder stage's cached layers stay for the next run.
