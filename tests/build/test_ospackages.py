@@ -34,3 +34,9 @@ def test_dockerfile_pins_the_base_and_leaves_no_apt_lists_or_caches():
     assert text.startswith("FROM r.test/base@sha256:")
     assert "apt-get install -y --no-install-recommends libgomp1" in text
     assert "/var/lib/apt/lists/*" in text and "/var/cache/apt/*.bin" in text
+
+
+def test_lacking_names_known_packages_whose_sonames_the_base_does_not_have():
+    base = {"libc.so.6", "libstdc++.so.6"}
+    assert ospackages.lacking(["libgomp1", "libstdc++6", "build-essential"], base) == ("libgomp1",)
+    assert ospackages.lacking(["libgomp1"], base | {"libgomp.so.1"}) == ()

@@ -406,15 +406,16 @@ def test_a_derived_base_is_built_once_with_apt_and_pushed_under_its_content_tag(
     parts: Parts, tmp_path: Path
 ) -> None:
     base = _base()
-    derived = parts.runner._derived_base(
+    waiter = parts.runner._derived_base(
         parts.registry,  # type: ignore[arg-type]
         base,
         ("libgomp1",),
         tmp_path / "ctx",
         parts.log.append,
     )
+    assert waiter is not None
     tag = derived_tag(base.manifest.digest, ["libgomp1"])
-    assert derived == f"team/mlflow-dock-base@{DIGEST_1}"
+    assert waiter() == f"team/mlflow-dock-base@{DIGEST_1}"
     assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]
     (built, labels, dockerfile) = parts.engine.builds[0]
     assert built == f"{REGISTRY}/team/mlflow-dock-base:{tag}"
@@ -427,14 +428,14 @@ def test_an_existing_derived_base_is_reused_without_an_engine(parts: Parts, tmp_
     base = _base()
     tag = derived_tag(base.manifest.digest, ["libgomp1"])
     parts.registry.tags[("team/mlflow-dock-base", tag)] = DIGEST_2
-    derived = parts.runner._derived_base(
+    waiter = parts.runner._derived_base(
         parts.registry,  # type: ignore[arg-type]
         base,
         ("libgomp1",),
         tmp_path / "ctx",
         parts.log.append,
     )
-    assert derived == f"team/mlflow-dock-base@{DIGEST_2}"
+    assert waiter is not None and waiter() == f"team/mlflow-dock-base@{DIGEST_2}"
     assert parts.engine.builds == [] and parts.engine.pulls == []
 
 
@@ -452,12 +453,14 @@ def test_a_base_pull_refused_for_a_cloud_token_gets_one_fresh_token(tmp_path: Pa
 
     parts.engine.pull = pull_refused_once  # type: ignore[method-assign]
     base = _base()
-    parts.runner._derived_base(
+    waiter = parts.runner._derived_base(
         parts.registry,  # type: ignore[arg-type]
         base,
         ("libgomp1",),
         tmp_path / "ctx",
         parts.log.append,
     )
+    assert waiter is not None
+    waiter()
     assert credentials.invalidated == 1
     assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]

@@ -24,6 +24,7 @@ Python. The runner then falls back to the engine, or fails with one line naming 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -103,10 +104,11 @@ class MissingLibrary(NativeNotApplicable):
         self.libraries = libraries
 
 
-# Given the base and the Debian packages it lacks: the reference (in the target registry, as
-# "repository@digest" or "repository:tag") of the base with those packages (ospackages.py),
-# or None when it can be neither found nor built (no engine).
-DeriveBase = Callable[[BaseImage, tuple[str, ...]], str | None]
+# Given the base and the Debian packages it lacks: None when the base with those packages
+# (ospackages.py) can be neither found nor built (no engine), else a call that waits for it
+# (built in the background meanwhile) and returns its reference in the target registry,
+# "repository@digest".
+DeriveBase = Callable[[BaseImage, tuple[str, ...]], Callable[[], str] | None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +141,19 @@ class Counts:
             f"{self.uploaded} blob(s) uploaded, {self.mounted} mounted, "
             f"{self.present} already there; {self.tarred} layer(s) packed"
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One platform, checked: what its image is made of."""
+
+    platform: Platform
+    base: BaseImage
+    python: str
+    site: Path
+    dists: Sequence[Distribution]
+    # The derived base with missing OS packages, when one is on its way (waits for it).
+    derived: Callable[[], BaseImage] | None = None
 
 
 @dataclass(frozen=True)
@@ -255,12 +270,16 @@ class NativeBuilder:
         work: Path,
         log: LogSink,
         derive_base: DeriveBase | None = None,
+        expected_os_packages: tuple[str, ...] = (),
     ) -> NativeResult:
         """Write the image (an index for several platforms) to ``repository``, untagged.
 
         ``derive_base``: when the only obstacle is shared libraries that known Debian packages
         provide, get the base with those packages from it (one engine step, see ospackages.py)
-        and build on that; only for a single platform (the engine builds for its own).
+        and build on that; only for a single platform (the engine builds for its own). The
+        derived base is made while the wheels are packed and uploaded, and started before uv
+        runs when ``expected_os_packages`` (what the requirements are known to need, e.g.
+        libgomp1 for lightgbm) provide sonames the base lacks.
         """
         try:
             base_ref = base_reference(base_image)
@@ -275,108 +294,52 @@ class NativeBuilder:
         started = time.monotonic()
         # Everything that can refuse the native build runs before the first blob is written.
         plans = []
-        base_for: dict[Platform, RegistryClient] = {}
-        for platform in self._config.platforms:
-            try:
-                base = resolve_base(
-                    base_registry,
-                    base_ref.path,
-                    base_ref.digest or base_ref.tag or "latest",
+        derivable = derive_base is not None and len(self._config.platforms) == 1
+        unused: list[Callable[[], str]] = []  # derived bases started early, not (yet) needed
+        try:
+            for platform in self._config.platforms:
+                plan = self._plan(
                     platform,
-                    cache_dir=self._config.cache_dir / "base-images",
-                )
-                python = base.python_for(python_version)
-            except NotNativeBase as exc:
-                raise NativeNotApplicable(str(exc)) from exc
-            except RegistryError as exc:
-                # The base is not in (or not readable from) that registry; an engine may
-                # still have it locally or pull it with its own credentials. A registry other
-                # than the target that cannot be reached at all counts too (the default base
-                # on Docker Hub from a machine without Internet access); the target's own
-                # outage stays retryable, since nothing could be pushed anyway.
-                refused = isinstance(exc, RegistryPermanentError) and exc.status_code in (
-                    401,
-                    403,
-                    404,
-                )
-                if not refused and base_registry is registry:
-                    raise
-                raise NativeNotApplicable(
-                    f"base image {base_ref} is not readable from its registry: {exc}"
-                ) from exc
-            site = work / f"site-{platform.architecture}"
-            try:
-                dists = wheels.install(
-                    requirements,
-                    site,
-                    platform=platform,
+                    registry,
+                    base_registry,
+                    base_ref,
                     python_version=python_version,
-                    glibc=base.facts.glibc,
-                    cache_dir=self._config.cache_dir / "uv",
-                    index_url=self._config.index_url,
-                    extra_index_urls=self._config.extra_index_urls,
-                    ca_bundle=ca_path,
-                    timeout=self._config.timeout_seconds,
+                    requirements=requirements,
+                    work=work,
+                    ca_path=ca_path,
+                    log=log,
+                    started=started,
+                    derive_base=derive_base if derivable else None,
+                    expected_os_packages=expected_os_packages,
+                    unused=unused,
                 )
-            except NoWheel as exc:
-                raise NativeNotApplicable(str(exc), package=exc.package) from exc
-            try:
-                check_libraries(site, dists, base, platform)
-            except MissingLibrary as exc:
-                packages = ospackages.packages_for(exc.libraries)
-                if derive_base is None or packages is None or len(self._config.platforms) != 1:
-                    raise
-                log(
-                    f"base image lacks {', '.join(exc.libraries)}: adding Debian package(s) "
-                    f"{' '.join(packages)} to it (engine, once per base and package set)"
-                )
-                derived = derive_base(base, packages)
-                if derived is None:
-                    raise
-                path, at, digest = derived.partition("@")
-                if not at:
-                    path, _, digest = derived.rpartition(":")
-                try:
-                    base = resolve_base(
-                        registry,
-                        path,
-                        digest,
-                        platform,
-                        cache_dir=self._config.cache_dir / "base-images",
-                        parent=base,
-                    )
-                except NotNativeBase as inner:
-                    raise NativeNotApplicable(str(inner)) from inner
-                base_for[platform] = registry
-                check_libraries(site, dists, base, platform)
-            log(
-                f"{platform}: {len(dists)} packages installed for "
-                f"{platform.python_platform(base.facts.glibc)}, Python {python} "
-                f"({time.monotonic() - started:.1f}s)"
-            )
-            plans.append((platform, base, python, site, dists))
+                plans.append(plan)
+        finally:
+            for waiter in unused:
+                # Not needed after all (a wheel vendored the library) or the build was
+                # refused: let it finish rather than leave an engine build running for a job
+                # that has moved on (its work directory is about to be removed).
+                with contextlib.suppress(Exception):  # nothing depends on it
+                    waiter()
 
         with ThreadPoolExecutor(self._config.workers, thread_name_prefix="native") as pool:
             model = pool.submit(self._model_layer, model_dir, work, registry, repository, counts)
             manifests: list[tuple[Platform, Manifest]] = []
-            for platform, base, python, site, dists in plans:
+            for plan in plans:
                 manifest = self._platform_image(
                     pool,
                     registry,
                     repository,
-                    base=base,
-                    base_registry=base_for.get(platform, base_registry),
-                    python=python,
+                    plan=plan,
+                    base_registry=base_registry,
                     python_version=python_version,
-                    site=site,
-                    dists=dists,
                     model=model.result,
                     labels=labels,
                     work=work,
                     counts=counts,
                 )
                 registry.put_manifest_by_digest(repository, manifest)
-                manifests.append((platform, manifest))
+                manifests.append((plan.platform, manifest))
         if len(manifests) == 1:
             result_manifest = manifests[0][1]
         else:
@@ -388,8 +351,136 @@ class NativeBuilder:
             manifest=result_manifest,
             platform_digests={str(p): m.digest for p, m in manifests},
             counts=counts,
-            packages=max(len(plan[4]) for plan in plans),
+            packages=max(len(plan.dists) for plan in plans),
         )
+
+    def _plan(
+        self,
+        platform: Platform,
+        registry: RegistryClient,
+        base_registry: RegistryClient,
+        base_ref: ImageRef,
+        *,
+        python_version: str,
+        requirements: str,
+        work: Path,
+        ca_path: Path | None,
+        log: LogSink,
+        started: float,
+        derive_base: DeriveBase | None,
+        expected_os_packages: tuple[str, ...],
+        unused: list[Callable[[], str]],
+    ) -> _Plan:
+        """One platform's base, install and checks: everything that can refuse the build.
+
+        A derived base started before uv runs is in ``unused`` until the plan takes it.
+        """
+        try:
+            base = resolve_base(
+                base_registry,
+                base_ref.path,
+                base_ref.digest or base_ref.tag or "latest",
+                platform,
+                cache_dir=self._config.cache_dir / "base-images",
+            )
+            python = base.python_for(python_version)
+        except NotNativeBase as exc:
+            raise NativeNotApplicable(str(exc)) from exc
+        except RegistryError as exc:
+            # The base is not in (or not readable from) that registry; an engine may
+            # still have it locally or pull it with its own credentials. A registry other
+            # than the target that cannot be reached at all counts too (the default base
+            # on Docker Hub from a machine without Internet access); the target's own
+            # outage stays retryable, since nothing could be pushed anyway.
+            refused = isinstance(exc, RegistryPermanentError) and exc.status_code in (
+                401,
+                403,
+                404,
+            )
+            if not refused and base_registry is registry:
+                raise
+            raise NativeNotApplicable(
+                f"base image {base_ref} is not readable from its registry: {exc}"
+            ) from exc
+        early: tuple[tuple[str, ...], Callable[[], str]] | None = None
+        derived: Callable[[], BaseImage] | None = None
+        hint = ospackages.lacking(expected_os_packages, base.facts.libraries)
+        if derive_base is not None and hint:
+            # Known to be needed (lightgbm -> libgomp1) and the base lacks it: the engine's
+            # apt step runs while uv installs.
+            started_waiter = derive_base(base, hint)
+            if started_waiter is not None:
+                early = (hint, started_waiter)
+                unused.append(started_waiter)
+        site = work / f"site-{platform.architecture}"
+        try:
+            dists = wheels.install(
+                requirements,
+                site,
+                platform=platform,
+                python_version=python_version,
+                glibc=base.facts.glibc,
+                cache_dir=self._config.cache_dir / "uv",
+                index_url=self._config.index_url,
+                extra_index_urls=self._config.extra_index_urls,
+                ca_bundle=ca_path,
+                timeout=self._config.timeout_seconds,
+            )
+        except NoWheel as exc:
+            raise NativeNotApplicable(str(exc), package=exc.package) from exc
+        try:
+            check_libraries(site, dists, base, platform)
+        except MissingLibrary as exc:
+            packages = ospackages.packages_for(exc.libraries)
+            if derive_base is None or packages is None:
+                raise
+            if early is not None and set(packages) <= set(early[0]):
+                waiter: Callable[[], str] | None = early[1]
+                unused.remove(early[1])
+            else:
+                waiter = derive_base(base, packages)
+            if waiter is None:
+                raise
+            log(
+                f"base image lacks {', '.join(exc.libraries)}: adding Debian package(s) "
+                f"{' '.join(packages)} to it (engine, once per base and package set)"
+            )
+            derived = self._derived(registry, base, platform, waiter, site, dists)
+        log(
+            f"{platform}: {len(dists)} packages installed for "
+            f"{platform.python_platform(base.facts.glibc)}, Python {python} "
+            f"({time.monotonic() - started:.1f}s)"
+        )
+        return _Plan(platform, base, python, site, dists, derived)
+
+    def _derived(
+        self,
+        registry: RegistryClient,
+        parent: BaseImage,
+        platform: Platform,
+        waiter: Callable[[], str],
+        site: Path,
+        dists: Sequence[Distribution],
+    ) -> Callable[[], BaseImage]:
+        """The derived base, once made, resolved and checked to have what was missing."""
+
+        def finish() -> BaseImage:
+            path, _, digest = waiter().partition("@")
+            try:
+                base = resolve_base(
+                    registry,
+                    path,
+                    digest,
+                    platform,
+                    cache_dir=self._config.cache_dir / "base-images",
+                    parent=parent,
+                )
+            except NotNativeBase as exc:
+                raise NativeNotApplicable(str(exc)) from exc
+            check_libraries(site, dists, base, platform)
+            return base
+
+        return finish
 
     # -- layers ---------------------------------------------------------------------------
 
@@ -520,23 +611,32 @@ class NativeBuilder:
         registry: RegistryClient,
         repository: str,
         *,
-        base: BaseImage,
+        plan: _Plan,
         base_registry: RegistryClient,
-        python: str,
         python_version: str,
-        site: Path,
-        dists: Sequence[Distribution],
         model: Callable[[], layerlib.LayerDigests],
         labels: dict[str, str],
         work: Path,
         counts: Counts,
     ) -> Manifest:
+        base, python, site, dists = plan.base, plan.python, plan.site, plan.dists
         major_minor = ".".join(python_version.split(".")[:2])
         layout = layerlib.VenvLayout(VENV_DIR, major_minor)
         sizes = {d.dist_info: layerlib.installed_size(d, site) for d in dists}
+        # A derived base has one layer more than its parent (the apt step).
+        base_layers = len(base.layers) + (1 if plan.derived is not None else 0)
         groups = layerlib.group_distributions(
-            dists, sizes, layout, max_layers=layerlib.package_layer_budget(len(base.layers))
+            dists, sizes, layout, max_layers=layerlib.package_layer_budget(base_layers)
         )
+        package_jobs = [
+            pool.submit(
+                self._package_layer, registry, repository, group, site, layout, work, counts
+            )
+            for group in groups
+        ]
+        if plan.derived is not None:
+            # Packages are packed and uploaded meanwhile; they do not depend on the base.
+            base, base_registry = plan.derived(), registry
         base_jobs = [
             pool.submit(
                 self._base_layer,
@@ -559,12 +659,6 @@ class NativeBuilder:
             venv_bytes,
             counts,
         )
-        package_jobs = [
-            pool.submit(
-                self._package_layer, registry, repository, group, site, layout, work, counts
-            )
-            for group in groups
-        ]
         for job in base_jobs:
             job.result()
         venv_job.result()

@@ -28,6 +28,7 @@ __all__ = [
     "DERIVED_REPOSITORY",
     "SONAME_PACKAGES",
     "derived_tag",
+    "lacking",
     "packages_for",
     "render_derived_dockerfile",
 ]
@@ -60,6 +61,19 @@ def packages_for(missing: Iterable[str]) -> tuple[str, ...] | None:
             return None
         packages.add(package)
     return tuple(sorted(packages)) or None
+
+
+def lacking(packages: Iterable[str], libraries: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``packages`` (from the table) that provide a soname not in ``libraries``.
+
+    ``packages``: what a model's requirements are known to need (dockerfile.py's table, e.g.
+    libgomp1 for lightgbm); a package the table does not know is left out, never guessed.
+    """
+    have = set(libraries)
+    wanted = set(packages)
+    return tuple(
+        sorted({p for soname, p in SONAME_PACKAGES.items() if p in wanted and soname not in have})
+    )
 
 
 def derived_tag(base_digest: str, packages: Iterable[str]) -> str:

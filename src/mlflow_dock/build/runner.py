@@ -17,6 +17,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -381,6 +382,7 @@ class JobRunner:
                     derive_base=lambda base, packages: self._derived_base(
                         registry, base, packages, work / "os-packages", log
                     ),
+                    expected_os_packages=prepared.spec.system_packages,
                 )
             except NativeNotApplicable as exc:
                 if self._config.engine_fallback and self._engine_reachable():
@@ -416,22 +418,45 @@ class JobRunner:
         packages: tuple[str, ...],
         context: Path,
         log: LogSink,
-    ) -> str | None:
+    ) -> Callable[[], str] | None:
         """``base`` + Debian ``packages`` in the target registry ("path@digest"), see ospackages.
 
         Found by its content-addressed tag if any build made it before (no engine needed
-        then); otherwise built once by the engine and pushed. None: no engine may build it.
+        then); otherwise built by the engine in the background (the native builder packs and
+        uploads wheels meanwhile) and pushed once. Returns a call that waits for it, or None
+        when no engine may build it.
         """
         derived = self._config.repository_for(ospackages.DERIVED_REPOSITORY)
         tag = ospackages.derived_tag(base.manifest.digest, packages)
+        digest = registry.manifest_digest(derived.path, tag)
+        if digest is not None:
+            log(f"reusing derived base {derived.repository}:{tag} ({' '.join(packages)})")
+            return lambda: f"{derived.path}@{digest}"
+        if not self._config.engine_fallback or not self._engine_reachable():
+            return None
+        executor = ThreadPoolExecutor(1, thread_name_prefix="derived-base")
+        future = executor.submit(
+            self._build_derived_base, registry, base, packages, derived, tag, context, log
+        )
+        executor.shutdown(wait=False)
+        return future.result
+
+    def _build_derived_base(
+        self,
+        registry: RegistryClient,
+        base: BaseImage,
+        packages: tuple[str, ...],
+        derived: ImageRef,
+        tag: str,
+        context: Path,
+        log: LogSink,
+    ) -> str:
         shared = self._runtime_locks_shared
+        # One worker builds it; the others wait and then find it.
         with shared.hold(f"os-base:{tag}") if shared else nullcontext():
             digest = registry.manifest_digest(derived.path, tag)
             if digest is not None:
-                log(f"reusing derived base {derived.repository}:{tag} ({' '.join(packages)})")
                 return f"{derived.path}@{digest}"
-            if not self._config.engine_fallback or not self._engine_reachable():
-                return None
             self._ensure_repository(derived)
             source = f"{base.host}/{base.repository}"
             if base.host == registry.host:
