@@ -246,6 +246,25 @@ def bare_receiver(port: int, secret: str) -> None:
     uvicorn.run(app, host=HOST, port=port, log_level="info")
 
 
+def _profiler(
+    args: argparse.Namespace, out: str | None, pid: int
+) -> subprocess.Popen[bytes] | None:
+    if not out:
+        return None
+    cmd = ["py-spy", "record", "-p", str(pid), "-o", out, "-f", "raw", "--rate", "250"]
+    return subprocess.Popen(
+        [*cmd, "--gil"] if args.profile_gil else cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(2)
+        profiler.wait(30)
+
+
 def verify_store(db: Path, ids_files: list[Path], sent_ids: set[str]) -> tuple[int, int, int]:
     """(202 answers, of them found with a recorded delivery, deliveries never sent)."""
     answered = [x for f in ids_files for x in f.read_text().splitlines() if x]
@@ -284,6 +303,14 @@ def main() -> int:
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument(
         "--profile", metavar="FILE", help="record the service with py-spy (must be on PATH)"
+    )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (py-spy --gil)",
+    )
+    parser.add_argument(
+        "--profile-bare", metavar="FILE", help="record the bare receiver with py-spy as well"
     )
     parser.add_argument("--bare-receiver", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--secret", help=argparse.SUPPRESS)
@@ -352,19 +379,13 @@ def main() -> int:
             results: list[tuple[Result, Result, float]] = []
             dock_ids: list[Path] = []
             for i, deliveries in enumerate(rounds):
+                profile_bare = _profiler(args, args.profile_bare, bare.pid) if i == 0 else None
                 bare_r = run_wrk("bare", bare_port, script, deliveries, work / "bare-ids.txt", args)
-                profiler = None
-                if args.profile and i == 0:
-                    profiler = subprocess.Popen(
-                        ["py-spy", "record", "-p", str(dock.pid), "-o", args.profile, "-f", "raw"],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                _stop_profiler(profile_bare)
+                profiler = _profiler(args, args.profile, dock.pid) if i == 0 else None
                 dock_ids.append(work / f"dock-ids-{i}.txt")
                 dock_r = run_wrk("mlflow-dock", dock_port, script, deliveries, dock_ids[-1], args)
-                if profiler is not None:
-                    profiler.send_signal(2)
-                    profiler.wait(30)
+                _stop_profiler(profiler)
                 results.append((bare_r, dock_r, os.getloadavg()[0]))
     finally:
         for proc in procs:

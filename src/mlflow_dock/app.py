@@ -52,7 +52,7 @@ from mlflow_dock.jobs.steps import enter_step
 from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
-from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for, updates_for
+from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for
 from mlflow_dock.observe.metrics import ServiceMetrics
 from mlflow_dock.oci.reference import default_namespace, registry_hostname
 from mlflow_dock.oci.remote import RegistryClient
@@ -328,6 +328,8 @@ class Service:
                 settings.webhook_secrets, tolerance_seconds=settings.max_timestamp_age
             ),
             store=self.store,
+            # The write-back's `queued` tags are committed with the batch's jobs.
+            tag_writes=tag_writes_for if self.writeback is not None else None,
             on_queued=self._accepted,
         )
         self.pool = components.worker_pool(
@@ -437,18 +439,7 @@ class Service:
             self.pool.notify()
 
     def _accepted(self, jobs: Sequence[Job]) -> None:
-        """Jobs one intake batch queued: their write-back tags share one transaction."""
-        if self.writeback is not None:
-            writes = [
-                (u.model_name, u.version, {**u.set_tags, **dict.fromkeys(u.delete_tags)})
-                for job in jobs
-                for u in updates_for(job)
-            ]
-            try:
-                self.store.record_tag_writes_many(writes)
-            except Exception as exc:
-                # As `MlflowWriteBack.job_changed`: the tags follow with the job's next state.
-                logger.warning("recording MLflow tags for %d job(s) failed: %s", len(jobs), exc)
+        """Jobs one intake batch queued (their write-back tags are already stored with them)."""
         for job in jobs:
             if self.dispatcher is not None:
                 self.dispatcher.submit(job.id)

@@ -279,7 +279,7 @@ def test_a_store_outage_answers_503_so_mlflow_retries(settings, runner, monkeypa
     components.runner = runner  # type: ignore[assignment]
     service = Service(components)
 
-    def down(_requests):
+    def down(_requests, **_options):
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
     with TestClient(create_app(lambda: service)) as c:

@@ -28,13 +28,12 @@ from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.board import board_router
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.intake.probes import Check, Readiness
+from mlflow_dock.intake.receiver import MAX_BODY_BYTES, WebhookReceiver, handle
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobState
 from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.observe.metrics import CONTENT_TYPE, ServiceMetrics
 from mlflow_dock.oci.reference import pinned
-
-MAX_BODY_BYTES = 1024 * 1024
 
 # The one table from our request errors to HTTP status codes.
 STATUS_CODES: dict[type[RequestError], int] = {
@@ -222,28 +221,21 @@ def create_app(
     )
     async def webhook(request: Request) -> Any:
         """Receive an MLflow webhook delivery (signature verified on the raw body first)."""
+        # Normally answered by `WebhookReceiver` before routing (see intake/receiver.py); this
+        # route documents the endpoint and gives the same answers if a request gets here.
         try:
             body = await _read_limited(request)
-            accepted = await _service(request).accept_async(body, request.headers)
-        except RequestError as exc:
-            app_metrics.webhook_delivery(str(status_for(exc)))
+        except PayloadTooLargeError:
+            app_metrics.webhook_delivery("413")
             raise
-        except Exception:
-            app_metrics.webhook_delivery("500")
-            raise
-        app_metrics.webhook_delivery("duplicate" if accepted.duplicate else "202")
-        job = accepted.job
-        # Built directly (same shape as `Accepted`): response-model validation is a measurable
-        # share of the intake's CPU time per delivery.
-        return JSONResponse(
-            {
-                "job_id": job.id,
-                "state": job.state.value,
-                "duplicate": accepted.duplicate,
-                "status_url": f"/builds/{job.id}",
-            },
-            status_code=202,
+        status, answer = await handle(
+            _service(request).accept_async,
+            body,
+            request.headers,
+            status_for=status_for,
+            count=app_metrics.webhook_delivery,
         )
+        return JSONResponse(answer, status_code=status)
 
     @app.get("/builds", response_model=list[JobView], dependencies=readers)
     async def list_builds(
@@ -279,4 +271,11 @@ def create_app(
         return Response(body, media_type=CONTENT_TYPE)
 
     app.include_router(board_router(access, mlflow_ui_url=mlflow_ui_url))
+    app.add_middleware(
+        WebhookReceiver,
+        path="/webhook",
+        accept=lambda: app.state.service.accept_async,
+        status_for=status_for,
+        count=app_metrics.webhook_delivery,
+    )
     return app

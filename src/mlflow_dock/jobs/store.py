@@ -14,6 +14,7 @@ at a time, and `tag_writes` keeps MLflow write-back durable across restarts.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -35,6 +36,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -48,7 +50,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -58,6 +60,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
+from sqlalchemy.sql import Insert, Select
 
 from mlflow_dock.errors import LeaseLostError, NotFoundError
 from mlflow_dock.jobs.model import (
@@ -336,6 +339,35 @@ def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+@dataclass(frozen=True)
+class _IntakeStatements:
+    """The statements of `accept_deliveries`, built once per store.
+
+    Built per batch, their construction and cache-key generation (an IN list coerces each of
+    its values) cost more CPU than executing them; expanding parameters take the lists.
+    """
+
+    jobs_of_deliveries: Select[Any]
+    builds_by_key: Select[Any]
+    insert_jobs: Insert
+    insert_deliveries: Insert
+
+    @classmethod
+    def build(cls) -> _IntakeStatements:
+        jobs = _Base.metadata.tables[_JobRow.__tablename__]
+        deliveries = _Base.metadata.tables[_DeliveryRow.__tablename__]
+        return cls(
+            jobs_of_deliveries=select(deliveries.c.delivery_id, jobs)
+            .join(jobs, deliveries.c.job_id == jobs.c.id)
+            .where(deliveries.c.delivery_id.in_(bindparam("ids", expanding=True))),
+            builds_by_key=select(jobs).where(
+                jobs.c.dedupe_key.in_(bindparam("keys", expanding=True))
+            ),
+            insert_jobs=insert(jobs),
+            insert_deliveries=insert(deliveries),
+        )
+
+
 class JobStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -576,7 +608,9 @@ class JobStore:
 
     # -- accepting many deliveries at once (group commit) -------------------------------------
 
-    def accept_deliveries(self, requests: Sequence[DeliveryRequest]) -> list[tuple[Job, bool]]:
+    def accept_deliveries(
+        self, requests: Sequence[DeliveryRequest], *, tag_writes: TagWrites | None = None
+    ) -> list[tuple[Job, bool]]:
         """Record many deliveries in ONE transaction; the same outcome as one call each, in order.
 
         For each request, (job, changed) exactly as `request_build`, `request_alias` or
@@ -584,22 +618,25 @@ class JobStore:
         `requests`, gives its job with changed=False. The common cases (a new version, an alias
         on a version) become a few multi-row INSERTs; the rare ones (a failed build asked for
         again, an alias deleted) run the single-request code on the same transaction.
+        `tag_writes`: the MLflow tags of the jobs created or queued again are stored in the
+        same transaction (as `record_tag_writes_many` would).
         """
         if not requests:
             return []
-        return self._racing(lambda: self._accept_deliveries(requests))
+        return self._racing(lambda: self._accept_deliveries(requests, tag_writes))
 
-    def _accept_deliveries(self, requests: Sequence[DeliveryRequest]) -> list[tuple[Job, bool]]:
+    def _accept_deliveries(
+        self, requests: Sequence[DeliveryRequest], tag_writes: TagWrites | None
+    ) -> list[tuple[Job, bool]]:
+        # The build key of each request ("" for UNALIAS), in order: a replayed delivery id
+        # may come with another body, so keys go by position, not by delivery id.
+        keys = [
+            "" if r.kind is JobKind.UNALIAS else build_key(r.model_name, r.version)
+            for r in requests
+        ]
         ids = list(dict.fromkeys(r.delivery_id for r in requests))
-        keys = list(
-            dict.fromkeys(
-                build_key(r.model_name, r.version)
-                for r in requests
-                if r.kind in (JobKind.BUILD, JobKind.ALIAS)
-            )
-        )
-        jobs = _Base.metadata.tables[_JobRow.__tablename__]
-        deliveries = _Base.metadata.tables[_DeliveryRow.__tablename__]
+        wanted_keys = list(dict.fromkeys(key for key in keys if key))
+        statements = self._intake_statements
         with self._write_lock, self._engine.begin() as connection:
             # Core statements on a plain connection: a Session's and the ORM's per-statement
             # work is most of this method's CPU time otherwise. Result rows have the columns'
@@ -615,16 +652,12 @@ class JobStore:
 
             seen: dict[str, Job] = {}
             for chunk in _chunks(ids):
-                for row in connection.execute(
-                    select(deliveries.c.delivery_id, jobs)
-                    .join(jobs, deliveries.c.job_id == jobs.c.id)
-                    .where(deliveries.c.delivery_id.in_(chunk))
-                ):
+                for row in connection.execute(statements.jobs_of_deliveries, {"ids": chunk}):
                     seen[row.delivery_id] = _to_job(row)  # type: ignore[arg-type]
             # Build jobs by dedupe key: rows already stored, or Jobs created in this batch.
             builds: dict[str, Row[Any] | Job] = {}
-            for chunk in _chunks(keys):
-                for row in connection.execute(select(jobs).where(jobs.c.dedupe_key.in_(chunk))):
+            for chunk in _chunks(wanted_keys):
+                for row in connection.execute(statements.builds_by_key, {"keys": chunk}):
                     builds[row.dedupe_key] = row
             new_jobs: list[dict[str, object]] = []
             new_deliveries: list[dict[str, object]] = []
@@ -635,10 +668,10 @@ class JobStore:
                 # Before any single-request code reads the table, it must see this batch's
                 # rows, exactly as it would have after the earlier requests' own commits.
                 if new_jobs:
-                    connection.execute(insert(jobs), new_jobs)
+                    connection.execute(statements.insert_jobs, new_jobs)
                     new_jobs.clear()
                 if new_deliveries:
-                    connection.execute(insert(deliveries), new_deliveries)
+                    connection.execute(statements.insert_deliveries, new_deliveries)
                     new_deliveries.clear()
 
             def create(
@@ -658,23 +691,25 @@ class JobStore:
                 if now <= last_created:
                     now = last_created + timedelta(microseconds=1)
                 last_created = now
-                values: dict[str, object] = {
-                    "id": str(uuid.uuid4()),
-                    "kind": kind.value,
-                    "dedupe_key": dedupe_key,
-                    "model_name": model_name,
-                    "version": version,
-                    "alias": alias,
-                    "depends_on": depends_on,
-                    "state": JobState.QUEUED.value,
-                    "attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                    "tags_json": "[]",
-                }
-                new_jobs.append(values)
+                job_id = str(uuid.uuid4())
+                new_jobs.append(
+                    {
+                        "id": job_id,
+                        "kind": kind.value,
+                        "dedupe_key": dedupe_key,
+                        "model_name": model_name,
+                        "version": version,
+                        "alias": alias,
+                        "depends_on": depends_on,
+                        "state": JobState.QUEUED.value,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                        "tags_json": "[]",
+                    }
+                )
                 return Job(
-                    id=str(values["id"]),
+                    id=job_id,
                     kind=kind,
                     model_name=model_name,
                     version=version,
@@ -684,8 +719,7 @@ class JobStore:
                     created_at=now,
                 )
 
-            def ensure_build(model_name: str, version: str) -> tuple[Job, bool]:
-                key = build_key(model_name, version)
+            def ensure_build(key: str, model_name: str, version: str) -> tuple[Job, bool]:
                 known = builds.get(key)
                 if known is None:
                     job = create(JobKind.BUILD, model_name, version, dedupe_key=key)
@@ -702,16 +736,16 @@ class JobStore:
                 return _to_job(known), False  # type: ignore[arg-type]
 
             results: list[tuple[Job, bool]] = []
-            for request in requests:
+            for request, key in zip(requests, keys, strict=True):
                 if request.delivery_id in seen:
                     results.append((seen[request.delivery_id], False))
                     continue
                 if request.kind is JobKind.BUILD:
-                    job, changed = ensure_build(request.model_name, request.version)
+                    job, changed = ensure_build(key, request.model_name, request.version)
                 else:
                     alias = request.alias or ""
                     if request.kind is JobKind.ALIAS:
-                        build, _ = ensure_build(request.model_name, request.version)
+                        build, _ = ensure_build(key, request.model_name, request.version)
                         alias_targets[(request.model_name, alias)] = request.version
                         job = create(
                             JobKind.ALIAS,
@@ -739,7 +773,16 @@ class JobStore:
                 # The requeued rows; committed with the INSERTs when the block ends.
                 session.flush()
                 session.close()
+            if tag_writes is not None:
+                queued = {job.id: job for job, changed in results if changed}
+                writes = [write for job in queued.values() for write in tag_writes(job)]
+                if writes:
+                    self._upsert_tag_writes_many(connection, writes)
             return results
+
+    @functools.cached_property
+    def _intake_statements(self) -> _IntakeStatements:
+        return _IntakeStatements.build()
 
     def record_tag_writes_many(
         self, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
@@ -755,6 +798,13 @@ class JobStore:
     def _record_tag_writes_many(
         self, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
     ) -> None:
+        with self._write_lock, self._engine.begin() as connection:
+            self._upsert_tag_writes_many(connection, writes)
+
+    @staticmethod
+    def _upsert_tag_writes_many(
+        connection: Connection, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
+    ) -> None:
         latest: dict[tuple[str, str, str], str | None] = {}
         for model_name, version, tags in writes:
             for tag, value in tags.items():
@@ -762,48 +812,47 @@ class JobStore:
         if not latest:
             return
         table = _Base.metadata.tables[_TagWriteRow.__tablename__]
-        with self._write_lock, self._engine.begin() as connection:
-            existing: set[tuple[str, str, str]] = set()
-            keys = list(latest)
-            for start in range(0, len(keys), 300):
-                chunk = keys[start : start + 300]
-                for row in connection.execute(
-                    select(table.c.model_name, table.c.version, table.c.tag).where(
-                        tuple_(table.c.model_name, table.c.version, table.c.tag).in_(chunk)
-                    )
-                ):
-                    existing.add((row.model_name, row.version, row.tag))
-            for key in existing:
-                model_name, version, tag = key
-                connection.execute(
-                    update(table)
-                    .where(
-                        table.c.model_name == model_name,
-                        table.c.version == version,
-                        table.c.tag == tag,
-                    )
-                    .values(
-                        value=latest[key],
-                        revision=table.c.revision + 1,
-                        attempts=0,
-                        not_before=None,
-                        last_error=None,
-                    )
+        existing: set[tuple[str, str, str]] = set()
+        keys = list(latest)
+        for start in range(0, len(keys), 300):
+            chunk = keys[start : start + 300]
+            for row in connection.execute(
+                select(table.c.model_name, table.c.version, table.c.tag).where(
+                    tuple_(table.c.model_name, table.c.version, table.c.tag).in_(chunk)
                 )
-            new = [
-                {
-                    "model_name": m,
-                    "version": v,
-                    "tag": t,
-                    "value": value,
-                    "revision": 0,
-                    "attempts": 0,
-                }
-                for (m, v, t), value in latest.items()
-                if (m, v, t) not in existing
-            ]
-            if new:
-                connection.execute(insert(table), new)
+            ):
+                existing.add((row.model_name, row.version, row.tag))
+        for key in existing:
+            model_name, version, tag = key
+            connection.execute(
+                update(table)
+                .where(
+                    table.c.model_name == model_name,
+                    table.c.version == version,
+                    table.c.tag == tag,
+                )
+                .values(
+                    value=latest[key],
+                    revision=table.c.revision + 1,
+                    attempts=0,
+                    not_before=None,
+                    last_error=None,
+                )
+            )
+        new = [
+            {
+                "model_name": m,
+                "version": v,
+                "tag": t,
+                "value": value,
+                "revision": 0,
+                "attempts": 0,
+            }
+            for (m, v, t), value in latest.items()
+            if (m, v, t) not in existing
+        ]
+        if new:
+            connection.execute(insert(table), new)
 
     def _last_alias_target(self, session: Session, model_name: str, alias: str) -> str:
         return (
