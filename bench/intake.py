@@ -25,6 +25,7 @@ version that cannot run accept-only (before MLFLOW_DOCK_BUILD_CONCURRENCY=0 exis
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -242,8 +243,18 @@ def bare_receiver(port: int, secret: str) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=401)
         return JSONResponse({"accepted": True}, status_code=202)
 
-    # Same server defaults as `mlflow-dock serve` (log level info, access log on).
-    uvicorn.run(app, host=HOST, port=port, log_level="info")
+    # The server settings of `mlflow-dock serve`: log level info, no access log, and uvicorn's
+    # "auto" loop and HTTP parser (uvloop and httptools when installed, as they are here).
+    uvicorn.run(
+        app, host=HOST, port=port, log_level="info", access_log=False, loop="auto", http="auto"
+    )
+
+
+def server_stack() -> str:
+    """What uvicorn's "auto" picks in this environment, for both receivers alike."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn {uvicorn.__version__} ({loop}, {http})"
 
 
 def _profiler(
@@ -399,7 +410,8 @@ def main() -> int:
     answered, found, unknown = verify_store(data_dir / "jobs.db", dock_ids, sent_ids)
     lines = [
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, unique signed deliveries, "
-        f"one uvicorn process each, {os.cpu_count()} CPUs; rounds alternate bare and mlflow-dock",
+        f"one {server_stack()} process each, {os.cpu_count()} CPUs; "
+        "rounds alternate bare and mlflow-dock",
         "",
         "| round | receiver | requests | req/s | p50 | p99 | max | statuses | socket errors "
         "| ratio | load avg |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,3 +154,33 @@ def test_many_tag_writes_in_one_transaction_match_one_at_a_time(store_url, tmp_p
     assert [(w.value, w.revision) for w in overwritten] == [("queued", 1)]
     single.close()
     grouped.close()
+
+
+def _status_tags(job):
+    return [(job.model_name, job.version, {"mlflow_dock.status": job.state.value})]
+
+
+def test_tags_of_the_jobs_a_batch_queues_are_stored_with_them(store):
+    store.request_build("m", "1", delivery_id="old")
+    results = store.accept_deliveries(
+        [
+            DeliveryRequest("old", JobKind.BUILD, "m", "1"),  # a replay: no new tags
+            DeliveryRequest("d1", JobKind.BUILD, "m", "2"),
+            DeliveryRequest("d2", JobKind.BUILD, "m", "2"),  # same version, other delivery
+            DeliveryRequest("d3", JobKind.ALIAS, "m", "3", "champion"),
+        ],
+        tag_writes=_status_tags,
+    )
+    assert [changed for _, changed in results] == [False, True, False, True]
+    pending = sorted((w.version, w.tag, w.value) for w in store.pending_tag_writes())
+    # The alias job and the build it created both queued; version 3 is written once.
+    assert pending == [("2", "mlflow_dock.status", "queued"), ("3", "mlflow_dock.status", "queued")]
+
+
+def test_a_batch_whose_tags_cannot_be_stored_stores_no_job(store):
+    def broken(_job):
+        raise RuntimeError("no tags")
+
+    with pytest.raises(RuntimeError):
+        store.accept_deliveries([DeliveryRequest("d1", JobKind.BUILD, "m", "1")], tag_writes=broken)
+    assert store.job_for_delivery("d1") is None and store.list() == []

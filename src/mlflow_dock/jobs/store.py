@@ -814,13 +814,14 @@ class JobStore:
         table = _Base.metadata.tables[_TagWriteRow.__tablename__]
         existing: set[tuple[str, str, str]] = set()
         keys = list(latest)
+        # One statement for every batch (an expanding IN list), not one built per batch.
+        pending = select(table.c.model_name, table.c.version, table.c.tag).where(
+            tuple_(table.c.model_name, table.c.version, table.c.tag).in_(
+                bindparam("keys", expanding=True)
+            )
+        )
         for start in range(0, len(keys), 300):
-            chunk = keys[start : start + 300]
-            for row in connection.execute(
-                select(table.c.model_name, table.c.version, table.c.tag).where(
-                    tuple_(table.c.model_name, table.c.version, table.c.tag).in_(chunk)
-                )
-            ):
+            for row in connection.execute(pending, {"keys": keys[start : start + 300]}):
                 existing.add((row.model_name, row.version, row.tag))
         for key in existing:
             model_name, version, tag = key
