@@ -10,7 +10,7 @@ One local CNCF Distribution registry, one MLflow server, one machine. Registered
 * ``bench-b``: the same requirements plus ``tabulate`` (a new model whose requirements overlap
   an earlier model's, every package has a wheel);
 * ``bench-c``: the same requirements plus ``lightgbm`` (needs libgomp.so.1, which the Debian
-  minbase base lacks: the native builder hands it to the engine).
+  minbase base lacks: the engine adds libgomp1 to a derived base, the rest stays native).
 
 Stock: ``mlflow models generate-dockerfile`` + ``docker build`` + ``docker push`` exactly as in
 ``bench/build_speed.py`` (same stand-in ``python:X.Y-slim`` on the same Debian layer; its
@@ -113,6 +113,8 @@ def run_native(
         raise RuntimeError(f"{model} v{version}: {error}\n" + "\n".join(lines[-30:]))
     if any("in the registry on top of" in line for line in lines):
         path = "registry assembly (previous version's layers)"
+    elif any("derived base" in line for line in lines):
+        path = "native on a derived base (engine: apt only)"
     elif any("without an engine" in line for line in lines):
         path = "native (no engine)"
     else:
@@ -128,7 +130,10 @@ def run_native(
         "log": [
             line
             for line in lines
-            if "packages installed" in line or "assembled" in line or "attached SBOM" in line
+            if "packages installed" in line
+            or "assembled" in line
+            or "derived base" in line
+            or "attached SBOM" in line
         ],
     }
 
