@@ -443,7 +443,7 @@ class Service:
         for job in jobs:
             if self.dispatcher is not None:
                 self.dispatcher.submit(job.id)
-            else:
+            elif self._builds_here:  # an accept-only replica has no workers to wake
                 self.pool.notify()
 
     def _reconciled(self, job: Job) -> None:

@@ -163,7 +163,9 @@ def quick_request(delivery_id: str, body: bytes) -> DeliveryRequest | None:
     pattern; anything else (bad JSON, missing or odd fields, other events) returns None.
     """
     try:
-        raw = json.loads(body)
+        # Decoded here: MLflow sends UTF-8, and `json.loads` would first guess the encoding of
+        # bytes; other encodings (and a BOM) fail here and take the full parser's way.
+        raw = json.loads(body.decode())
     except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
         return None
     if type(raw) is not dict:

@@ -1,16 +1,19 @@
 """Group commit: many concurrent requests share one store transaction, none answered early.
 
-A request hands its item to `GroupCommit.submit` and waits. While one batch is being committed
-(in a worker thread, so the event loop keeps reading requests), the next items queue up; the
-next batch takes all of them. Every waiter is woken only after the transaction holding its item
-has committed, so a 202 still means "durable". Under light load a batch is a single item and
-nothing waits longer than its own commit.
+A request hands its item to `GroupCommit.submit` and waits. A writer thread commits batches:
+while one batch is being committed, the next items queue up, and the writer takes all of them
+as soon as the commit returns, without waiting for the event loop (which is busy reading the
+next requests; at full rate a round trip through it took as long as the commit itself). Every
+waiter is woken only after the transaction holding its item has committed, so a 202 still
+means "durable". Under light load a batch is a single item and nothing waits longer than its
+own commit. The writer thread runs only while there is something to commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -36,41 +39,58 @@ class GroupCommit(Generic[In, Out]):
     ) -> None:
         self._commit = commit
         self._max_batch = max_batch
+        self._lock = threading.Lock()
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writing = False
+        # Keeps the running writer's task referenced (the loop holds tasks only weakly).
+        self._writer: asyncio.Future[None] | None = None
 
     async def submit(self, item: In) -> Out:
-        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if self._flusher is None or self._flusher.done():
-            # No batch in flight: this request starts the flusher, which keeps going until the
-            # queue is empty (requests arriving meanwhile join the next batch).
-            self._flusher = asyncio.create_task(self._flush())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Out] = loop.create_future()
+        with self._lock:
+            self._pending.append((item, future))
+            start = not self._writing
+            self._writing = True
+        if start:
+            # No writer running: this request starts one, which keeps going until the queue
+            # is empty (requests arriving meanwhile join the next batch).
+            self._writer = asyncio.ensure_future(to_thread.run_sync(self._drain, loop))
         return await future
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            items = [item for item, _ in batch]
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The writer (a worker thread): commit batches until nothing is pending."""
+        while True:
+            with self._lock:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                if not batch:
+                    self._writing = False
+                    return
             try:
-                results = await to_thread.run_sync(self._commit, items)
-                outcomes: list[Out | BaseException] = list(results)
-            except Exception as exc:
-                if len(items) == 1:
-                    outcomes = [exc]
-                else:
-                    logger.warning("a batch of %d failed (%s); one by one", len(items), exc)
-                    outcomes = await to_thread.run_sync(self._one_by_one, items)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():  # the request was cancelled (client went away)
-                    continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+                outcomes = self._outcomes([item for item, _ in batch])
+            except BaseException:
+                # Not an error of the batch (the thread is being torn down): the next
+                # request must still find no writer and start one.
+                with self._lock:
+                    self._pending[:0] = batch
+                    self._writing = False
+                raise
+            try:
+                # One wake-up of the loop per batch, not one per waiter.
+                loop.call_soon_threadsafe(_settle, batch, outcomes)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                with self._lock:
+                    self._writing = False
+                return
 
-    def _one_by_one(self, items: Sequence[In]) -> list[Out | BaseException]:
+    def _outcomes(self, items: Sequence[In]) -> Sequence[Out | BaseException]:
+        try:
+            return self._commit(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+            logger.warning("a batch of %d failed (%s); one by one", len(items), exc)
         outcomes: list[Out | BaseException] = []
         for item in items:
             try:
@@ -78,3 +98,15 @@ class GroupCommit(Generic[In, Out]):
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+
+def _settle(
+    batch: Sequence[tuple[object, asyncio.Future[Out]]], outcomes: Sequence[Out | BaseException]
+) -> None:
+    for (_, future), outcome in zip(batch, outcomes, strict=True):
+        if future.done():  # the request was cancelled (client went away)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
