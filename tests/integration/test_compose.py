@@ -19,6 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
@@ -42,7 +43,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def stack(
-    request: pytest.FixtureRequest, base_image: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    base_image: str,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
 ) -> Iterator[ComposeStack]:
     command = compose_command()
     if command is None:
@@ -51,9 +55,14 @@ def stack(
     images = ensure_standin_images(base_image, tmp_path)
     print(f"stand-in images ready in {time.monotonic() - started:.1f}s: {images}")
     stack = ComposeStack(command, tmp_path, images)
+    # The base goes into the stack's registry as soon as that answers, while `up` still
+    # waits for PostgreSQL, MLflow and serve: it is needed only once a version is registered.
+    pusher = ThreadPoolExecutor(max_workers=1)
     try:
+        pushed = pusher.submit(_push_base, docker_client, base_image, stack)
         stack.up()
         stack.wait_until_answering()
+        pushed.result(timeout=300)
         print(f"stack answering {time.monotonic() - started:.1f}s after the start")
         yield stack
     finally:
@@ -64,11 +73,14 @@ def stack(
         if failed:
             print(f"----- compose logs (tail) -----\n{stack.logs(150)}")
         stack.down()
+        # A push still waiting for a registry that never came up ends by its own timeout.
+        pusher.shutdown(wait=False, cancel_futures=True)
 
 
-def _push_base(docker_client: docker.DockerClient, base_image: str, registry_host: str) -> None:
+def _push_base(docker_client: docker.DockerClient, base_image: str, stack: ComposeStack) -> None:
     """The test base into the stack's registry, where the native builder reads it."""
-    repository = f"{registry_host}/{BASE_REPOSITORY}"
+    stack.wait_for(f"http://{stack.registry_host}/v2/")
+    repository = f"{stack.registry_host}/{BASE_REPOSITORY}"
     docker_client.images.get(base_image).tag(repository, BASE_TAG)
     try:
         for chunk in docker_client.api.push(repository, BASE_TAG, stream=True, decode=True):
@@ -79,10 +91,9 @@ def _push_base(docker_client: docker.DockerClient, base_image: str, registry_hos
 
 
 def test_registered_version_becomes_a_pulled_serving_image(
-    stack: ComposeStack, docker_client: docker.DockerClient, base_image: str
+    stack: ComposeStack, docker_client: docker.DockerClient
 ) -> None:
     started = time.monotonic()
-    _push_base(docker_client, base_image, stack.registry_host)
 
     # As the README tells users: one webhook, to `serve` by its compose service name.
     mlflow = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
@@ -96,6 +107,9 @@ def test_registered_version_becomes_a_pulled_serving_image(
 
     model = f"Compose Iris {uuid.uuid4().hex[:8]}"
     version = log_sklearn_model(stack.mlflow_url, model)
+    print(
+        f"version {version} registered {time.monotonic() - started:.1f}s after the stack answered"
+    )
     job = wait_for_job(stack, build_of(model, version), timeout=300)
     detail = job_detail(stack, job["id"])
     assert job["state"] == "succeeded", json.dumps(detail, indent=1)[-6000:]
@@ -117,6 +131,7 @@ def test_registered_version_becomes_a_pulled_serving_image(
         response = invoke(docker_client, image)
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == [0, 2]
+        print(f"pulled and served {time.monotonic() - started:.1f}s after the stack answered")
     finally:
         with contextlib.suppress(docker.errors.APIError):
             docker_client.images.remove(image, force=True)

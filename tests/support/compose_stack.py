@@ -71,6 +71,7 @@ STACK_VARIABLES = (
     "REGISTRY_PORT",
     "MLFLOW_PORT",
     "SERVE_PORT",
+    "MLFLOW_WORKERS",
 )
 
 
@@ -273,6 +274,8 @@ class ComposeStack:
             ).decode(),
             "POSTGRES_PASSWORD": uuid.uuid4().hex,
             **{name: str(port) for name, port in self.ports.items()},
+            # One MLflow server process: a 2-CPU CI machine runs the whole stack and the test.
+            "MLFLOW_WORKERS": "1",
         }
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
         self.override_file = self.workdir / "compose.standins.yaml"
@@ -335,17 +338,21 @@ class ComposeStack:
 
     def wait_until_answering(self, timeout: float = 180.0) -> None:
         """MLflow (migrations done), the registry and serve's /ready all answer 200."""
-        urls = [
+        deadline = time.monotonic() + timeout
+        for url in (
             f"{self.mlflow_url}/health",
             f"http://{self.registry_host}/v2/",
             f"{self.url}/ready",
-        ]
+        ):
+            self.wait_for(url, deadline - time.monotonic())
+
+    def wait_for(self, url: str, timeout: float = 180.0) -> None:
+        """Until ``url`` answers 200."""
         deadline = time.monotonic() + timeout
-        for url in urls:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url, timeout=5).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} not answering after {timeout:.0f}s\n{self.logs()}")
-                time.sleep(1)
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not answering after {timeout:.0f}s\n{self.logs()}")
+            time.sleep(1)
