@@ -42,7 +42,7 @@ def test_failing_smoke_test_publishes_nothing(
     path = naming.repository_name(model_name)
     client = RegistryClient(registry.host, username=registry.username, password=registry.password)
 
-    # Engine path: a broken first version is built, fails its smoke test and is never pushed.
+    # First build: a broken first version is built, fails its smoke test and is never tagged.
     broken = log_sklearn_model(
         mlflow_server.url, model_name, broken=True, pip_requirements=SKLEARN_REQUIREMENTS
     )
@@ -87,6 +87,8 @@ def test_index_credentials_and_ca_bundle_stay_out_of_the_image(
         MLFLOW_DOCK_BUILD_NETWORK="host",
         MLFLOW_DOCK_SMOKE_TEST="false",
         MLFLOW_DOCK_PIP_INDEX_URL=index_url,
+        # About the engine's build stages (pip.conf, CA bundle in a discarded stage).
+        MLFLOW_DOCK_BUILDER="layered",
     )
     version = log_sklearn_model(mlflow_server.url, model_name)
     job = wait_finished(
