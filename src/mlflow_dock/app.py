@@ -42,6 +42,7 @@ from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.auth import ReadAccess
 from mlflow_dock.intake.probes import Check, broker_check
 from mlflow_dock.intake.signatures import WebhookVerifier
+from mlflow_dock.jobs.checkpoint import Checkpointer
 from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
 from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
 from mlflow_dock.jobs.logs import BuildLogs, Redactor
@@ -350,6 +351,8 @@ class Service:
                 job_log=self.logs.append,
             )
         self._started = False
+        # SQLite's checkpoints, off the intake's commits (see jobs/checkpoint.py).
+        self.checkpointer = Checkpointer(self.store.checkpoint)
         self.reconcile: ReconcileLoop | None = None
         if settings.reconcile_interval_seconds > 0:
             self.reconcile = ReconcileLoop(
@@ -365,6 +368,7 @@ class Service:
     def start(self) -> None:
         MlflowSource.import_client()
         self._started = True
+        self.checkpointer.start()
         if self._builds_here:
             self._check_engine()
         self.leader.start()
@@ -403,6 +407,7 @@ class Service:
         if self.writeback is not None:
             self.writeback.stop()
         self.leader.stop()
+        self.checkpointer.stop()
         self.components.close()
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:

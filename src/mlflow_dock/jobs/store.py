@@ -434,6 +434,15 @@ class JobStore:
     def close(self) -> None:
         self._engine.dispose()
 
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log into the database without blocking writers (PASSIVE).
+
+        Nothing to do for other databases. See jobs/checkpoint.py for why it runs apart.
+        """
+        if self._engine.dialect.name == "sqlite":
+            with self._engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     @contextmanager
     def _write(self) -> Iterator[Session]:
         with self._write_lock, self._sessions.begin() as session:
