@@ -10,7 +10,8 @@ Both receivers run in the same run on this machine, each as one uvicorn process 
   reconciliation and MLflow write-back off, `MLFLOW_DOCK_BUILD_CONCURRENCY=0`: this process only
   accepts, as an API replica beside remote workers would). Every 202 means the delivery is
   committed to the store.
-* bare: FastAPI with the same `WebhookVerifier` HMAC check and a constant 202, nothing stored.
+* bare: FastAPI with the same `WebhookVerifier` HMAC check and a constant 202, nothing stored,
+  run with the server settings of `serve` (uvicorn's auto loop and parser, no access log).
 
 `wrk` (1 thread, 50 connections by default, as in issue 9) replays precomputed, individually
 signed MLflow deliveries from a file: every delivery id is sent at most once (nine in ten are
@@ -18,8 +19,10 @@ signed MLflow deliveries from a file: every delivery id is sent at most once (ni
 version created earlier). Afterwards the store is read back: every job id answered with a 202 must
 be there with its delivery recorded ("nothing lost"). Bare and mlflow-dock alternate for
 `--rounds` rounds (other load on a shared machine varies); prints req/s, p50/p99 and the ratio
-per round, and writes them to `bench/results/intake.md`. `--build-concurrency 1` measures a
-version that cannot run accept-only (before MLFLOW_DOCK_BUILD_CONCURRENCY=0 existed).
+per round, and writes them to `bench/results/intake.md`. `--profile FILE` (and
+`--profile-bare FILE`, `--profile-gil`) records the first round with py-spy.
+`--build-concurrency 1` measures a version that cannot run accept-only (before
+MLFLOW_DOCK_BUILD_CONCURRENCY=0 existed).
 """
 
 from __future__ import annotations
