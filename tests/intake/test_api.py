@@ -290,3 +290,35 @@ def test_a_store_outage_answers_503_so_mlflow_retries(settings, runner, monkeypa
         monkeypatch.undo()
         # Once the store is back, MLflow's retry of the same delivery is accepted.
         assert deliver(c, created(), delivery="d-outage").status_code == 202
+
+
+def test_the_declared_route_gives_the_receivers_answers(settings, runner):
+    """Without `WebhookReceiver` in front, the FastAPI route of /webhook answers the same."""
+    components = Components(settings)
+    components.runner = runner  # type: ignore[assignment]
+    service = Service(components)
+    app = create_app(lambda: service)
+    app.user_middleware.clear()
+    with TestClient(app) as c:
+        first = deliver(c, created(), delivery="d-route")
+        assert first.status_code == 202 and not first.json()["duplicate"]
+        replay = deliver(c, created(), delivery="d-route")
+        assert replay.json() == {**first.json(), "duplicate": True, "state": replay.json()["state"]}
+        assert deliver(c, created(), secret="wrong").status_code == 401
+        assert deliver(c, None, raw=b"{" + b" " * (1024 * 1024) + b"}").status_code == 413
+    layers = _layers(app)
+    assert "WebhookReceiver" not in layers and "ExceptionMiddleware" in layers
+
+
+def _layers(app) -> list[str]:
+    layer, names = app.middleware_stack, []
+    while layer is not None:
+        names.append(type(layer).__name__)
+        layer = getattr(layer, "app", None) or getattr(layer, "_app", None)
+    return names
+
+
+def test_webhooks_are_answered_before_routing(client):
+    assert deliver(client, created()).status_code == 202
+    layers = _layers(client.app)
+    assert layers.index("WebhookReceiver") < layers.index("ExceptionMiddleware")

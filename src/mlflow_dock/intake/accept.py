@@ -95,8 +95,8 @@ class Intake:
         debug = logger.isEnabledFor(logging.DEBUG)
         for request, (job, changed) in zip(requests, results, strict=True):
             # Per delivery at debug: at full intake rate one line each is a measurable share
-            # of the CPU; the summary below and the access log stay at info. One batch holds
-            # several deliveries: each one's line carries its own context.
+            # of the CPU; the summary below (one line per batch) stays at info, rejects are
+            # logged by the receiver. Each delivery's line carries its own context.
             if debug:
                 with _context(request, job):
                     logger.debug("%s", _outcome_line(request, job, changed=changed))
