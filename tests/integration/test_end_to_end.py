@@ -87,7 +87,7 @@ def test_registered_versions_and_aliases_become_images(
     assert job["image"] == f"{repository}:{version}"
     assert job["digest"].startswith("sha256:")
     detail = httpx.get(f"{service.url}/builds/{job['id']}").json()
-    assert any("pushed" in line for line in detail["log_tail"])
+    assert any("published" in line for line in detail["log_tail"])
     assert all(registry.password not in line for line in detail["log_tail"])
 
     image = f"{repository}:{version}"
