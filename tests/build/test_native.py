@@ -179,3 +179,15 @@ def test_base_on_an_unreachable_other_registry_is_not_applicable(tmp_path: Path)
             work=tmp_path / "work",
             log=lambda _line: None,
         )
+
+
+def test_a_refused_apt_step_leaves_the_whole_engine_build_as_the_way_out(tmp_path: Path):
+    from mlflow_dock.errors import PermanentError
+
+    def refused() -> str:
+        raise PermanentError("building base: apt-get: command not found")
+
+    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
+    finish = builder._derived(None, base_image(), AMD64, refused, tmp_path, [])  # type: ignore[arg-type]
+    with pytest.raises(native.NativeNotApplicable, match="adding OS packages to the base failed"):
+        finish()

@@ -20,6 +20,9 @@ Whatever cannot be built this way raises :class:`NativeNotApplicable` before any
 written: a requirement without a wheel for the target, an extension needing a shared library
 that neither the base image nor the wheels have, a base image without glibc or the model's
 Python. The runner then falls back to the engine, or fails with one line naming both ways out.
+One exception: missing libraries that known Debian packages provide are added to a derived base
+(ospackages.py) while the wheels are uploaded; should that fail, the refusal comes after some
+package blobs were written (content-addressed, so they are simply there for the next image).
 """
 
 from __future__ import annotations
@@ -465,7 +468,15 @@ class NativeBuilder:
         """The derived base, once made, resolved and checked to have what was missing."""
 
         def finish() -> BaseImage:
-            path, _, digest = waiter().partition("@")
+            try:
+                reference = waiter()
+            except NativeNotApplicable:
+                raise
+            except PermanentError as exc:
+                # apt refused (a base without apt, a package its distribution lacks): the
+                # whole engine build is the remaining way, as for an unknown library.
+                raise NativeNotApplicable(f"adding OS packages to the base failed: {exc}") from exc
+            path, _, digest = reference.partition("@")
             try:
                 base = resolve_base(
                     registry,
