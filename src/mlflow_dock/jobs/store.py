@@ -50,6 +50,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import (
     DBAPIError,
@@ -351,12 +353,29 @@ class _IntakeStatements:
     builds_by_key: Select[Any]
     insert_jobs: Insert
     insert_deliveries: Insert
+    # INSERT ... ON CONFLICT DO UPDATE of one pending MLflow tag (databases that have it).
+    upsert_tag_write: Insert | None
 
     @classmethod
-    def build(cls) -> _IntakeStatements:
+    def build(cls, dialect: str) -> _IntakeStatements:
         jobs = _Base.metadata.tables[_JobRow.__tablename__]
         deliveries = _Base.metadata.tables[_DeliveryRow.__tablename__]
+        tags = _Base.metadata.tables[_TagWriteRow.__tablename__]
+        upsert: Insert | None = None
+        if dialect in ("sqlite", "postgresql"):
+            insert_tag = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(tags)
+            upsert = insert_tag.on_conflict_do_update(
+                index_elements=[tags.c.model_name, tags.c.version, tags.c.tag],
+                set_={
+                    "value": insert_tag.excluded.value,
+                    "revision": tags.c.revision + 1,
+                    "attempts": 0,
+                    "not_before": None,
+                    "last_error": None,
+                },
+            )
         return cls(
+            upsert_tag_write=upsert,
             jobs_of_deliveries=select(deliveries.c.delivery_id, jobs)
             .join(jobs, deliveries.c.job_id == jobs.c.id)
             .where(deliveries.c.delivery_id.in_(bindparam("ids", expanding=True))),
@@ -791,7 +810,7 @@ class JobStore:
 
     @functools.cached_property
     def _intake_statements(self) -> _IntakeStatements:
-        return _IntakeStatements.build()
+        return _IntakeStatements.build(self._engine.dialect.name)
 
     def record_tag_writes_many(
         self, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
@@ -810,9 +829,8 @@ class JobStore:
         with self._write_lock, self._engine.begin() as connection:
             self._upsert_tag_writes_many(connection, writes)
 
-    @staticmethod
     def _upsert_tag_writes_many(
-        connection: Connection, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
+        self, connection: Connection, writes: Sequence[tuple[str, str, Mapping[str, str | None]]]
     ) -> None:
         latest: dict[tuple[str, str, str], str | None] = {}
         for model_name, version, tags in writes:
@@ -821,6 +839,19 @@ class JobStore:
         if not latest:
             return
         table = _Base.metadata.tables[_TagWriteRow.__tablename__]
+        upsert = self._intake_statements.upsert_tag_write
+        if upsert is not None:
+            # One upsert per tag (the keys are distinct, so even a multi-row form never
+            # updates a row twice): no read first, and the same rows as below.
+            connection.execute(
+                upsert,
+                [
+                    {"model_name": m, "version": v, "tag": t, "value": value}
+                    | {"revision": 0, "attempts": 0}
+                    for (m, v, t), value in latest.items()
+                ],
+            )
+            return
         existing: set[tuple[str, str, str]] = set()
         keys = list(latest)
         # One statement for every batch (an expanding IN list), not one built per batch.
