@@ -2,7 +2,7 @@
 
 Usage (from the repository root; needs `wrk`, Debian package `wrk`)::
 
-    .venv/bin/python bench/intake.py [--duration 10] [--connections 50] [--requests 80000]
+    .venv/bin/python bench/intake.py [--duration 10] [--connections 50] [--requests 100000]
 
 Both receivers run in the same run on this machine, each as one uvicorn process on 127.0.0.1:
 
@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--requests", type=int, default=60_000, help="prepared deliveries per round"
+        "--requests", type=int, default=100_000, help="prepared deliveries per round"
     )
     parser.add_argument(
         "--rounds",
