@@ -111,6 +111,28 @@ def test_everything_else_goes_to_the_app(method, path):
     assert status == 204 and fake.passed == [path] and not fake.seen
 
 
+def test_behind_a_root_path_the_webhook_is_still_answered_here():
+    fake = Fake()
+    receiver = fake.receiver()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/dock/webhook",
+        "root_path": "/dock",
+        "headers": list(MLFLOW_HEADERS),
+    }
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(receiver(scope, receive, send))
+    assert sent[0]["status"] == 202 and fake.seen and not fake.passed
+
+
 def test_a_body_over_one_mib_in_chunks_is_413_without_asking_the_service():
     fake = Fake()
     chunk = b" " * (MAX_BODY_BYTES // 2)

@@ -102,7 +102,7 @@ class WebhookReceiver:
         self._count = count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self._path or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._is_path(scope):
             await self._app(scope, receive, send)
             return
         headers: dict[str, str] = {}
@@ -128,6 +128,14 @@ class WebhookReceiver:
             self._accept(), body, headers, status_for=self._status_for, count=self._count
         )
         await _answer(send, status, answer)
+
+    def _is_path(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        # Behind a proxy prefix (`--root-path`), ASGI paths start with the root path.
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return path == self._path
 
 
 async def _read_body(receive: Receive) -> bytes:
