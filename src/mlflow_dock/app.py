@@ -45,7 +45,7 @@ from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.checkpoint import Checkpointer
 from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
 from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
-from mlflow_dock.jobs.logs import BuildLogs, Redactor
+from mlflow_dock.jobs.logs import BuildLogs, JobLogs, Redactor, StoredBuildLogs
 from mlflow_dock.jobs.model import Job
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
 from mlflow_dock.jobs.steps import current as current_step_recorder
@@ -100,7 +100,10 @@ class Components:
         return ServiceMetrics()
 
     @cached_property
-    def logs(self) -> BuildLogs:
+    def logs(self) -> JobLogs:
+        if self.settings.executor == "celery":
+            # Workers elsewhere: the store is the one place every replica can read them from.
+            return StoredBuildLogs(self.store, secrets=self.redactor)
         return BuildLogs(self.settings.data_dir / "logs", secrets=self.redactor)
 
     @cached_property

@@ -52,7 +52,10 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class Cluster:
-    """Replicas and workers sharing one store, broker and data directory."""
+    """Replicas and workers sharing one store and broker, and nothing on disk.
+
+    Each process has its own data directory, as on separate machines: build logs, runtime
+    locks and published digests must travel through the store, not a shared folder."""
 
     def __init__(self, factory: Any, postgres: PostgresServer, redis: RedisServer, tmp: Path):
         self.factory = factory
@@ -61,7 +64,6 @@ class Cluster:
             "MLFLOW_DOCK_EXECUTOR": "celery",
             "MLFLOW_DOCK_BROKER_URL": redis.url,
             "MLFLOW_DOCK_DATABASE_URL": postgres.url,
-            "MLFLOW_DOCK_DATA_DIR": str(tmp / "shared-data"),
             "MLFLOW_DOCK_LEASE_SECONDS": LEASE,
             "MLFLOW_DOCK_REDELIVER_SECONDS": "10",
             "MLFLOW_DOCK_RETRY_BACKOFF_SECONDS": "1",
@@ -79,8 +81,9 @@ class Cluster:
         return self.factory(**self.overrides)
 
     def worker(self) -> WorkerProcess:
-        env = self.factory.env(self.tmp / "workers", **self.overrides)
-        worker = start_worker(env, self.tmp / "workers")
+        workdir = self.tmp / f"worker-{uuid.uuid4().hex[:6]}"
+        env = self.factory.env(workdir, **self.overrides)
+        worker = start_worker(env, workdir)
         self.workers.append(worker)  # list.append is atomic: start() calls this from threads
         return worker
 
@@ -282,6 +285,8 @@ def test_killed_worker_and_killed_replica(cluster, mlflow_server, registry):
     assert taken_over["attempts"] == 2  # the killed attempt and the one that finished
     detail = httpx.get(f"{replicas[1].url}/builds/{job_id}", params={"log_lines": 500}).json()
     assert any("expired" in line for line in detail["log_tail"]), detail["log_tail"]
+    # Written by the workers, read by a replica that shares no disk with them.
+    assert any("published" in line for line in detail["log_tail"]), detail["log_tail"]
     assert_built_once(replicas[1], registry, model, versions)
 
 

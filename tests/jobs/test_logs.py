@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from mlflow_dock.app import Components
 from mlflow_dock.cloud.credentials import EcrCredentials, GoogleCredentials
-from mlflow_dock.jobs.logs import REDACTED, BuildLogs, Redactor, redact
+from mlflow_dock.jobs.logs import REDACTED, BuildLogs, Redactor, StoredBuildLogs, redact
 from mlflow_dock.settings import Settings
 
 ECR_HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
@@ -91,3 +91,49 @@ def test_the_composition_root_wires_providers_to_the_log_redactor(tmp_path):
     assert isinstance(provider, EcrCredentials)
     provider._on_token("learned-through-wiring")
     assert "learned-through-wiring" not in components.logs.redact("x learned-through-wiring")
+
+
+def test_stored_logs_are_shared_through_the_store_and_redacted(store):
+    """Celery executor: a worker's lines are read back by any replica from the store."""
+    worker_side = StoredBuildLogs(store, secrets=["hunter2-secret"])
+    replica_side = StoredBuildLogs(store)
+    for n in range(60):
+        worker_side.append("job-a", f"step {n}")
+    worker_side.append("job-a", "login with hunter2-secret\nsecond line")
+    worker_side.append("job-b", "other job")
+
+    tail = replica_side.tail("job-a", 3)
+    assert [line.split(" ", 1)[1] for line in tail] == [
+        "step 59",
+        f"login with {REDACTED}",
+        "second line",
+    ]
+    assert len(replica_side.tail("job-a", 500)) == 62
+    assert replica_side.tail("job-b", 5)[0].endswith(" other job")
+    assert replica_side.tail("nothing", 5) == []
+
+
+def test_a_store_outage_drops_the_line_but_not_the_build(caplog):
+    class DownStore:
+        def append_log_lines(self, job_id: str, lines: object) -> None:
+            raise ConnectionError("store down")
+
+        def log_tail(self, job_id: str, lines: int) -> list[str]:
+            return []
+
+    logs = StoredBuildLogs(DownStore())
+    logs.append("job-a", "a line")  # does not raise
+    assert "not stored" in caplog.text
+
+
+def test_the_celery_executor_keeps_logs_in_the_store(tmp_path):
+    settings = Settings(
+        _env_file=None,
+        webhook_secret="whsec-wiring",
+        data_dir=tmp_path,
+        executor="celery",
+        broker_url="redis://127.0.0.1:1/0",
+    )
+    assert isinstance(Components(settings).logs, StoredBuildLogs)
+    embedded = Settings(_env_file=None, webhook_secret="whsec-wiring", data_dir=tmp_path)
+    assert isinstance(Components(embedded).logs, BuildLogs)

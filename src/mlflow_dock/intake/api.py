@@ -29,7 +29,7 @@ from mlflow_dock.intake.board import board_router
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.intake.probes import Check, Readiness
 from mlflow_dock.intake.receiver import MAX_BODY_BYTES, WebhookReceiver, handle
-from mlflow_dock.jobs.logs import BuildLogs
+from mlflow_dock.jobs.logs import JobLogs
 from mlflow_dock.jobs.model import Job, JobState
 from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.observe.metrics import CONTENT_TYPE, ServiceMetrics
@@ -59,7 +59,7 @@ class Service(Protocol):
     """What the HTTP layer needs from the running service (see `mlflow_dock.app.Service`)."""
 
     store: JobStore
-    logs: BuildLogs
+    logs: JobLogs
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> AcceptedDelivery: ...
 

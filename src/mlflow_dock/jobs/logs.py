@@ -1,12 +1,20 @@
-"""Per-job build logs on disk, with every configured secret redacted before it is written."""
+"""Per-job build logs, with every configured secret redacted before it is written.
+
+On disk (`BuildLogs`) when one machine runs everything; in the job store (`StoredBuildLogs`)
+when builds run on workers elsewhere, so every replica's board and API show the same tail.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
+
+_log = logging.getLogger(__name__)
 
 REDACTED = "[REDACTED]"
 
@@ -52,7 +60,25 @@ class Redactor:
         return tuple(sorted(values, key=len, reverse=True))
 
 
+class JobLogs(Protocol):
+    """Where a job's build log goes and is read back from."""
+
+    def redact(self, text: str) -> str: ...
+
+    def append(self, job_id: str, line: str) -> None: ...
+
+    def tail(self, job_id: str, lines: int = 50) -> list[str]: ...
+
+
+def _stamped(line: str, redactor: Redactor) -> list[str]:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    clean = redactor(line.rstrip("\n"))
+    return [f"{stamp} {part}" for part in clean.splitlines() or [""]]
+
+
 class BuildLogs:
+    """One file per job under the data directory: the embedded executor's logs."""
+
     def __init__(self, directory: Path, *, secrets: Iterable[str] | Redactor = ()) -> None:
         self._dir = directory
         self._redactor = secrets if isinstance(secrets, Redactor) else Redactor(secrets)
@@ -68,13 +94,11 @@ class BuildLogs:
         return self._redactor(text)
 
     def append(self, job_id: str, line: str) -> None:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
-        clean = self.redact(line.rstrip("\n"))
+        lines = _stamped(line, self._redactor)
         with self._lock:
             self._dir.mkdir(parents=True, exist_ok=True)
             with self.path(job_id).open("a", encoding="utf-8") as fh:
-                for part in clean.splitlines() or [""]:
-                    fh.write(f"{stamp} {part}\n")
+                fh.writelines(f"{part}\n" for part in lines)
 
     def tail(self, job_id: str, lines: int = 50) -> list[str]:
         path = self.path(job_id)
@@ -82,3 +106,35 @@ class BuildLogs:
             return []
         with path.open(encoding="utf-8", errors="replace") as fh:
             return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
+
+
+class LogLineStore(Protocol):
+    def append_log_lines(self, job_id: str, lines: Sequence[str]) -> None: ...
+
+    def log_tail(self, job_id: str, lines: int) -> list[str]: ...
+
+
+class StoredBuildLogs:
+    """Build log lines as rows of the job store (the Celery executor's logs).
+
+    Workers on other machines share no disk with the replicas that serve the board and
+    `/builds/{id}`; the store is the one thing they all reach. A line that cannot be stored
+    (the store is down) is dropped with a warning rather than failing a build that is
+    otherwise fine: the log is for people, the job's state and reason are the record.
+    """
+
+    def __init__(self, store: LogLineStore, *, secrets: Iterable[str] | Redactor = ()) -> None:
+        self._store = store
+        self._redactor = secrets if isinstance(secrets, Redactor) else Redactor(secrets)
+
+    def redact(self, text: str) -> str:
+        return self._redactor(text)
+
+    def append(self, job_id: str, line: str) -> None:
+        try:
+            self._store.append_log_lines(job_id, _stamped(line, self._redactor))
+        except Exception as exc:  # any store failure: see the class docstring
+            _log.warning("build log line for job %s not stored: %s", job_id, type(exc).__name__)
+
+    def tail(self, job_id: str, lines: int = 50) -> list[str]:
+        return self._store.log_tail(job_id, lines)

@@ -200,6 +200,16 @@ class _StepRow(_Base):
     outcome: Mapped[str] = mapped_column(String(16))
 
 
+class _LogLineRow(_Base):
+    """One build log line (Celery executor: workers and replicas share no disk, see logs.py)."""
+
+    __tablename__ = "job_log_lines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    line: Mapped[str] = mapped_column(Text)
+
+
 class _AttemptRow(_Base):
     """How one attempt ended: rows are never updated, so counts over them are true counters."""
 
@@ -289,6 +299,7 @@ def store_unavailable(exc: BaseException) -> bool:
 
 # Aliases: inside JobStore, `list` names its method, not the type.
 _StepTimings = list[StepTiming]
+_Lines = list[str]
 _Counts = list[int]
 
 
@@ -1403,6 +1414,25 @@ class JobStore:
             for state in session.execute(select(_JobRow.state)).scalars():
                 counts[JobState(state)] += 1
         return counts
+
+    # -- build logs (Celery executor) ---------------------------------------------------------
+
+    def append_log_lines(self, job_id: str, lines: Sequence[str]) -> None:
+        with self._write() as session:
+            session.execute(
+                insert(_LogLineRow), [{"job_id": job_id, "line": line} for line in lines]
+            )
+
+    def log_tail(self, job_id: str, lines: int) -> _Lines:
+        """The job's last `lines` log lines, oldest first (ids grow with every insert)."""
+        with self._sessions() as session:
+            newest = session.scalars(
+                select(_LogLineRow.line)
+                .where(_LogLineRow.job_id == job_id)
+                .order_by(_LogLineRow.id.desc())
+                .limit(lines)
+            ).all()
+        return list(reversed(newest))
 
     # -- step timings and attempt records (the board and /metrics) ----------------------------
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from mlflow_dock.errors import JobError, LeaseLostError, is_retryable
-from mlflow_dock.jobs.logs import BuildLogs
+from mlflow_dock.jobs.logs import JobLogs
 from mlflow_dock.jobs.model import Job, JobKind, JobState, Runner, retry_delay
 from mlflow_dock.jobs.steps import (
     ATTEMPT_FAILED,
@@ -89,7 +89,7 @@ def execute_job(
     *,
     store: JobStore,
     runner: Runner,
-    logs: BuildLogs,
+    logs: JobLogs,
     max_attempts: int,
     backoff_seconds: float,
     max_backoff_seconds: float = 300.0,
@@ -201,7 +201,7 @@ def _run_and_record(
     log: Callable[[str], None],
     store: JobStore,
     runner: Runner,
-    logs: BuildLogs,
+    logs: JobLogs,
     max_attempts: int,
     backoff_seconds: float,
     max_backoff_seconds: float,
@@ -296,7 +296,7 @@ class WorkerPool:
         *,
         store: JobStore,
         runner: Runner,
-        logs: BuildLogs,
+        logs: JobLogs,
         concurrency: int,
         max_attempts: int,
         backoff_seconds: float,
