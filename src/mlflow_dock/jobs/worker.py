@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from datetime import UTC, datetime
 from typing import ClassVar
 
@@ -114,8 +114,14 @@ def execute_job(
     observed = _Observation(job, store)
     _notify(on_change, job)
     ended: Job | None = None
+    # A job run without an owner holds no lease, so there is nothing to renew.
+    heartbeat: AbstractContextManager[object] = (
+        LeaseHeartbeat(store, job.id, job.owner, lease_seconds)
+        if job.owner is not None
+        else nullcontext()
+    )
     try:
-        if job.owner is None:
+        with heartbeat:
             ended = _run_and_record(
                 job,
                 log,
@@ -127,19 +133,6 @@ def execute_job(
                 max_backoff_seconds,
                 tag_writes,
             )
-        else:
-            with LeaseHeartbeat(store, job.id, job.owner, lease_seconds):
-                ended = _run_and_record(
-                    job,
-                    log,
-                    store,
-                    runner,
-                    logs,
-                    max_attempts,
-                    backoff_seconds,
-                    max_backoff_seconds,
-                    tag_writes,
-                )
     except LeaseLostError as exc:
         log(f"result dropped: {exc}")
         logger.warning("job %s: %s", job.id, exc)
