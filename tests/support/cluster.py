@@ -6,7 +6,6 @@ shared cluster `.ci/run` starts is left alone.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support.servers import _QUIET_ENV, PYTHON, _signal_group, _spawn, free_port, log_tail
+from support.servers import (
+    _QUIET_ENV,
+    PYTHON,
+    _signal_group,
+    _spawn,
+    free_port,
+    kill_group,
+    log_tail,
+)
 
 PG_BIN = Path("/usr/lib/postgresql")
 
@@ -137,9 +144,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _signal_group(self._proc, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
+            kill_group(self._proc)
             self._proc = None
 
     def restart(self) -> None:
@@ -182,9 +187,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         if self._proc is not None:
-            _signal_group(self._proc, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
+            kill_group(self._proc)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

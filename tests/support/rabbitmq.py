@@ -11,7 +11,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support.servers import _signal_group, _spawn, free_port, log_tail
+from support.servers import _spawn, free_port, kill_group, log_tail
 
 
 def _accepts(port: int) -> bool:
@@ -71,9 +70,7 @@ class RabbitServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _signal_group(self._proc, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
+            kill_group(self._proc)
             self._proc = None
 
     def destroy(self) -> None:

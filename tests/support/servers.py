@@ -127,6 +127,13 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the process and its children, as a crash or an OOM kill would end them."""
+    _signal_group(proc, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     if proc is None:
         return
