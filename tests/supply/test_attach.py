@@ -293,3 +293,29 @@ def test_payload_names_the_repository_as_cosign_does(repository, expected):
     from mlflow_dock.supply.attach import _docker_reference
 
     assert _docker_reference(ImageRef(repository)) == expected
+
+
+def test_workers_sharing_a_data_directory_cache_the_same_layer_scan_at_once(tmp_path):
+    """Each writer renames a file of its own: none finds its partial file taken by another."""
+    import threading
+
+    from mlflow_dock.supply.attach import _ScanCache
+    from mlflow_dock.supply.layers import LayerScan
+
+    caches = [_ScanCache(tmp_path) for _ in range(8)]
+    errors: list[BaseException] = []
+
+    def put(cache: _ScanCache) -> None:
+        try:
+            for _ in range(50):
+                cache.put("sha256:" + "a" * 64, LayerScan())
+        except BaseException as exc:  # the test reports it below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put, args=(cache,)) for cache in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["sha256-" + "a" * 64 + ".json"]

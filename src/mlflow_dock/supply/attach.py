@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,7 +123,9 @@ class _ScanCache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed: a crash never leaves a half file to be trusted later.
-        partial = path.with_suffix(".partial")
+        # A name of its own per writer: workers sharing the data directory scan the same
+        # layers at the same time (one fixed .partial name made the slower rename fail).
+        partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial")
         partial.write_bytes(scan.to_json())
         partial.replace(path)
 
