@@ -130,6 +130,14 @@ class FakeHistory:
     def build_for(self, model_name: str, version: str) -> Job | None:
         return self.builds.get((model_name, version))
 
+    runtimes: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def runtime_image(self, key: str, repository: str) -> str | None:
+        return self.runtimes.get((key, repository))
+
+    def remember_runtime_image(self, key: str, repository: str, digest: str) -> None:
+        self.runtimes[(key, repository)] = digest
+
 
 class RotatingCredentials:
     """A cloud-style provider: a second token after invalidate()."""
@@ -464,3 +472,46 @@ def test_a_base_pull_refused_for_a_cloud_token_gets_one_fresh_token(tmp_path: Pa
     waiter()
     assert credentials.invalidated == 1
     assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]
+
+
+def test_a_new_runtime_is_remembered_before_its_lock_is_let_go(tmp_path: Path) -> None:
+    parts = make_parts(tmp_path)
+    events: list[str] = []
+
+    class Locks:
+        @contextlib.contextmanager
+        def hold(self, name: str):  # type: ignore[no-untyped-def]
+            events.append("locked")
+            yield
+            events.append(f"released, runtime known: {bool(parts.history.runtimes)}")
+
+    parts.runner._runtime_locks_shared = Locks()
+    outcome = parts.runner.run(build_job("1"), parts.log.append)
+    assert events == ["locked", "released, runtime known: True"]
+    assert list(parts.history.runtimes.values()) == [outcome.digest]
+    assert [key[1] for key in parts.history.runtimes] == [REPOSITORY]
+
+
+def test_a_runtime_another_build_published_is_assembled_on_not_built_again(
+    tmp_path: Path,
+) -> None:
+    """A version that waited for (or came after) the build of its runtime assembles on that
+    image; only when that is impossible does it build, under the lock again."""
+    parts = make_parts(tmp_path)
+    held: list[str] = []
+
+    class Locks:
+        @contextlib.contextmanager
+        def hold(self, name: str):  # type: ignore[no-untyped-def]
+            held.append(name)
+            yield
+
+    parts.runner._runtime_locks_shared = Locks()
+    parts.runner.run(build_job("1"), parts.log.append)
+    assert len(held) == 1
+    parts.log.clear()
+    # Version 1's job has not recorded its outcome (history.previous is None), but its
+    # runtime image is known: version 2 tries to assemble on it first.
+    parts.runner.run(build_job("2"), parts.log.append)
+    assert any("registry assembly not possible" in line for line in parts.log), parts.log
+    assert len(held) == 2  # the fake registry cannot assemble: built under the lock again

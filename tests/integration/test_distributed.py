@@ -212,9 +212,9 @@ def test_100_versions_delivered_to_both_replicas_by_mlflow_are_built_once(
     both replicas (one webhook per replica URL), 200 deliveries. Exactly 100 jobs, each run
     once, each version tag written once in the registry.
 
-    The first version is built and waited for before the other 99 are created, so those are
-    registry assemblies on its layers, as in production once a model has an image; otherwise
-    all 99 would race past the missing previous image into full builds.
+    All 100 are created at once: the first job to claim one builds the model's runtime, and
+    the others wait for that build (a deployment-wide runtime lock) and then assemble on its
+    image in the registry. One build, 99 assemblies, whichever worker runs which.
     """
     # Two build processes per worker: an assembly is mostly waiting on MLflow and the registry.
     cluster.overrides["MLFLOW_DOCK_BUILD_CONCURRENCY"] = "2"
@@ -239,11 +239,18 @@ def test_100_versions_delivered_to_both_replicas_by_mlflow_are_built_once(
         )
         return str(created.version)
 
-    versions = [create_version()]
-    wait_all_succeeded(replicas[0], model, 1)
-    versions += [create_version() for _ in range(VERSIONS - 1)]
-    jobs = wait_all_succeeded(replicas[1], model, VERSIONS, timeout=300)
+    versions = [create_version() for _ in range(VERSIONS)]
+    jobs = wait_all_succeeded(replicas[1], model, VERSIONS, timeout=400)
     assert len(jobs) == VERSIONS
+    # The runtime was built once; every other version was assembled on an earlier image.
+    logs = [
+        httpx.get(f"{replicas[0].url}/builds/{j['id']}", params={"log_lines": 500}).json()[
+            "log_tail"
+        ]
+        for j in jobs
+    ]
+    assembled = [log for log in logs if any("in the registry on top of" in line for line in log)]
+    assert len(assembled) == VERSIONS - 1, [log for log in logs if log not in assembled][:2]
     # Every delivery arrived (MLflow retries a failed one under the same id)...
     assert delivery_ids(postgres) == 2 * VERSIONS
     # ... and each job ran once: one attempt, one claim, in the store's own account ...

@@ -439,3 +439,12 @@ def test_replicas_starting_together_all_open_the_store(store_url):
     assert errors == [] and len(opened) == 4
     for s in opened:
         s.close()
+
+
+def test_runtime_images_are_remembered_per_repository(store):
+    key = "native/" + "k" * 200  # longer than a meta key: stored under a hash
+    assert store.runtime_image(key, "reg/team/a") is None
+    store.remember_runtime_image(key, "reg/team/a", "sha256:" + "1" * 64)
+    store.remember_runtime_image(key, "reg/team/a", "sha256:" + "2" * 64)  # rebuilt: newest
+    assert store.runtime_image(key, "reg/team/a") == "sha256:" + "2" * 64
+    assert store.runtime_image(key, "reg/team/b") is None

@@ -16,9 +16,9 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +91,12 @@ class History(Protocol):
 
     def build_for(self, model_name: str, version: str) -> Job | None: ...
 
+    def runtime_image(self, key: str, repository: str) -> str | None:
+        """The digest of an image of runtime `key` published to `repository`, if any."""
+        ...
+
+    def remember_runtime_image(self, key: str, repository: str, digest: str) -> None: ...
+
 
 # Local-only images holding everything but a model; never pushed under this name.
 RUNTIME_REPOSITORY = "mlflow-dock-runtime"
@@ -111,6 +117,14 @@ class RuntimeLocks(Protocol):
     """Deployment-wide mutual exclusion: one worker builds a given runtime at a time."""
 
     def hold(self, name: str) -> AbstractContextManager[None]: ...
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """An image of the same runtime already in the target repository, to assemble on."""
+
+    label: str  # how the log names it ("version 3")
+    digest: str
 
 
 @dataclass
@@ -220,10 +234,8 @@ class JobRunner:
                 outcome = self._build_stock(target, version, prepared, work, log)
             else:
                 outcome = self._assemble_in_registry(target, model_name, version, prepared, log)
-            if outcome is None and self._native is not None:
-                outcome = self._build_native(target, version, prepared, work, log)
             if outcome is None:
-                outcome = self._build_with_engine(target, version, prepared, work, log)
+                outcome = self._build_runtime(target, model_name, version, prepared, work, log)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         outcome = self._attach(target, outcome, info, prepared, work_id, log)
@@ -286,14 +298,76 @@ class JobRunner:
 
     # -- fast path: assemble in the registry -------------------------------------------------
 
-    def _assemble_in_registry(
-        self, target: ImageRef, model_name: str, version: str, prepared: _Prepared, log: LogSink
-    ) -> JobOutcome | None:
-        previous = self._history.latest_image(
-            model_name, repository=target.repository, exclude_version=version
+    def _build_runtime(
+        self,
+        target: ImageRef,
+        model_name: str,
+        version: str,
+        prepared: _Prepared,
+        work: Path,
+        log: LogSink,
+    ) -> JobOutcome:
+        """A version with no earlier version of its runtime to assemble on.
+
+        One build per runtime at a time: concurrent versions needing the same new runtime (on
+        this worker or, through the store's named lease, on any other) wait for the one
+        building it, then assemble on what it published instead of installing the same
+        requirements again. Only the build holds the lock, not the assemblies after it.
+        """
+        built = self._history.runtime_image(prepared.key, target.repository)
+        if built is None:
+            with self._runtime_lock(prepared.key):
+                # Whoever held the lock before may have published this runtime meanwhile.
+                built = self._history.runtime_image(prepared.key, target.repository)
+                if built is None:
+                    return self._publish_new_runtime(target, version, prepared, work, log)
+        previous = _Previous("an earlier image of the same runtime", built)
+        outcome = self._assemble_in_registry(
+            target, model_name, version, prepared, log, previous=previous
         )
-        if previous is None or previous.digest is None:
-            return None
+        if outcome is not None:
+            return outcome
+        with self._runtime_lock(prepared.key):
+            return self._publish_new_runtime(target, version, prepared, work, log)
+
+    def _publish_new_runtime(
+        self, target: ImageRef, version: str, prepared: _Prepared, work: Path, log: LogSink
+    ) -> JobOutcome:
+        outcome = None
+        if self._native is not None:
+            outcome = self._build_native(target, version, prepared, work, log)
+        if outcome is None:
+            outcome = self._build_with_engine(target, version, prepared, work, log)
+        # Before the lock is let go: the builds waiting for it read this, not this job's
+        # outcome, which is only recorded after the runner returns.
+        self._history.remember_runtime_image(prepared.key, target.repository, outcome.digest)
+        return outcome
+
+    @contextmanager
+    def _runtime_lock(self, key: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._runtime_locks.setdefault(key, threading.Lock())
+        shared = self._runtime_locks_shared
+        with lock, shared.hold(f"runtime:{key}") if shared else nullcontext():
+            yield
+
+    def _assemble_in_registry(
+        self,
+        target: ImageRef,
+        model_name: str,
+        version: str,
+        prepared: _Prepared,
+        log: LogSink,
+        *,
+        previous: _Previous | None = None,
+    ) -> JobOutcome | None:
+        if previous is None:
+            job = self._history.latest_image(
+                model_name, repository=target.repository, exclude_version=version
+            )
+            if job is None or job.digest is None:
+                return None
+            previous = _Previous(f"version {job.version}'s layers", job.digest)
         tag = version_tag(version)
         self._step("assemble")
         with self._registry_factory(target.host) as registry:
@@ -312,7 +386,7 @@ class JobRunner:
                 return None
         log(
             f"assembled {target.repository}@{staged.digest} in the registry on top of "
-            f"version {previous.version}'s layers"
+            f"{previous.label}"
         )
         note = None
         if self._smoke is not None and self._native is not None and not self._engine_reachable():
@@ -322,14 +396,14 @@ class JobRunner:
             # Only the model layer differs from the previous version's image, which passed its
             # smoke test: load the new artifacts in a warm container of that image (warm.py).
             self._step("smoke")
-            runtime = target.with_digest(previous.digest)
+            tested = previous.digest
             self._warm.check(
                 prepared.key,
-                str(runtime),
+                str(target.with_digest(tested)),
                 prepared.package.path,
                 prepared.example,
                 log,
-                pull=lambda: self._pull(target.repository, previous.digest),
+                pull=lambda: self._pull(target.repository, tested),
             )
         elif self._smoke is not None:
             # Stored untagged: nothing is published until the smoke test passes.
@@ -607,28 +681,23 @@ class JobRunner:
     def _ensure_runtime(self, prepared: _Prepared, context: Path, log: LogSink) -> str:
         """The local runtime image for the spec, built only if this engine does not have it."""
         reference = f"{RUNTIME_REPOSITORY}:{prepared.key[:40]}"
-        with self._locks_guard:
-            lock = self._runtime_locks.setdefault(prepared.key, threading.Lock())
-        # Concurrent versions of one model wait for a single runtime build instead of each
-        # installing the same requirements; the shared lock extends that to other workers.
-        shared = self._runtime_locks_shared
-        with lock, shared.hold(f"runtime:{prepared.key}") if shared else nullcontext():
-            if self._engine.image_exists(reference):
-                log(f"reusing runtime image {reference}")
-                return reference
-            log(f"building runtime image {reference} (new requirements or first build here)")
-            context.mkdir(parents=True)
-            (context / "Dockerfile").write_text(render_runtime_dockerfile(prepared.spec))
-            (context / "requirements.txt").write_text(prepared.spec.requirements)
-            self._engine.build(
-                context,
-                extra_files=prepared.extra_files,
-                tag=reference,
-                labels={RUNTIME_KEY_LABEL: prepared.key},
-                log=log,
-                timeout=self._config.build_timeout_seconds,
-            )
+        # Called under _runtime_lock: one build of this runtime at a time, deployment-wide.
+        if self._engine.image_exists(reference):
+            log(f"reusing runtime image {reference}")
             return reference
+        log(f"building runtime image {reference} (new requirements or first build here)")
+        context.mkdir(parents=True)
+        (context / "Dockerfile").write_text(render_runtime_dockerfile(prepared.spec))
+        (context / "requirements.txt").write_text(prepared.spec.requirements)
+        self._engine.build(
+            context,
+            extra_files=prepared.extra_files,
+            tag=reference,
+            labels={RUNTIME_KEY_LABEL: prepared.key},
+            log=log,
+            timeout=self._config.build_timeout_seconds,
+        )
+        return reference
 
     # -- aliases ------------------------------------------------------------------------------
 

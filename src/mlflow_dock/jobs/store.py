@@ -15,6 +15,7 @@ at a time, and `tag_writes` keeps MLflow write-back durable across restarts.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import threading
 import time
@@ -290,6 +291,11 @@ def _new_row(
 
 
 _T = TypeVar("_T")
+
+
+def _runtime_meta_key(key: str, repository: str) -> str:
+    # Meta keys are short (100); runtime keys and repositories are not.
+    return "runtime:" + hashlib.sha256(f"{key}\0{repository}".encode()).hexdigest()
 
 
 def store_unavailable(exc: BaseException) -> bool:
@@ -1378,6 +1384,21 @@ class JobStore:
                 .limit(1)
             ).scalar_one_or_none()
             return _to_job(row) if row else None
+
+    def runtime_image(self, key: str, repository: str) -> str | None:
+        """The digest of an image of runtime `key` in `repository` (see remember_runtime_image)."""
+        with self._sessions() as session:
+            row = session.get(_MetaRow, _runtime_meta_key(key, repository))
+            return row.value if row else None
+
+    def remember_runtime_image(self, key: str, repository: str, digest: str) -> None:
+        """Recorded by the build that made it, before it lets go of the runtime's lock.
+
+        Builds waiting for that lock read it to assemble on the new image at once: the job
+        that built it may not have recorded its own outcome yet.
+        """
+        with self._write() as session:
+            session.merge(_MetaRow(key=_runtime_meta_key(key, repository), value=digest))
 
     def builds_by_version(self) -> dict[tuple[str, str], Job]:
         with self._sessions() as session:
