@@ -366,19 +366,30 @@ def test_a_version_tag_already_in_the_registry_is_adopted_not_moved(parts: Parts
     assert (outcome.image, outcome.digest) == (f"{REPOSITORY}:1", DIGEST_1)
 
 
-def test_the_runtime_build_holds_the_deployment_wide_lock(tmp_path: Path) -> None:
-    parts = make_parts(tmp_path)
-    held: list[str] = []
+@dataclass
+class RecordingLocks:
+    """The deployment-wide runtime locks, recording what happened around each hold."""
 
-    class Locks:
-        @contextlib.contextmanager
-        def hold(self, name: str):  # type: ignore[no-untyped-def]
-            held.append(name)
-            yield
+    history: FakeHistory
+    events: list[str] = field(default_factory=list)
 
-    parts.runner._runtime_locks_shared = Locks()  # the runner's only collaborator not in Parts
+    @contextlib.contextmanager
+    def hold(self, name: str):  # type: ignore[no-untyped-def]
+        self.events.append(f"locked {name.split(':', 1)[0]}")
+        yield
+        self.events.append(f"released, runtime known: {bool(self.history.runtimes)}")
+
+
+def recording_locks(parts: Parts) -> RecordingLocks:
+    locks = RecordingLocks(parts.history)
+    parts.runner._runtime_locks_shared = locks  # the runner's only collaborator not in Parts
+    return locks
+
+
+def test_the_runtime_build_holds_the_deployment_wide_lock(parts: Parts) -> None:
+    locks = recording_locks(parts)
     parts.runner.run(build_job("1"), parts.log.append)
-    assert len(held) == 1 and held[0].startswith("runtime:")
+    assert locks.events[0] == "locked runtime" and len(locks.events) == 2
 
 
 def test_a_version_tag_that_appears_during_the_build_is_kept_not_moved(parts: Parts) -> None:
@@ -474,44 +485,25 @@ def test_a_base_pull_refused_for_a_cloud_token_gets_one_fresh_token(tmp_path: Pa
     assert parts.engine.pulls == [("127.0.0.1:5000/base/debian", base.manifest.digest)]
 
 
-def test_a_new_runtime_is_remembered_before_its_lock_is_let_go(tmp_path: Path) -> None:
-    parts = make_parts(tmp_path)
-    events: list[str] = []
-
-    class Locks:
-        @contextlib.contextmanager
-        def hold(self, name: str):  # type: ignore[no-untyped-def]
-            events.append("locked")
-            yield
-            events.append(f"released, runtime known: {bool(parts.history.runtimes)}")
-
-    parts.runner._runtime_locks_shared = Locks()
+def test_a_new_runtime_is_remembered_before_its_lock_is_let_go(parts: Parts) -> None:
+    locks = recording_locks(parts)
     outcome = parts.runner.run(build_job("1"), parts.log.append)
-    assert events == ["locked", "released, runtime known: True"]
+    assert locks.events == ["locked runtime", "released, runtime known: True"]
     assert list(parts.history.runtimes.values()) == [outcome.digest]
     assert [key[1] for key in parts.history.runtimes] == [REPOSITORY]
 
 
 def test_a_runtime_another_build_published_is_assembled_on_not_built_again(
-    tmp_path: Path,
+    parts: Parts,
 ) -> None:
     """A version that waited for (or came after) the build of its runtime assembles on that
     image; only when that is impossible does it build, under the lock again."""
-    parts = make_parts(tmp_path)
-    held: list[str] = []
-
-    class Locks:
-        @contextlib.contextmanager
-        def hold(self, name: str):  # type: ignore[no-untyped-def]
-            held.append(name)
-            yield
-
-    parts.runner._runtime_locks_shared = Locks()
+    locks = recording_locks(parts)
     parts.runner.run(build_job("1"), parts.log.append)
-    assert len(held) == 1
+    assert len(locks.events) == 2
     parts.log.clear()
     # Version 1's job has not recorded its outcome (history.previous is None), but its
     # runtime image is known: version 2 tries to assemble on it first.
     parts.runner.run(build_job("2"), parts.log.append)
     assert any("registry assembly not possible" in line for line in parts.log), parts.log
-    assert len(held) == 2  # the fake registry cannot assemble: built under the lock again
+    assert len(locks.events) == 4  # the fake registry cannot assemble: built under the lock again
