@@ -2,7 +2,7 @@
 the way the README says (MLflow delivering webhooks, celery executor, PostgreSQL, Redis, an
 engine-free worker; deploy/compose/engine.yaml adds the engine).
 
-tests/integration/test_compose.py runs the stack for real."""
+tests/integration/test_compose_stack.py runs the stack for real."""
 
 from __future__ import annotations
 
