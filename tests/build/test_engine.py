@@ -13,8 +13,9 @@ from mlflow_dock.build.engine import (
     classify_engine_error,
     with_fresh_credentials,
 )
-from mlflow_dock.cloud.credentials import Credentials, StaticCredentials
+from mlflow_dock.cloud.credentials import StaticCredentials
 from mlflow_dock.errors import PermanentError, RetryableError
+from support.fakes import RotatingCredentials
 
 
 @pytest.mark.parametrize(
@@ -70,19 +71,6 @@ def test_engine_500_carrying_a_refusal_is_permanent():
         "pull failed", response=Response(), explanation="pull access denied for x"
     )
     assert isinstance(_translate_sdk_error(exc, "pulling x", transfer=True), PermanentError)
-
-
-class RotatingCredentials:
-    """A cloud-style provider: a new token after every invalidate()."""
-
-    def __init__(self) -> None:
-        self.invalidated = 0
-
-    def get(self) -> Credentials:
-        return Credentials(username="AWS", password=f"token-{self.invalidated}")
-
-    def invalidate(self) -> None:
-        self.invalidated += 1
 
 
 class TokenCheckingApi:

@@ -19,12 +19,13 @@ from mlflow_dock.build.engine import PushResult
 from mlflow_dock.build.ospackages import derived_tag
 from mlflow_dock.build.runner import RUNTIME_KEY_LABEL, BuildConfig, JobRunner
 from mlflow_dock.build.wheels import Platform
-from mlflow_dock.cloud.credentials import Credentials, StaticCredentials
+from mlflow_dock.cloud.credentials import StaticCredentials
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.mlflow.client import ModelPackage, ModelVersionInfo
 from mlflow_dock.oci.manifest import Manifest
 from mlflow_dock.oci.remote import RegistryPermanentError
+from support.fakes import RotatingCredentials
 
 REGISTRY = "127.0.0.1:5000"
 MODEL = "fraud-model"
@@ -137,19 +138,6 @@ class FakeHistory:
 
     def remember_runtime_image(self, key: str, repository: str, digest: str) -> None:
         self.runtimes[(key, repository)] = digest
-
-
-class RotatingCredentials:
-    """A cloud-style provider: a second token after invalidate()."""
-
-    def __init__(self) -> None:
-        self.invalidated = 0
-
-    def get(self) -> Credentials:
-        return Credentials(username="AWS", password=f"token-{self.invalidated}")
-
-    def invalidate(self) -> None:
-        self.invalidated += 1
 
 
 @dataclass
@@ -421,17 +409,21 @@ def _base() -> BaseImage:
     )
 
 
-def test_a_derived_base_is_built_once_with_apt_and_pushed_under_its_content_tag(
-    parts: Parts, tmp_path: Path
-) -> None:
-    base = _base()
-    waiter = parts.runner._derived_base(
+def derive_libgomp(parts: Parts, base: BaseImage, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return parts.runner._derived_base(
         parts.registry,  # type: ignore[arg-type]
         base,
         ("libgomp1",),
         tmp_path / "ctx",
         parts.log.append,
     )
+
+
+def test_a_derived_base_is_built_once_with_apt_and_pushed_under_its_content_tag(
+    parts: Parts, tmp_path: Path
+) -> None:
+    base = _base()
+    waiter = derive_libgomp(parts, base, tmp_path)
     assert waiter is not None
     tag = derived_tag(base.manifest.digest, ["libgomp1"])
     assert waiter() == f"team/mlflow-dock-base@{DIGEST_1}"
@@ -447,13 +439,7 @@ def test_an_existing_derived_base_is_reused_without_an_engine(parts: Parts, tmp_
     base = _base()
     tag = derived_tag(base.manifest.digest, ["libgomp1"])
     parts.registry.tags[("team/mlflow-dock-base", tag)] = DIGEST_2
-    waiter = parts.runner._derived_base(
-        parts.registry,  # type: ignore[arg-type]
-        base,
-        ("libgomp1",),
-        tmp_path / "ctx",
-        parts.log.append,
-    )
+    waiter = derive_libgomp(parts, base, tmp_path)
     assert waiter is not None and waiter() == f"team/mlflow-dock-base@{DIGEST_2}"
     assert parts.engine.builds == [] and parts.engine.pulls == []
 
@@ -472,13 +458,7 @@ def test_a_base_pull_refused_for_a_cloud_token_gets_one_fresh_token(tmp_path: Pa
 
     parts.engine.pull = pull_refused_once  # type: ignore[method-assign]
     base = _base()
-    waiter = parts.runner._derived_base(
-        parts.registry,  # type: ignore[arg-type]
-        base,
-        ("libgomp1",),
-        tmp_path / "ctx",
-        parts.log.append,
-    )
+    waiter = derive_libgomp(parts, base, tmp_path)
     assert waiter is not None
     waiter()
     assert credentials.invalidated == 1
