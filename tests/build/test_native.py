@@ -116,6 +116,23 @@ def test_native_runtime_key_differs_from_the_engine_s_and_by_platforms():
     assert key == native.native_runtime_key("k", (AMD64,))
 
 
+def build_on(target, base_registry, base_image: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A native build of a one-requirement model whose base is read from `base_registry`."""
+    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
+    return builder.build(
+        target,
+        "models/m",
+        base_registry=base_registry,
+        base_image=base_image,
+        model_dir=tmp_path,
+        python_version="3.11",
+        requirements="x\n",
+        labels={},
+        work=tmp_path / "work",
+        log=lambda _line: None,
+    )
+
+
 def test_base_missing_from_the_registry_is_not_applicable_so_the_engine_can_try(tmp_path: Path):
     import httpx
 
@@ -127,20 +144,8 @@ def test_base_missing_from_the_registry_is_not_applicable_so_the_engine_can_try(
         )
 
     client = RegistryClient("registry.test", scheme="https", transport=httpx.MockTransport(handler))
-    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
     with pytest.raises(native.NativeNotApplicable, match=r"registry\.test/base/deb:1"):
-        builder.build(
-            client,
-            "models/m",
-            base_registry=client,
-            base_image="registry.test/base/deb:1",
-            model_dir=tmp_path,
-            python_version="3.11",
-            requirements="x\n",
-            labels={},
-            work=tmp_path / "work",
-            log=lambda _line: None,
-        )
+        build_on(client, client, "registry.test/base/deb:1", tmp_path)
 
 
 def test_missing_library_lists_every_missing_soname(tmp_path: Path):
@@ -165,20 +170,8 @@ def test_base_on_an_unreachable_other_registry_is_not_applicable(tmp_path: Path)
         "registry.test", scheme="https", transport=httpx.MockTransport(unreachable)
     )
     hub = RegistryClient("docker.io", transport=httpx.MockTransport(unreachable))
-    builder = native.NativeBuilder(native.NativeConfig(platforms=(AMD64,), cache_dir=tmp_path))
     with pytest.raises(native.NativeNotApplicable, match=r"python:3\.11-slim is not readable"):
-        builder.build(
-            target,
-            "models/m",
-            base_registry=hub,
-            base_image="python:3.11-slim",
-            model_dir=tmp_path,
-            python_version="3.11",
-            requirements="x\n",
-            labels={},
-            work=tmp_path / "work",
-            log=lambda _line: None,
-        )
+        build_on(target, hub, "python:3.11-slim", tmp_path)
 
 
 def test_a_refused_apt_step_leaves_the_whole_engine_build_as_the_way_out(tmp_path: Path):
