@@ -15,7 +15,17 @@
 #   They are only ever copied into the discarded builder stage: neither the files nor the
 #   instructions that used them are in the final image or its history.
 #
-# Run: the service builds images through a Docker Engine, reached in one of two ways.
+# Run: the default builder (native) needs no Docker Engine: it writes images straight into the
+# registry, and without an engine jobs note "published untested":
+#
+#      docker run -d --name mlflow-dock -p 8000:8000 -v mlflow-dock-data:/var/lib/mlflow-dock \
+#        -e MLFLOW_WEBHOOK_SECRET -e DOCKER_USERNAME -e DOCKER_REGISTRY_PASSWORD \
+#        -e DOCKER_REGISTRY=registry.example.com -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
+#        mlflow-dock
+#
+# Smoke tests, the native builder's engine fallback and the engine builders (MLFLOW_DOCK_BUILDER=
+# layered or mlflow) need a Docker Engine (or Podman's Docker-compatible socket), reached in one
+# of two ways:
 #
 #   1. The host's engine socket, mounted. The service runs as a non-root user, so it also
 #      needs the socket's group (access to this socket is root-equivalent on the host):
@@ -35,8 +45,9 @@
 #        -v dind-client-certs:/certs:ro \
 #        -e MLFLOW_WEBHOOK_SECRET -e DOCKER_USERNAME -e DOCKER_REGISTRY_PASSWORD mlflow-dock
 #
-#   Required: MLFLOW_WEBHOOK_SECRET, DOCKER_USERNAME, DOCKER_REGISTRY_PASSWORD (a missing one
-#   ends the container at once with exit code 2 and a one-line error). The job store and build
+#   Required: MLFLOW_WEBHOOK_SECRET, and DOCKER_USERNAME with DOCKER_REGISTRY_PASSWORD except on
+#   Amazon ECR and Google Artifact Registry hosts, which can use cloud credentials (a missing
+#   one ends the container at once with exit code 2 and a one-line error). The job store and build
 #   logs live in the volume /var/lib/mlflow-dock (MLFLOW_DOCK_DATA_DIR); a bind-mounted host
 #   directory must be writable by uid 10001. `docker run --rm mlflow-dock --help` lists the
 #   commands; `docker run ... mlflow-dock build MODEL VERSION` builds one version and exits.

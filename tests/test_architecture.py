@@ -1,4 +1,4 @@
-"""The import contract in pyproject.toml ([tool.importlinter]) holds: see README "Layout"."""
+"""The import contracts in pyproject.toml ([tool.importlinter]) hold: see docs/code-layout.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """mlflow-dock: MLflow Model Registry events -> serving images in a container registry.
 
-The public surface is `__all__`; everything else (the packages `intake`, `jobs`, `build`,
-`oci`, `cloud`, `mlflow`) is implementation that may change between releases.
+The public surface is `__all__`; everything else (the packages `intake`, `jobs`, `store`,
+`imaging`, `oci`, `cloud`, `mlflow`, `supply`, `observe`, `serving`) is implementation that may
+change between releases (docs/code-layout.md).
 
 Entry points: the `mlflow-dock` command (`mlflow_dock.cli`), `create_asgi_app(settings)` for an
 ASGI app, `build_service(settings)` to run the service in-process, and `mlflow_dock.asgi:app`

@@ -11,32 +11,60 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import httpx
 from fastapi import FastAPI
 
 if TYPE_CHECKING:
     from celery import Celery
 
 from mlflow_dock import __version__
-from mlflow_dock.build.engine import DockerEngine
-from mlflow_dock.build.layercache import LayerCache
-from mlflow_dock.build.native import NativeBuilder, NativeConfig
-from mlflow_dock.build.runner import BuildConfig, JobRunner
-from mlflow_dock.build.smoke import SmokeTester
-from mlflow_dock.build.warm import WarmSmoke
-from mlflow_dock.build.wheels import Platform
-from mlflow_dock.cloud.credentials import (
-    CredentialProvider,
-    EcrCredentials,
-    StaticCredentials,
-    make_provider,
-)
+from mlflow_dock.cloud.credentials import CredentialProvider
 from mlflow_dock.cloud.ecr import EcrRepositories
+from mlflow_dock.cloud.providers import RegistryAccess, layer_size_limit, registry_access
 from mlflow_dock.errors import ConfigError, MlflowDockError
+from mlflow_dock.imaging import ospackages
+from mlflow_dock.imaging.builder import Builder
+from mlflow_dock.imaging.derived import EngineDerivedBases, ExistingDerivedBases
+from mlflow_dock.imaging.engine import DockerEngine, EngineTransfers
+from mlflow_dock.imaging.layered import EngineRequired, LayeredBuilder
+from mlflow_dock.imaging.layers import codec_named
+from mlflow_dock.imaging.modelcar import (
+    BusyboxModelcars,
+    ImageCompanions,
+    Modelcars,
+    NoModelcars,
+    busybox_from,
+)
+from mlflow_dock.imaging.modellayers import ModelLayerPolicy
+from mlflow_dock.imaging.native import NativeBuilder, NativeConfig, native_runtime_key
+from mlflow_dock.imaging.pipeline import Fallback, OncePerRuntime, Pipeline, Producer
+from mlflow_dock.imaging.previous import AssembleOnEarlier, previous_version, remembered_runtime
+from mlflow_dock.imaging.publisher import STAGING_REPOSITORY, Publisher
+from mlflow_dock.imaging.registrycache import (
+    CACHE_REPOSITORY,
+    NoSharedLayers,
+    RegistryLayerCache,
+    SharedLayers,
+)
+from mlflow_dock.imaging.requirements import RequirementsPolicy
+from mlflow_dock.imaging.runner import (
+    AliasHandler,
+    BuildConfig,
+    BuildHandler,
+    JobRunner,
+    UnaliasHandler,
+)
+from mlflow_dock.imaging.smoke import SmokeLimits, SmokeTester
+from mlflow_dock.imaging.smokepolicy import NoSmokeTest, SmokePolicy, SmokeTest
+from mlflow_dock.imaging.stock import StockBuilder
+from mlflow_dock.imaging.warm import WarmSmoke
+from mlflow_dock.imaging.wheels import Platform
 from mlflow_dock.intake.accept import Accepted, Intake
 from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.auth import ReadAccess
@@ -44,20 +72,23 @@ from mlflow_dock.intake.probes import Check, broker_check
 from mlflow_dock.intake.signatures import WebhookVerifier
 from mlflow_dock.jobs.checkpoint import Checkpointer
 from mlflow_dock.jobs.distributed import Dispatcher, Sweeper, create_celery
+from mlflow_dock.jobs.lanes import LanePlan, Lanes, plan_lanes
 from mlflow_dock.jobs.locks import LeaderLease, StoreLocks
 from mlflow_dock.jobs.logs import BuildLogs, JobLogs, Redactor, StoredBuildLogs
-from mlflow_dock.jobs.model import Job
+from mlflow_dock.jobs.model import Job, JobKind, Lane
 from mlflow_dock.jobs.reconcile import ReconcileLoop, Reconciler
 from mlflow_dock.jobs.steps import current as current_step_recorder
 from mlflow_dock.jobs.steps import enter_step
-from mlflow_dock.jobs.store import JobStore, create_db_engine
 from mlflow_dock.jobs.worker import WorkerPool, execute_job, worker_identity
 from mlflow_dock.mlflow.client import MlflowSource
+from mlflow_dock.mlflow.sources import AllowedSources
 from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for
 from mlflow_dock.observe.metrics import ServiceMetrics
-from mlflow_dock.oci.reference import default_namespace, registry_hostname
+from mlflow_dock.oci.reference import ImageRef, default_namespace
 from mlflow_dock.oci.remote import RegistryClient
 from mlflow_dock.settings import Settings
+from mlflow_dock.store.facade import JobStore
+from mlflow_dock.store.layercache import StoredLayerCache
 from mlflow_dock.supply.attach import SupplyChain
 from mlflow_dock.supply.signing import Signer, load_signer
 
@@ -108,19 +139,26 @@ class Components:
 
     @cached_property
     def source(self) -> MlflowSource:
-        return MlflowSource(self.settings.mlflow_tracking_uri)
+        uri = self.settings.mlflow_tracking_uri
+        allowed = AllowedSources(uri, self.settings.allowed_source_list)
+        return MlflowSource(uri, allowed_sources=allowed)
 
     @cached_property
     def engine(self) -> DockerEngine:
+        s = self.settings
         return DockerEngine(
-            base_url=self.settings.docker_host, network_mode=self.settings.build_network
+            base_url=s.docker_host,
+            network_mode=s.build_network,
+            tls_verify=s.docker_tls_verify,
+            cert_path=s.docker_cert_path,
         )
 
     @cached_property
-    def credentials(self) -> CredentialProvider:
-        """The registry credential provider (static, ECR or Google); raises ConfigError."""
+    def registry_access(self) -> RegistryAccess:
+        """Credentials for the registry (static, ECR or Google), and ECR's own API where the
+        registry is ECR; chosen once here. Raises ConfigError."""
         password = self.settings.docker_registry_password
-        return make_provider(
+        return registry_access(
             registry=self.settings.docker_registry,
             username=self.settings.docker_username,
             password=password.get_secret_value() if password is not None else None,
@@ -130,34 +168,56 @@ class Components:
         )
 
     @cached_property
+    def credentials(self) -> CredentialProvider:
+        """The registry credential provider (static, ECR or Google); raises ConfigError."""
+        return self.registry_access.credentials
+
+    @cached_property
     def ecr(self) -> EcrRepositories | None:
         """ECR's own API where the registry is ECR: tag deletion, and repository creation."""
-        credentials = self.credentials
-        if isinstance(credentials, EcrCredentials):
-            return EcrRepositories(credentials)
-        if self.settings.ecr_create_repositories:
-            # A static password (e.g. from `aws ecr get-login-password`) pushes; creating
-            # repositories still takes the ambient AWS identity.
-            return EcrRepositories(
-                EcrCredentials(
-                    registry_host=registry_hostname(self.settings.docker_registry),
-                    endpoint_url=self.settings.ecr_endpoint_url,
-                )
-            )
-        return None
+        return self.registry_access.ecr
 
     @cached_property
-    def smoke(self) -> SmokeTester | None:
-        if not self.settings.smoke_test:
-            return None
-        return SmokeTester(self.engine, network_mode=self.settings.build_network)
+    def transfers(self) -> EngineTransfers:
+        """The engine's pushes and pulls with the target registry's credentials."""
+        return EngineTransfers(self.engine, self.credentials)
 
     @cached_property
-    def warm(self) -> WarmSmoke | None:
+    def warm(self) -> WarmSmoke:
         """Smoke tests of versions assembled on an already-tested runtime (about a second)."""
+        return WarmSmoke(self.engine, limits=self.smoke_limits)
+
+    @cached_property
+    def smoke_tester(self) -> SmokeTester:
+        return SmokeTester(self.engine, limits=self.smoke_limits)
+
+    @cached_property
+    def smoke_limits(self) -> SmokeLimits:
+        """One set of limits for every container that runs model code (full and warm)."""
+        s = self.settings
+        return SmokeLimits(
+            memory_bytes=s.smoke_memory_bytes,
+            cpus=s.smoke_cpus,
+            pids=s.smoke_pids,
+            timeout_seconds=s.smoke_timeout_seconds,
+        )
+
+    @cached_property
+    def smoke(self) -> SmokePolicy:
         if not self.settings.smoke_test:
-            return None
-        return WarmSmoke(self.engine)
+            return NoSmokeTest()
+        return SmokeTest(
+            full=self.smoke_tester,
+            warm=self.warm,
+            engine=self.transfers,
+            untested_without_engine=self.settings.builder == "native",
+        )
+
+    @cached_property
+    def registry_tls(self) -> ssl.SSLContext:
+        """One TLS context for every registry client of this process (each job makes clients;
+        loading the CA bundle for each took ~160 ms of CPU, most of an alias job's time)."""
+        return httpx.create_ssl_context()
 
     def registry(self, host: str) -> RegistryClient:
         # Credentials are fetched per client, i.e. per job: cloud tokens expire within hours.
@@ -173,9 +233,10 @@ class Components:
             on_blob=recorder.count_blob if recorder is not None else None,
             # Cloud tokens can be revoked or expire early: one fresh token on a 401, on every
             # registry path (the engine push has its own retry in the runner).
-            refresh_credentials=(
-                None if isinstance(self.credentials, StaticCredentials) else self._fresh_credentials
-            ),
+            refresh_credentials=self._fresh_credentials if self.credentials.refreshable else None,
+            # ECR removes one tag with its own API; other registries with OCI's DELETE.
+            delete_tag=self.ecr.delete_tag if self.ecr is not None else None,
+            ssl_context=self.registry_tls,
         )
 
     def _fresh_credentials(self) -> tuple[str | None, str | None]:
@@ -194,35 +255,163 @@ class Components:
             work_dir=s.data_dir / "work",
             registry=s.docker_registry,
             namespace=namespace,
-            builder=s.builder,
             base_image=s.base_image,
             pip_index_url=index_url.get_secret_value() if index_url else None,
             pip_extra_index_urls=s.pip_extra_index_url_list,
             ca_bundle=s.build_ca_bundle.read_bytes() if s.build_ca_bundle else None,
-            build_timeout_seconds=s.build_timeout_seconds,
-            ecr_create_repositories=s.ecr_create_repositories,
-            engine_fallback=s.engine_fallback,
+            requirements=RequirementsPolicy(
+                allow_direct_references=s.allow_direct_references, allow_sdists=s.allow_sdists
+            ),
+        )
+
+    def _pipeline(self, builder: Builder) -> Pipeline:
+        return Pipeline(
+            builder,
+            smoke=self.smoke,
+            publisher=self.publisher,
+            attacher=self.supply,
+            companions=self.companions,
         )
 
     @cached_property
-    def native(self) -> NativeBuilder | None:
-        """MLFLOW_DOCK_BUILDER=native: the engine-free builder and its layer-digest cache."""
+    def model_layers(self) -> ModelLayerPolicy:
+        """How models are cut into layers, and the registry's limit on one layer."""
         s = self.settings
-        if s.builder != "native":
-            return None
+        if s.max_layer_mib is None:
+            limit = layer_size_limit(s.docker_registry)
+        else:
+            limit = (s.max_layer_mib << 20) or None  # 0: no limit
+        return ModelLayerPolicy(
+            file_layer_bytes=s.model_file_layer_mib << 20, max_layer_bytes=limit
+        )
+
+    @cached_property
+    def modelcars(self) -> Modelcars:
+        """KServe Modelcars on the operator's static busybox, or none (MLFLOW_DOCK_MODELCAR)."""
+        if not self.settings.modelcar:
+            return NoModelcars()
+        # Packed once here: an unusable binary (dynamically linked, for another machine) is a
+        # ConfigError at start, not at the first build.
+        return BusyboxModelcars(
+            busybox_from(self.settings.modelcar_busybox),
+            cache=StoredLayerCache(self.store.database),
+        )
+
+    @cached_property
+    def companions(self) -> ImageCompanions:
+        """What follows each version's image: the V2 name it answers to, its Modelcar."""
+        return ImageCompanions(registry_factory=self.registry, modelcars=self.modelcars)
+
+    @cached_property
+    def publisher(self) -> Publisher:
+        return Publisher(
+            registry_factory=self.registry,
+            engine=self.transfers,
+            staging=self.build_config.service_repository(STAGING_REPOSITORY),
+            prepare_repository=self._prepare_repository,
+        )
+
+    @cached_property
+    def producer(self) -> Producer:
+        """The one place the builder strategies and their fallback order are decided.
+
+        native (default): assemble on the model's previous version; else, once per runtime
+        across workers, assemble on the image another build of the runtime published, or build
+        it engine-free, falling back to the layered engine build where allowed and an engine
+        answers. layered: the same with the engine in place of the native builder. mlflow:
+        MLflow's stock Dockerfile, every version built whole.
+        """
+        s = self.settings
+        if s.builder == "mlflow":
+            return self._pipeline(
+                StockBuilder(
+                    self.engine, base_image=s.base_image, timeout_seconds=s.build_timeout_seconds
+                )
+            )
+        layered = LayeredBuilder(self.engine, timeout_seconds=s.build_timeout_seconds)
+        if s.builder == "native":
+            new_runtime: Producer = self._pipeline(self.native)
+            if s.engine_fallback:
+                new_runtime = Fallback(
+                    new_runtime, self._pipeline(EngineRequired(layered, self.transfers))
+                )
+        else:
+            new_runtime = self._pipeline(layered)
+        return Fallback(
+            self._pipeline(
+                AssembleOnEarlier(
+                    previous_version(self.store),
+                    registry_factory=self.registry,
+                    model_layers=self.model_layers,
+                )
+            ),
+            OncePerRuntime(
+                assemble=self._pipeline(
+                    AssembleOnEarlier(
+                        remembered_runtime(self.store),
+                        registry_factory=self.registry,
+                        model_layers=self.model_layers,
+                    )
+                ),
+                build=new_runtime,
+                memory=self.store,
+                locks=self.runtime_locks,
+            ),
+        )
+
+    @cached_property
+    def native(self) -> NativeBuilder:
+        """The engine-free builder, its layer caches (own table, then the registry) and codec."""
+        s = self.settings
         config = self.build_config
+        derived = ExistingDerivedBases(
+            config.service_repository(ospackages.DERIVED_REPOSITORY), memory=self.store
+        )
+        shared: SharedLayers = (
+            RegistryLayerCache(
+                config.service_repository(CACHE_REPOSITORY),
+                prepare_repository=self._prepare_repository,
+            )
+            if s.registry_layer_cache
+            else NoSharedLayers()
+        )
         return NativeBuilder(
             NativeConfig(
-                platforms=tuple(Platform.parse(p) for p in s.platforms.split(",")),
-                cache_dir=s.data_dir / "cache",
+                platforms=self._platforms,
+                cache_dir=s.resolved_cache_dir,
                 index_url=config.pip_index_url,
                 extra_index_urls=config.pip_extra_index_urls,
                 ca_bundle=config.ca_bundle,
                 timeout_seconds=s.build_timeout_seconds,
+                model_layers=self.model_layers,
+                codec=codec_named(s.layer_compression),
             ),
-            # Its own table on the job store's database; a second engine on the same URL.
-            cache=LayerCache(create_db_engine(s.resolved_database_url)),
+            registry_factory=self.registry,
+            # Its own table on the job store's database, through the store's one engine ...
+            cache=StoredLayerCache(self.store.database),
+            # ... and, for every worker on the registry, the registry itself.
+            shared=shared,
+            derived=(
+                EngineDerivedBases(
+                    derived.repository,
+                    memory=self.store,
+                    engine=self.transfers,
+                    locks=self.runtime_locks,
+                    prepare_repository=self._prepare_repository,
+                    timeout_seconds=s.build_timeout_seconds,
+                )
+                if s.engine_fallback
+                else derived
+            ),
         )
+
+    @property
+    def _platforms(self) -> tuple[Platform, ...]:
+        return tuple(Platform.parse(p) for p in self.settings.platforms.split(","))
+
+    def _prepare_repository(self, repository: ImageRef) -> None:
+        if self.settings.ecr_create_repositories and self.ecr is not None:
+            self.ecr.ensure_repository(repository.path)
 
     @cached_property
     def signer(self) -> Signer | None:
@@ -239,7 +428,7 @@ class Components:
             registry_factory=self.registry,
             signer=self.signer,
             tool_version=__version__,
-            cache_dir=self.settings.data_dir / "layer-scans",
+            cache_dir=self.settings.resolved_cache_dir / "layer-scans",
             resolve_base=self._base_image_digest,
             first_delivery=self.store.first_delivery,
         )
@@ -253,20 +442,38 @@ class Components:
 
     @cached_property
     def runner(self) -> JobRunner:
+        s = self.settings
+        config = self.build_config
+        platforms = self._platforms
         return JobRunner(
-            config=self.build_config,
-            history=self.store,
-            source=self.source,
-            engine=self.engine,
-            credentials=self.credentials,
-            registry_factory=self.registry,
-            smoke=self.smoke,
-            supply=self.supply,
-            runtime_locks=self.runtime_locks,
-            ecr=self.ecr,
-            enter_step=enter_step,
-            native=self.native,
-            warm=self.warm,
+            build=BuildHandler(
+                config=config,
+                source=self.source,
+                registry_factory=self.registry,
+                producer=self.producer,
+                builder_name=s.builder,
+                attacher=self.supply,
+                companions=self.companions,
+                runtime_key_for=(
+                    (lambda key: native_runtime_key(key, platforms))
+                    if s.builder == "native"
+                    else (lambda key: key)
+                ),
+                prepare_repository=self._prepare_repository,
+                enter_step=enter_step,
+                owners=self.store,
+            ),
+            alias=AliasHandler(
+                config=config,
+                builds=self.store,
+                registry_factory=self.registry,
+                enter_step=enter_step,
+            ),
+            unalias=UnaliasHandler(
+                config=config,
+                registry_factory=self.registry,
+                enter_step=enter_step,
+            ),
         )
 
     @cached_property
@@ -276,30 +483,49 @@ class Components:
             self.store, owner=worker_identity(), lease_seconds=self.settings.lease_seconds
         )
 
-    def worker_pool(
-        self, *, on_change: Callable[[Job], None] = lambda _job: None, durable_tags: bool = False
-    ) -> WorkerPool:
-        """`durable_tags`: each outcome's MLflow tags are stored in the outcome's transaction."""
-        return WorkerPool(
-            store=self.store,
-            runner=self.runner,
-            logs=self.logs,
-            concurrency=self.settings.build_concurrency,
-            max_attempts=self.settings.max_attempts,
-            backoff_seconds=self.settings.retry_backoff_seconds,
-            max_backoff_seconds=self.settings.max_backoff_seconds,
-            lease_seconds=self.settings.lease_seconds,
-            on_change=on_change,
-            tag_writes=tag_writes_for if durable_tags else None,
+    def lanes(
+        self,
+        *,
+        on_change: Callable[[Job], None] = lambda _job: None,
+        durable_tags: bool = False,
+        builds: bool = True,
+    ) -> Lanes:
+        """This process's worker pools: a build lane (`builds`) and an alias lane, by settings.
+
+        `durable_tags`: each outcome's MLflow tags are stored in the outcome's transaction.
+        """
+        s = self.settings
+
+        def pool(plan: LanePlan, on_finished: Callable[[Job], None]) -> WorkerPool:
+            return WorkerPool(
+                store=self.store,
+                runner=self.runner,
+                logs=self.logs,
+                concurrency=plan.concurrency,
+                max_attempts=s.max_attempts,
+                backoff_seconds=s.retry_backoff_seconds,
+                max_backoff_seconds=s.max_backoff_seconds,
+                lease_seconds=s.lease_seconds,
+                poll_seconds=plan.poll_seconds,
+                on_change=on_change,
+                tag_writes=tag_writes_for if durable_tags else None,
+                kinds=plan.kinds,
+                name=plan.lane.value,
+                on_finished=on_finished,
+            )
+
+        plans = plan_lanes(
+            build_concurrency=s.build_concurrency if builds else 0,
+            alias_concurrency=s.alias_concurrency,
         )
+        return Lanes(plans, pool)
 
     def reconciler(self) -> Reconciler:
         return Reconciler(self.source, self.store)
 
     def close(self) -> None:
-        warm = self.__dict__.get("warm")
-        if warm is not None:
-            warm.close()
+        if "warm" in self.__dict__:
+            self.warm.close()
         if "engine" in self.__dict__:
             self.engine.close()
         if "store" in self.__dict__:
@@ -336,8 +562,12 @@ class Service:
             tag_writes=tag_writes_for if self.writeback is not None else None,
             on_queued=self._accepted,
         )
-        self.pool = components.worker_pool(
-            on_change=self._job_changed, durable_tags=self.writeback is not None
+        # The build lane where this process builds; the alias lane in every `serve`, whatever
+        # the executor (docs/scaling.md, "Lanes").
+        self.lanes = components.lanes(
+            on_change=self._job_changed,
+            durable_tags=self.writeback is not None,
+            builds=self._builds_here,
         )
         # MLFLOW_DOCK_EXECUTOR=celery: this process accepts and enqueues; workers build.
         self.dispatcher: Dispatcher | None = None
@@ -352,6 +582,9 @@ class Service:
                 resend_after_seconds=settings.redeliver_seconds,
                 is_leader=lambda: self.leader.is_leader,
                 job_log=self.logs.append,
+                # Alias jobs run on the replicas' alias lanes, not through the broker (unless
+                # this replica has none: then they go to the workers, as builds do).
+                kinds=frozenset(JobKind) - self.lanes.kinds,
             )
         self._started = False
         # SQLite's checkpoints, off the intake's commits (see jobs/checkpoint.py).
@@ -380,8 +613,7 @@ class Service:
         if self.dispatcher is not None and self.sweeper is not None:
             self.dispatcher.start()
             self.sweeper.start()
-        else:
-            self.pool.start()
+        self.lanes.start()
         if self.reconcile is not None:
             self.reconcile.start()
         # Everything loaded by now (MLflow, SQLAlchemy, FastAPI: ~200k objects) lives as long
@@ -392,8 +624,9 @@ class Service:
     def _check_engine(self) -> None:
         try:
             self.components.engine.ping()
-            smoke = self.components.smoke
-            if smoke is not None and (removed := smoke.remove_leftovers()):
+            if self.settings.smoke_test and (
+                removed := self.components.smoke_tester.remove_leftovers()
+            ):
                 logger.warning("removed %d smoke-test container(s) left by a crash", removed)
         except MlflowDockError as exc:
             # Not fatal: the engine may come up later and jobs retry; but say so at once, since
@@ -403,7 +636,7 @@ class Service:
     def stop(self) -> None:
         if self.reconcile is not None:
             self.reconcile.stop()
-        self.pool.stop()
+        self.lanes.stop()
         if self.dispatcher is not None and self.sweeper is not None:
             self.sweeper.stop()
             self.dispatcher.stop()
@@ -425,9 +658,11 @@ class Service:
         broker = self.settings.broker_url
         if self.settings.executor == "celery" and broker is not None:
             checks["broker"] = broker_check(broker.get_secret_value())
-        if self._builds_here and self._started:
-            pool = self.pool
-            checks["workers"] = lambda: pool.running
+        if self._started:
+            for lane, pool in self.lanes.pools.items():
+                # "workers": the build lane's threads (the name /ready always had).
+                name = "workers" if lane is Lane.BUILD else f"{lane.value}_workers"
+                checks[name] = _threads_alive(pool)
         return checks
 
     @property
@@ -441,23 +676,31 @@ class Service:
 
     def _queued(self, job: Job) -> None:
         self._job_changed(job)
-        if self.dispatcher is not None:
-            self.dispatcher.submit(job.id)
-        else:
-            self.pool.notify()
+        self._announce(job)
 
     def _accepted(self, jobs: Sequence[Job]) -> None:
         """Jobs one intake batch queued (their write-back tags are already stored with them)."""
         for job in jobs:
-            if self.dispatcher is not None:
-                self.dispatcher.submit(job.id)
-            elif self._builds_here:  # an accept-only replica has no workers to wake
-                self.pool.notify()
+            self._announce(job)
+
+    def _announce(self, job: Job) -> None:
+        """Wake the lane here that runs the job, or else send it to the Celery workers.
+
+        With neither (an accept-only embedded replica), a process on the same store finds it.
+        """
+        if self.lanes.runs(job.kind):
+            self.lanes.notify(job.kind)
+        elif self.dispatcher is not None:
+            self.dispatcher.submit(job.id)
 
     def _reconciled(self, job: Job) -> None:
         # A version or alias MLflow did not deliver (or we missed): worth a counter and alert.
         self.components.metrics.reconciled(job.kind.value)
         self._queued(job)
+
+
+def _threads_alive(pool: WorkerPool) -> Check:
+    return lambda: pool.running
 
 
 class CeleryJobRunner:
@@ -545,4 +788,5 @@ def create_asgi_app(settings: Settings, *, service: Service | None = None) -> Fa
         read_access=ReadAccess(token),
         metrics=components.metrics,
         mlflow_ui_url=settings.mlflow_tracking_uri,
+        secure_cookie=settings.secure_cookie,
     )

@@ -214,17 +214,17 @@ def backfill(
             typer.echo("a running `mlflow-dock serve` using the same data directory builds them")
         return
     try:
-        pool = components.worker_pool()
+        lanes = components.lanes()
     except MlflowDockError as exc:
         _die(str(exc), 2)
     # A service may run on the same store: leases keep its running jobs its own.
-    pool.start()
+    lanes.start()
     ids = [job.id for job in queued]
     try:
         while not all(store.get(i).state in TERMINAL_STATES for i in ids):
             time.sleep(1)
     finally:
-        pool.stop()
+        lanes.stop()
         components.close()
     failed = 0
     for job in (store.get(i) for i in ids):

@@ -16,8 +16,8 @@ from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.events import AliasCreated, AliasDeleted, ModelVersionCreated, parse_event
 from mlflow_dock.intake.signatures import sign
 from mlflow_dock.jobs.model import JobKind
-from mlflow_dock.jobs.store import DeliveryRequest
 from mlflow_dock.settings import Settings
+from mlflow_dock.store.deliveries import DeliveryRequest
 
 SECRET = "whsec-accept"
 

@@ -224,6 +224,17 @@ def test_body_over_one_mib_is_413(client):
     assert response.status_code == 413
 
 
+@pytest.mark.parametrize("depth", [100, 100_000, 500_000])
+def test_a_signed_deeply_nested_body_is_422_not_500(client, runner, depth):
+    raw = b'{"entity":"model_version","action":"created","data":{"name":"m","version":"1","x":'
+    raw += b"[" * depth + b"]" * depth + b"}}"
+    response = deliver(client, None, raw=raw[: 1024 * 1024])
+    assert response.status_code in (413, 422), response.text
+    if len(raw) <= 1024 * 1024:
+        assert response.status_code == 422 and "levels deep" in response.json()["detail"]
+    assert client.get("/health").status_code == 200 and runner.calls == []
+
+
 def test_invalid_json_is_rejected_only_after_authentication(client):
     response = deliver(client, None, raw=b"garbage", secret="wrong")
     assert response.status_code == 401

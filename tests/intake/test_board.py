@@ -53,15 +53,16 @@ def make_settings(tmp_path, **extra) -> Settings:
         mlflow_write_back=False,
         reconcile_interval_seconds=0,
         smoke_test=False,
-        mlflow_tracking_uri="http://mlflow.example:5000",
-        **extra,
+        **{"mlflow_tracking_uri": "http://mlflow.example:5000", **extra},
     )
 
 
-def client_for(settings: Settings, runner: StepRunner) -> TestClient:
+def client_for(
+    settings: Settings, runner: StepRunner, base_url: str = "http://testserver"
+) -> TestClient:
     components = Components(settings)
     components.runner = runner  # type: ignore[assignment]
-    return TestClient(create_asgi_app(settings, service=Service(components)))
+    return TestClient(create_asgi_app(settings, service=Service(components)), base_url=base_url)
 
 
 @pytest.fixture
@@ -188,7 +189,8 @@ def test_script_is_served(client):
 
 def test_read_token_guards_the_board_and_the_sign_in_form_sets_the_cookie(tmp_path, runner):
     settings = make_settings(tmp_path, api_token=TOKEN)
-    with client_for(settings, runner) as client:
+    # Over HTTPS: the cookie is Secure, so a client sends it back only there.
+    with client_for(settings, runner, base_url="https://testserver") as client:
         locked = client.get("/models/x?y=1", follow_redirects=False)
         assert locked.status_code == 303
         assert locked.headers["location"] == "/signin?next=%2Fmodels%2Fx%3Fy%3D1"
@@ -205,7 +207,7 @@ def test_read_token_guards_the_board_and_the_sign_in_form_sets_the_cookie(tmp_pa
         assert ok.status_code == 303 and ok.headers["location"] == "/"  # no open redirect
         cookie = ok.headers["set-cookie"]
         assert "mlflow_dock_token=" in cookie and "HttpOnly" in cookie
-        assert "samesite=strict" in cookie.lower()
+        assert "samesite=strict" in cookie.lower() and "secure" in cookie.lower()
         board = client.get("/")
         assert board.status_code == 200  # the cookie jar now holds the token
         assert 'action="/signout"' in board.text
@@ -218,9 +220,48 @@ def test_read_token_guards_the_board_and_the_sign_in_form_sets_the_cookie(tmp_pa
         assert client.get("/metrics", headers=bearer).status_code == 200
 
 
+def _signin_cookie(settings: Settings, runner: StepRunner) -> str:
+    # Plain HTTP, as behind a TLS-terminating proxy: the request's scheme must not decide.
+    with client_for(settings, runner) as client:
+        ok = client.post("/signin", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
+        assert ok.status_code == 303
+        return ok.headers["set-cookie"].lower()
+
+
+def test_sign_in_cookie_is_secure_unless_the_operator_turns_it_off(tmp_path, runner):
+    assert "secure" in _signin_cookie(make_settings(tmp_path, api_token=TOKEN), runner)
+    plain = make_settings(tmp_path, api_token=TOKEN, cookie_secure=False)
+    assert "secure" not in _signin_cookie(plain, runner)
+
+
+def test_sign_in_cookie_is_secure_whenever_the_service_serves_tls(tmp_path, runner):
+    (tmp_path / "cert.pem").write_text("cert")
+    (tmp_path / "key.pem").write_text("key")
+    settings = make_settings(
+        tmp_path,
+        api_token=TOKEN,
+        cookie_secure=False,
+        tls_cert_file=tmp_path / "cert.pem",
+        tls_key_file=tmp_path / "key.pem",
+    )
+    assert "secure" in _signin_cookie(settings, runner)
+
+
+def test_credentials_in_the_tracking_uri_never_reach_the_board(tmp_path, runner):
+    settings = make_settings(
+        tmp_path, mlflow_tracking_uri="https://alice:s3cret-token@mlflow.example/ml?token=q1w2e3"
+    )
+    with client_for(settings, runner) as client:
+        finished(client, deliver(client, created("1", name="m"), "d-cred").json()["job_id"])
+        page = client.get("/").text
+    assert 'href="https://mlflow.example/ml/#/models/m/versions/1"' in page
+    assert "s3cret-token" not in page and "alice" not in page and "q1w2e3" not in page
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
+        ("https://user:pass@mlflow:5000/base?token=x#y", "https://mlflow:5000/base"),
         ("http://mlflow:5000/", "http://mlflow:5000"),
         ("https://dbc.example/ml", "https://dbc.example/ml"),
         ("databricks", None),
@@ -261,3 +302,36 @@ def test_board_and_api_show_the_sbom_and_signature_of_an_image(tmp_path):
         assert "provenance" not in row
         # One copy target per row: the image's pinned reference.
         assert row.count("data-copy=") == 1
+
+
+def test_board_and_api_show_both_protocols_and_the_modelcar(tmp_path):
+    car = "127.0.0.1:5000/models/m@sha256:" + "7" * 64
+
+    class ServingRunner(StepRunner):
+        def run(self, job, log):
+            outcome = super().run(job, log)
+            return JobOutcome(
+                image=outcome.image,
+                digest=outcome.digest,
+                tags=outcome.tags,
+                modelcar=car,
+                v2_model="fraud model",
+            )
+
+    with client_for(make_settings(tmp_path), ServingRunner()) as c:
+        job_id = deliver(c, created("1"), "d-v2").json()["job_id"]
+        job = finished(c, job_id)
+        assert (job["modelcar"], job["v2_model"]) == (car, "fraud model")
+        row = row_html(c.get("/").text, job_id)
+        assert "POST /invocations" in row
+        assert "POST /v2/models/fraud%20model/versions/1/infer" in row
+        assert f'data-copy="oci://{car}"' in row
+
+
+def test_an_image_speaking_only_mlflows_protocol_shows_no_v2_endpoint(tmp_path):
+    with client_for(make_settings(tmp_path), StepRunner()) as c:
+        job_id = deliver(c, created("1"), "d-mlflow").json()["job_id"]
+        job = finished(c, job_id)
+        assert (job["modelcar"], job["v2_model"]) == (None, None)
+        row = row_html(c.get("/").text, job_id)
+        assert "POST /invocations" in row and "/v2/" not in row and "Modelcar" not in row

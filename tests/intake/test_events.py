@@ -71,3 +71,21 @@ def test_alias_deleted_has_no_version():
 
     event = parse_event(body("model_version_alias", "deleted", {"name": "m", "alias": "champion"}))
     assert isinstance(event, AliasDeleted) and event.data.alias == "champion"
+
+
+@pytest.mark.parametrize("depth", [33, 900, 5000, 500_000])
+def test_nesting_past_the_limit_is_a_payload_error_not_a_crash(depth):
+    nested = b"[" * depth + b"]" * depth
+    deep = b'{"entity":"model_version","action":"created","data":{"name":"m","version":"1","x":'
+    for raw in (nested, deep + nested + b"}}"):
+        with pytest.raises(PayloadError, match="more than 32 levels deep"):
+            parse_event(raw)
+
+
+def test_nesting_within_the_limit_is_parsed_as_before():
+    inner = json.loads("[" * 29 + "]" * 29)
+    event = parse_event(body("model_version", "created", {"name": "m", "version": "1", "x": inner}))
+    assert isinstance(event, ModelVersionCreated)
+    # Brackets inside strings count towards the cheap check only, never towards the depth.
+    many = body("model_version", "created", {"name": "[" * 400, "version": "1"})
+    assert isinstance(parse_event(many), ModelVersionCreated)

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from mlflow_dock.app import Components, Service
 from mlflow_dock.intake.api import create_app
 from mlflow_dock.intake.probes import Readiness, broker_check
+from mlflow_dock.jobs.model import Lane
 from mlflow_dock.settings import Settings
 
 SECRET = "whsec-probe"
@@ -53,22 +54,25 @@ def test_ready_reports_store_and_workers(tmp_path):
         assert response.status_code == 200
         assert response.json() == {
             "status": "ready",
-            "checks": {"store": "ok", "workers": "ok"},
+            "checks": {"store": "ok", "workers": "ok", "alias_workers": "ok"},
             "not_ready": [],
         }
         # Liveness stays what it was: the process answers.
         assert client.get("/health").json() == {"status": "healthy"}
 
 
-def test_ready_is_503_naming_dead_workers(tmp_path):
+@pytest.mark.parametrize(
+    ("lane", "check"), [(Lane.BUILD, "workers"), (Lane.ALIAS, "alias_workers")]
+)
+def test_ready_is_503_naming_dead_workers(tmp_path, lane, check):
     service = _service(_settings(tmp_path))
     with TestClient(create_app(lambda: service)) as client:
-        service.pool.stop()
+        service.lanes.pools[lane].stop()
         response = client.get("/ready")
         assert response.status_code == 503
         body = response.json()
         assert body["status"] == "not ready"
-        assert body["not_ready"] == ["workers"]
+        assert body["not_ready"] == [check]
         assert body["checks"]["store"] == "ok"
         assert client.get("/health").status_code == 200
 
@@ -90,13 +94,22 @@ def test_ready_is_503_when_the_store_is_gone(tmp_path):
         assert "secret" not in response.text
 
 
-def test_intake_only_process_has_no_worker_check(tmp_path):
+def test_an_api_replica_checks_only_its_alias_lane(tmp_path):
     service = _service(_settings(tmp_path, build_concurrency=0))
     with TestClient(create_app(lambda: service)) as client:
         response = client.get("/ready")
         assert response.status_code == 200
+        assert response.json()["checks"] == {"store": "ok", "alias_workers": "ok"}
+        assert list(service.lanes.pools) == [Lane.ALIAS]
+
+
+def test_intake_only_process_has_no_worker_check(tmp_path):
+    service = _service(_settings(tmp_path, build_concurrency=0, alias_concurrency=0))
+    with TestClient(create_app(lambda: service)) as client:
+        response = client.get("/ready")
+        assert response.status_code == 200
         assert response.json()["checks"] == {"store": "ok"}
-        assert not service.pool.running
+        assert not service.lanes.pools
 
 
 def _closed_port() -> int:

@@ -120,6 +120,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
 
 
 @pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLFLOW_DOCK_CACHE_DIR for the services of this session (of this xdist worker).
+
+    uv's wheel cache in it saves every service's first native build the downloads of the same
+    wheels (a few seconds each); tests about a fresh worker give theirs its own directory.
+    """
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server
@@ -193,8 +203,10 @@ class ServiceFactory:
         registry: RegistryServer,
         mlflow_server: MlflowServer,
         base_image: str,
+        cache_dir: Path | None = None,
     ) -> None:
         self.tmp_path = tmp_path
+        self.cache_dir = cache_dir
         self.registry = registry
         self.mlflow_server = mlflow_server
         self.base_image = base_image
@@ -213,6 +225,8 @@ class ServiceFactory:
             "MLFLOW_DOCK_DATA_DIR": str(workdir / "data"),
             "MLFLOW_DOCK_BASE_IMAGE": self.base_image,
         }
+        if self.cache_dir is not None:
+            env["MLFLOW_DOCK_CACHE_DIR"] = str(self.cache_dir)
         # pip inside build containers reaches PyPI on this machine only via the system bundle.
         if SYSTEM_CA_BUNDLE.exists():
             env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
@@ -223,7 +237,9 @@ class ServiceFactory:
                 env[key] = value
         return env
 
-    def __call__(self, *, startup_timeout: float = 60.0, **overrides: str | None) -> ServiceProcess:
+    def __call__(
+        self, *, startup_timeout: float = 180.0, **overrides: str | None
+    ) -> ServiceProcess:
         workdir = self.tmp_path / f"service-{len(self.services)}"
         env = self.env(workdir, **overrides)
         Path(env.get("MLFLOW_DOCK_DATA_DIR", workdir / "data")).mkdir(parents=True, exist_ok=True)
@@ -243,10 +259,36 @@ def service_factory(
     registry: RegistryServer,
     mlflow_server: MlflowServer,
     registry_base_image: str,
+    shared_cache_dir: Path,
 ) -> Iterator[ServiceFactory]:
-    factory = ServiceFactory(tmp_path, registry, mlflow_server, registry_base_image)
+    factory = ServiceFactory(
+        tmp_path, registry, mlflow_server, registry_base_image, cache_dir=shared_cache_dir
+    )
     yield factory
     factory.stop_all()
     if _test_failed(request):
         for service in factory.services:
             print(f"----- {service.log_path} (tail) -----\n{log_tail(service.log_path, 200)}")
+
+
+@pytest.fixture(scope="module")
+def module_service_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry: RegistryServer,
+    mlflow_server: MlflowServer,
+    registry_base_image: str,
+    shared_cache_dir: Path,
+) -> Iterator[ServiceFactory]:
+    """``service_factory`` for services a whole module shares (mark the module with an
+    ``xdist_group``, or every worker that runs one of its tests starts its own)."""
+    factory = ServiceFactory(
+        tmp_path_factory.mktemp("module-services"),
+        registry,
+        mlflow_server,
+        registry_base_image,
+        cache_dir=shared_cache_dir,
+    )
+    yield factory
+    for service in factory.services:
+        print(f"----- {service.log_path} (tail) -----\n{log_tail(service.log_path, 100)}")
+    factory.stop_all()

@@ -19,8 +19,8 @@ import docker
 import docker.errors
 import pytest
 
-from mlflow_dock.build.assembly import assemble, prepare, publish
-from mlflow_dock.build.dockerfile import render_model_dockerfile
+from mlflow_dock.imaging.assembly import assemble, prepare, publish
+from mlflow_dock.imaging.dockerfile import render_model_dockerfile
 from mlflow_dock.oci.manifest import DOCKER_MANIFEST
 from mlflow_dock.oci.mutate import CREATED_BY_SUFFIX, NotAssemblable
 from mlflow_dock.oci.remote import RegistryClient
@@ -83,7 +83,7 @@ def images(docker_client: docker.DockerClient) -> Iterator[list[str]]:
     yield created
     for reference in reversed(created):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            docker_client.images.remove(reference, force=True)
+            docker_client.images.remove(reference, force=True, noprune=True)
 
 
 @pytest.fixture

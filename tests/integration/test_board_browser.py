@@ -180,7 +180,7 @@ def test_board_follows_a_real_build_and_a_failure(
     assert metric(samples, "mlflow_dock_step_duration_seconds_count", step="push") >= 1
     assert metric(samples, "mlflow_dock_step_duration_seconds_count", step="smoke") == 1
     assert metric(samples, "mlflow_dock_webhook_deliveries_total", outcome="202") >= 3
-    assert metric(samples, "mlflow_dock_queue_depth") == 0
+    assert metric(samples, "mlflow_dock_queue_depth", lane="build") == 0
 
     time.sleep(1)  # let a last poll land, so its console output (if any) is seen
     context.close()

@@ -93,7 +93,7 @@ def _push_base(docker_client: docker.DockerClient, base_image: str, stack: Compo
             assert "error" not in chunk, chunk
     finally:
         with contextlib.suppress(docker.errors.APIError):
-            docker_client.images.remove(f"{repository}:{BASE_TAG}")
+            docker_client.images.remove(f"{repository}:{BASE_TAG}", noprune=True)
 
 
 def test_registered_version_becomes_a_pulled_serving_image(
@@ -143,7 +143,7 @@ def test_registered_version_becomes_a_pulled_serving_image(
         print(f"pulled and served {time.monotonic() - started:.1f}s after the stack answered")
     finally:
         with contextlib.suppress(docker.errors.APIError):
-            docker_client.images.remove(image, force=True)
+            docker_client.images.remove(image, force=True, noprune=True)
     # The stack's MLflow got the result back (write-back): the pushed digest, not just a tag.
     repository_ref = image.rpartition(":")[0]
     expected = {

@@ -30,7 +30,7 @@ from support.cluster import (
     start_redis,
     start_worker,
 )
-from support.jobs import created_payload, signed_delivery
+from support.jobs import alias_of, created_payload, signed_delivery, wait_for_job
 from support.servers import log_sklearn_model, log_tail, register_model_version, start_service
 
 LEASE = "3"
@@ -275,7 +275,8 @@ def wait_running(replica: Any, job_id: str, timeout: float = 300) -> None:
 def test_killed_worker_and_killed_replica(cluster, mlflow_server, registry):
     """kill -9 of the worker mid-build: the job completes on another worker once the lease
     expires, published once. kill -9 of one replica: the other keeps accepting (and takes over
-    the leader's sweeping, which is what requeues the dead worker's job)."""
+    the leader's sweeping, which is what requeues the dead worker's job). An alias is tagged by
+    the surviving replica's alias lane: alias jobs never go through the broker."""
     replicas = [cluster.replica(), cluster.replica()]
     first_worker = cluster.worker()
     model = f"kill-{uuid.uuid4().hex[:8]}"
@@ -295,6 +296,12 @@ def test_killed_worker_and_killed_replica(cluster, mlflow_server, registry):
     # Written by the workers, read by a replica that shares no disk with them.
     assert any("published" in line for line in detail["log_tail"]), detail["log_tail"]
     assert_built_once(replicas[1], registry, model, versions)
+    alias = {"entity": "model_version_alias", "action": "created"}
+    alias["data"] = {"name": model, "alias": "prod", "version": versions[0]}
+    response = signed_delivery(replicas[1], secret, alias)
+    assert response.status_code == 202, response.text
+    alias_job = wait_for_job(replicas[1], alias_of(model, "prod"), timeout=60)
+    assert alias_job["state"] == "succeeded" and alias_job["digest"] == taken_over["digest"]
 
 
 def test_broker_restart_and_database_outage_lose_nothing(

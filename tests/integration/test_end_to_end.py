@@ -17,7 +17,7 @@ import docker.errors
 import httpx
 import pytest
 
-from mlflow_dock.build.smoke import OWNER_LABEL
+from mlflow_dock.imaging.smoke import OWNER_LABEL
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import (
@@ -51,7 +51,7 @@ def wait_for_tags(mlflow_client, model, version, key, timeout=60):
 def predict(docker_client, image, registry):
     """Pull the pushed image afresh, run it and ask it for predictions."""
     with contextlib.suppress(docker.errors.ImageNotFound):
-        docker_client.images.remove(image, force=True)
+        docker_client.images.remove(image, force=True, noprune=True)
     docker_client.images.pull(image, auth_config=registry.auth_config)
     response = invoke(docker_client, image)
     assert response.status_code == 200, response.text

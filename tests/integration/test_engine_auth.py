@@ -15,14 +15,16 @@ import uuid
 import docker
 import pytest
 
-from mlflow_dock.build.engine import DockerEngine, with_fresh_credentials
 from mlflow_dock.cloud.credentials import Credentials
 from mlflow_dock.errors import PermanentError
+from mlflow_dock.imaging.engine import DockerEngine, with_fresh_credentials
 from support.servers import RegistryServer
 
 
 class ExpiringToken:
     """Hands out a refused token until invalidated, then the registry's real password."""
+
+    refreshable = True
 
     def __init__(self, registry: RegistryServer) -> None:
         self._registry = registry
@@ -61,7 +63,7 @@ def test_engine_push_and_pull_refresh_a_refused_token(
             ),
         )
         assert pushing.invalidated == 1 and pushed.digest.startswith("sha256:")
-        docker_client.images.remove(f"{repository}:1", force=True)
+        docker_client.images.remove(f"{repository}:1", force=True, noprune=True)
 
         pulling = ExpiringToken(registry)
         with_fresh_credentials(
@@ -86,5 +88,5 @@ def test_engine_push_and_pull_refresh_a_refused_token(
         # The pulled image is known by digest only; the imported one by its tag.
         for image in docker_client.images.list(name=repository):
             with contextlib.suppress(docker.errors.APIError):
-                docker_client.images.remove(image.id, force=True)
+                docker_client.images.remove(image.id, force=True, noprune=True)
         engine.close()

@@ -1,8 +1,11 @@
-"""What the layered builder promises about images: a failing image is never published, and
-build-only inputs (index credentials, CA bundle) never reach the image or its history."""
+"""What the layered builder promises about images: a failing image is never published,
+build-only inputs (index credentials, CA bundle) never reach the image or its history, and its
+images run mlflow-dock's server (MLflow's protocol and V2) as the version they are, also when
+the next version is assembled on an engine-built one."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import time
@@ -13,7 +16,7 @@ import httpx
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import created_payload, job_detail, signed_delivery, wait_for_job
-from support.servers import log_sklearn_model
+from support.servers import free_port, log_sklearn_model
 
 # The sklearn model's own pins: the broken model shares its runtime image, so the test exercises
 # the smoke test rather than another 60 s of pip installs.
@@ -117,3 +120,37 @@ def test_index_credentials_and_ca_bundle_stay_out_of_the_image(
     assert "mlflow-dock-build" not in listing and index_secret not in listing
     config = json.dumps(image.attrs["Config"])
     assert index_secret not in config and "PIP_CONFIG_FILE" not in config
+
+    # The engine's images run mlflow-dock's server as their version (ENV after the model), and
+    # so does the next version, assembled in the registry on the engine-built one.
+    second = log_sklearn_model(mlflow_server.url, model_name)
+    assembled = wait_finished(
+        service, deliver_created(service, service_factory.secret, model_name, second)
+    )
+    assert assembled["state"] == "succeeded", assembled
+    assert any("assembled" in line for line in assembled["log_tail"]), assembled["log_tail"]
+    for number, built in ((version, job), (second, assembled)):
+        assert built["v2_model"] == model_name
+        assert_answers_v2(docker_client, registry, built["image"], model_name, number)
+
+
+def assert_answers_v2(docker_client, registry, image, model_name, version):
+    docker_client.images.pull(image, auth_config=registry.auth_config)
+    port = free_port()
+    container = docker_client.containers.run(
+        image, detach=True, network_mode="host", environment={"PORT": str(port)}
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        metadata = httpx.get(f"{url}/v2/models/{model_name}/versions/{version}", timeout=10)
+        assert metadata.status_code == 200, container.logs().decode()[-2000:]
+        assert metadata.json()["versions"] == [version]
+        assert httpx.get(f"{url}/ping", timeout=10).status_code == 200
+    finally:
+        container.remove(force=True)

@@ -84,7 +84,7 @@ def test_push_with_per_call_credentials(
         assert not _push_errors(events), events[-3:]
         assert any("Digest" in e.get("aux", {}) for e in events), events[-3:]
     finally:
-        docker_client.images.remove(f"{repo}:v1", force=True)
+        docker_client.images.remove(f"{repo}:v1", force=True, noprune=True)
 
     name = repo.split("/", 1)[1]
     tags = httpx.get(f"{registry.url}/v2/{name}/tags/list", auth=registry.auth, timeout=5)

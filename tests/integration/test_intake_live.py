@@ -29,6 +29,7 @@ def test_mlflow_deliveries_become_jobs_through_the_asgi_receiver(
 ) -> None:
     service = service_factory(
         MLFLOW_DOCK_BUILD_CONCURRENCY="0",
+        MLFLOW_DOCK_ALIAS_CONCURRENCY="0",
         MLFLOW_DOCK_RECONCILE_INTERVAL="0",
         MLFLOW_DOCK_SMOKE_TEST="false",
         MLFLOW_DOCK_MLFLOW_WRITE_BACK="false",

@@ -81,7 +81,7 @@ def test_metrics_and_json_logs_move_with_real_events(service_factory, tmp_path):
     assert metric(after, "mlflow_dock_jobs", kind="build", state="failed") == 1
     assert metric(after, "mlflow_dock_job_attempts_total", kind="build", outcome="failed") == 1
     assert metric(after, "mlflow_dock_step_duration_seconds_count", step="resolve") == 1
-    assert metric(after, "mlflow_dock_queue_depth") == 0
+    assert metric(after, "mlflow_dock_queue_depth", lane="build") == 0
 
     # Another replica on the same store (as API replicas beside remote workers would be).
     replica = service_factory(**common)

@@ -18,12 +18,13 @@ import tarfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from mlflow_dock.build.dockerfile import serving_requirements
-from mlflow_dock.build.elf import parse_elf
-from mlflow_dock.build.native import NativeBuilder, NativeConfig
-from mlflow_dock.build.wheels import Platform
+from mlflow_dock.imaging.dockerfile import serving_requirements
+from mlflow_dock.imaging.elf import parse_elf
+from mlflow_dock.imaging.native import NativeBuilder, NativeConfig, NativeInputs
+from mlflow_dock.imaging.wheels import Platform
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
@@ -69,17 +70,31 @@ def blob_uploads(registry: RegistryServer, path: str) -> set[str]:
     return {"sha256:" + m.group(1) for line in lines if (m := pattern.search(line))}
 
 
-def test_native_images_without_an_engine_share_package_layers(
-    service_factory, webhook_factory, mlflow_server, registry, docker_client, registry_base_image
+def test_native_images_without_an_engine_share_package_layers_across_fresh_services(
+    service_factory,
+    webhook_factory,
+    mlflow_client,
+    mlflow_server,
+    registry,
+    docker_client,
+    registry_base_image,
 ):
-    service = service_factory(
-        MLFLOW_DOCK_BUILDER="native",
-        MLFLOW_DOCK_BASE_IMAGE=registry_base_image,
-        DOCKER_HOST=NO_ENGINE,
-        MLFLOW_DOCK_SMOKE_TEST="false",
-    )
-    webhook_factory(f"{service.url}/webhook", service_factory.secret)
+    """A second, fresh service (its own data directory, empty store and uv cache) building a
+    different model mounts the packages the first service pushed, from the registry's cache."""
     suffix = str(time.time_ns())[-8:]
+    # Its own namespace, so its layer cache repository starts empty.
+    namespace = f"layer-cache-{suffix}"
+    settings = {
+        "MLFLOW_DOCK_BUILDER": "native",
+        "MLFLOW_DOCK_BASE_IMAGE": registry_base_image,
+        "DOCKER_HOST": NO_ENGINE,
+        "MLFLOW_DOCK_SMOKE_TEST": "false",
+        "MLFLOW_DOCK_IMAGE_NAMESPACE": namespace,
+        # The fresh service must build model B only, not catch up on model A.
+        "MLFLOW_DOCK_RECONCILE_INTERVAL": "0",
+    }
+    service = service_factory(**settings)
+    webhook = webhook_factory(f"{service.url}/webhook", service_factory.secret)
     first, second = f"Native A {suffix}", f"Native B {suffix}"
 
     version = log_sklearn_model(mlflow_server.url, first)
@@ -88,11 +103,16 @@ def test_native_images_without_an_engine_share_package_layers(
     log = "\n".join(job_detail(service, job["id"])["log_tail"])
     assert "without an engine" in log
 
-    path_a = naming.repository_name(first)
+    path_a = f"{namespace}/{naming.repository_name(first)}"
     manifest_a = _manifest(registry, path_a, version)
     config_a = _config(registry, path_a, manifest_a)
     assert config_a["config"]["User"] == "10001:10001"
     assert config_a["history"][-1]["created_by"].startswith("COPY model/ /opt/ml/model/")
+    packages_a = sum("uv pip install" in h.get("created_by", "") for h in config_a["history"])
+    # Every package layer, the virtualenv's and the model server's is in the cache repository,
+    # one tag each.
+    cache_tags = _tags(registry, f"{namespace}/mlflow-dock-cache")
+    assert len([t for t in cache_tags if t.startswith("gzip-")]) == packages_a + 2
 
     # The pushed image serves, as uid 10001, from its hand-made virtualenv.
     image = f"{registry.host}/{path_a}:{version}"
@@ -101,13 +121,30 @@ def test_native_images_without_an_engine_share_package_layers(
     assert response.status_code == 200, response.text
     assert response.json()["predictions"] == [0, 2]
 
+    # A fresh service, nothing shared with the first but the registry (and MLflow).
+    service.stop()
+    mlflow_client.delete_webhook(webhook.webhook_id)
+    fresh = service_factory(**settings)
+    webhook_factory(f"{fresh.url}/webhook", service_factory.secret)
     # A second model with one more package: only that package, its model and config go up.
     version_b = log_sklearn_model(
         mlflow_server.url, second, pip_requirements=pinned("tabulate==0.9.0")
     )
-    job_b = wait_for_job(service, build_of(second, version_b))
-    assert job_b["state"] == "succeeded", job_detail(service, job_b["id"])["log_tail"]
-    path_b = naming.repository_name(second)
+    job_b = wait_for_job(fresh, build_of(second, version_b))
+    log_b = "\n".join(job_detail(fresh, job_b["id"])["log_tail"])
+    assert job_b["state"] == "succeeded", log_b
+    counted = re.search(
+        r"(\d+) blob\(s\) uploaded, (\d+) mounted, (\d+) already there; (\d+) layer\(s\) "
+        r"packed, (\d+) found in the registry's layer cache",
+        log_b,
+    )
+    assert counted is not None, log_b
+    uploaded, mounted, _present, packed, cached = map(int, counted.groups())
+    # Uploaded: tabulate's layer, the model layer, the config. Packed: tabulate only.
+    assert (uploaded, packed, cached) == (3, 1, packages_a + 2), log_b
+    assert mounted >= cached
+
+    path_b = f"{namespace}/{naming.repository_name(second)}"
     manifest_b = _manifest(registry, path_b, version_b)
     layers_a = {layer["digest"] for layer in manifest_a["layers"]}
     layers_b = [layer["digest"] for layer in manifest_b["layers"]]
@@ -117,10 +154,16 @@ def test_native_images_without_an_engine_share_package_layers(
     new_steps = [steps[layers_b.index(digest)] for digest in new]
     assert len(new) == 2, new_steps  # tabulate's layer and the model layer
     assert any("tabulate==0.9.0" in step for step in new_steps), new_steps
-    # Of the image's blobs only tabulate's layer, the model layer and the config were uploaded;
-    # everything else was mounted. (SBOMs and signatures attached beside it are not counted.)
+    # The registry agrees: of the image's blobs only tabulate's layer, the model layer and the
+    # config were uploaded; everything else was mounted. (SBOMs attached beside it not counted.)
     image_blobs = {manifest_b["config"]["digest"], *layers_b}
     assert blob_uploads(registry, path_b) & image_blobs == {manifest_b["config"]["digest"], *new}
+
+
+def _tags(registry: RegistryServer, path: str) -> list[str]:
+    response = httpx.get(f"{registry.url}/v2/{path}/tags/list", auth=registry.auth, timeout=10)
+    response.raise_for_status()
+    return list(response.json().get("tags") or [])
 
 
 def test_requirement_the_native_builder_cannot_serve_fails_at_once_without_an_engine(
@@ -190,6 +233,8 @@ def test_requirement_without_a_wheel_goes_to_the_engine_when_there_is_one(
         MLFLOW_DOCK_BASE_IMAGE=registry_base_image,
         MLFLOW_DOCK_BUILD_NETWORK="host",
         MLFLOW_DOCK_SMOKE_TEST="false",
+        # Source distributions are refused by default (their setup.py runs at build time).
+        MLFLOW_DOCK_ALLOW_SDISTS="true",
     )
     webhook_factory(f"{service.url}/webhook", service_factory.secret)
     name = f"Native sdist {str(time.time_ns())[-8:]}"
@@ -205,6 +250,7 @@ def test_requirement_without_a_wheel_goes_to_the_engine_when_there_is_one(
     assert response.status_code == 200, response.text
 
 
+# Its two users share one xdist worker (group "multiarch-base"): making it takes minutes.
 @pytest.fixture(scope="session")
 def multiarch_base_image(registry: RegistryServer, registry_base_image: str) -> str:
     """An index over the amd64 test base and a foreign-built arm64 one, via the registry API."""
@@ -263,38 +309,43 @@ def _check_multiarch(registry: RegistryServer, docker_client, path: str, tag: st
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.xdist_group("multiarch-base")
 def test_native_builder_writes_an_index_with_aarch64_wheels_on_the_arm64_base(
     mlflow_server, registry, docker_client, multiarch_base_image, tmp_path
 ):
     name = f"Native multiarch direct {str(time.time_ns())[-8:]}"
     version = log_sklearn_model(mlflow_server.url, name)
     model_dir = MlflowSource(mlflow_server.url).download(name, version, tmp_path / "model").path
-    builder = NativeBuilder(
-        NativeConfig(
-            platforms=(Platform.parse("linux/amd64"), Platform.parse("linux/arm64")),
-            cache_dir=tmp_path / "cache",
-            ca_bundle=SYSTEM_CA_BUNDLE.read_bytes() if SYSTEM_CA_BUNDLE.exists() else None,
-        )
-    )
     path = naming.repository_name(name)
     with _client(registry) as client:
-        result = builder.build(
+        builder = NativeBuilder(
+            NativeConfig(
+                platforms=(Platform.parse("linux/amd64"), Platform.parse("linux/arm64")),
+                cache_dir=tmp_path / "cache",
+                ca_bundle=SYSTEM_CA_BUNDLE.read_bytes() if SYSTEM_CA_BUNDLE.exists() else None,
+            ),
+            registry_factory=lambda _host: client,
+        )
+        result = builder.write_image(
             client,
             path,
+            NativeInputs(
+                base_image=multiarch_base_image,
+                model_dir=model_dir,
+                python_version="3.11",
+                requirements=serving_requirements((model_dir / "requirements.txt").read_text()),
+                labels={},
+                work=tmp_path / "work",
+                log=print,
+            ),
             base_registry=client,
-            base_image=multiarch_base_image,
-            model_dir=model_dir,
-            python_version="3.11",
-            requirements=serving_requirements((model_dir / "requirements.txt").read_text()),
-            labels={},
-            work=tmp_path / "work",
-            log=print,
         )
         result.tag(client, version)
     assert set(result.platform_digests) == {"linux/amd64", "linux/arm64"}
     _check_multiarch(registry, docker_client, path, version)
 
 
+@pytest.mark.xdist_group("multiarch-base")
 def test_two_platforms_publish_an_index_through_the_service(
     service_factory,
     webhook_factory,

@@ -80,7 +80,7 @@ def push(docker_client: docker.DockerClient, registry: RegistryServer) -> Iterat
     for ref in pushed:
         # NotFound: a test already removed it to pull it back from the registry.
         with contextlib.suppress(docker.errors.NotFound):
-            docker_client.images.remove(ref, force=True)
+            docker_client.images.remove(ref, force=True, noprune=True)
 
 
 @pytest.fixture
@@ -127,10 +127,10 @@ def test_alias_points_at_the_version_digest_and_moves(
 
     # The alias is a real image to Docker, not just a registry record: pull it back.
     name = f"{registry.host}/{repo}"
-    docker_client.images.remove(f"{name}:2", force=True)
+    docker_client.images.remove(f"{name}:2", force=True, noprune=True)
     pulled = docker_client.images.pull(name, tag="champion", auth_config=registry.auth_config)
     assert f"{name}@{v2}" in pulled.attrs["RepoDigests"]
-    docker_client.images.remove(f"{name}:champion", force=True)
+    docker_client.images.remove(f"{name}:champion", force=True, noprune=True)
 
 
 def test_delete_tag_never_touches_other_tags(
@@ -194,3 +194,76 @@ def test_missing_manifest_is_permanent(push: Push, client: RegistryClient, repo:
     with pytest.raises(PermanentError, match="not found"):
         client.tag(repo, "no-such-tag", "champion")
     assert client.manifest_digest(repo, "champion") is None
+
+
+class Interfering(httpx.BaseTransport):
+    """The real transport, except for the ``nth`` chunk PATCH of an upload: it is refused with
+    a 503 before a byte is sent (a proxy's hiccup), or its body breaks off after ``cut`` bytes
+    (a dropped connection) and the registry keeps what arrived."""
+
+    def __init__(self, nth: int, *, cut: int | None = None) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._nth, self._cut, self._patches = nth, cut, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":
+            self._patches += 1
+            if self._patches == self._nth and self._cut is None:
+                return httpx.Response(503, json={"errors": [{"code": "UNAVAILABLE"}]})
+            if self._patches == self._nth:
+                request = httpx.Request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    stream=self._broken(request),
+                )
+        return self._inner.handle_request(request)
+
+    def _broken(self, request: httpx.Request) -> httpx.SyncByteStream:
+        cut = self._cut or 0
+
+        class Broken(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                sent = 0
+                for chunk in request.stream:  # type: ignore[union-attr]
+                    yield chunk[: cut - sent]
+                    sent += len(chunk)
+                    if sent >= cut:
+                        raise httpx.WriteError("connection dropped mid-chunk")
+
+        return Broken()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [None, 300 << 10],
+    ids=["chunk refused, resumed where the registry stands", "chunk cut, new session"],
+)
+def test_an_interrupted_chunked_upload_completes(
+    registry: RegistryServer, repo: str, cut: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Distribution 2.8 answers GET on a session with the range it holds, and forgets a session
+    whose chunk broke off (its _state no longer matches): both end in the right blob."""
+    data = uuid.uuid4().bytes * (3 << 16)  # 3 MiB
+    chunk = 1 << 20
+    transport = Interfering(2, cut=cut)
+    caplog.set_level("INFO", logger="mlflow_dock.oci.remote")
+    with RegistryClient(
+        registry.host,
+        username=registry.username,
+        password=registry.password,
+        transport=transport,
+        chunk_bytes=chunk,
+    ) as client:
+        digest = client.upload_blob(repo, io.BytesIO(data))
+        with client.open_blob(repo, digest) as blob:
+            assert blob.read() == data
+    resumed = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert len(resumed) == 1, resumed
+    # Refused before a byte of it arrived: continued at the second chunk, not from the start;
+    # cut mid-chunk: Distribution 2.8 forgot the session, so a new one from byte 0.
+    expected = f"resuming at byte {chunk if cut is None else 0} of {len(data)}"
+    assert expected in resumed[0], resumed[0]

@@ -26,6 +26,9 @@ from docker.models.images import Image
 from support.servers import free_port
 from support.service_image import ImageBuildError, build_image, service_build_context
 
+# The module fixture builds the service image: its tests share one xdist worker.
+pytestmark = pytest.mark.xdist_group("service-image")
+
 UID = "10001"
 DATA_DIR = "/var/lib/mlflow-dock"
 REQUIRED_ENV = {
@@ -58,7 +61,7 @@ def service_image(
     yield image
     # Only the final stage's layers go: the builder stage's cached layers stay for the next run.
     try:
-        docker_client.images.remove(image.id, force=True)
+        docker_client.images.remove(tag, force=True, noprune=True)
     except docker.errors.APIError as exc:
         print(f"could not remove {tag}: {exc}")
 

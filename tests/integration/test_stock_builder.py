@@ -68,7 +68,7 @@ def test_mlflow_builder_pushes_mlflows_stock_image(
 
     # What users get is what the registry holds: pull it afresh.
     with contextlib.suppress(docker.errors.ImageNotFound):
-        docker_client.images.remove(image, force=True)
+        docker_client.images.remove(image, force=True, noprune=True)
     docker_client.images.pull(image, auth_config=registry.auth_config)
     assert predict_on_host_port(docker_client, image) == [0, 2]
 

@@ -6,7 +6,8 @@ import threading
 
 from mlflow_dock.jobs.checkpoint import Checkpointer
 from mlflow_dock.jobs.model import JobKind
-from mlflow_dock.jobs.store import DeliveryRequest, JobStore
+from mlflow_dock.store.deliveries import DeliveryRequest
+from mlflow_dock.store.facade import JobStore
 
 
 def test_checkpoints_run_until_stopped_and_a_failure_is_not_fatal():

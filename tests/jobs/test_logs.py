@@ -7,7 +7,8 @@ import datetime as dt
 from types import SimpleNamespace
 
 from mlflow_dock.app import Components
-from mlflow_dock.cloud.credentials import EcrCredentials, GoogleCredentials
+from mlflow_dock.cloud.ecr import EcrCredentials
+from mlflow_dock.cloud.google import GoogleCredentials
 from mlflow_dock.jobs.logs import REDACTED, BuildLogs, Redactor, StoredBuildLogs, redact
 from mlflow_dock.settings import Settings
 

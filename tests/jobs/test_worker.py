@@ -10,8 +10,8 @@ from sqlalchemy.exc import OperationalError
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobOutcome, JobState
-from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.jobs.worker import WorkerPool, execute_job
+from mlflow_dock.store.facade import JobStore
 
 DIGEST = "sha256:" + "e" * 64
 

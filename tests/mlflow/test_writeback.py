@@ -5,8 +5,8 @@ import time
 import pytest
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState
-from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.mlflow.writeback import MlflowWriteBack, tag_writes_for, updates_for
+from mlflow_dock.store.facade import JobStore
 from support.databases import database
 
 DIGEST = "sha256:" + "d" * 64
@@ -22,8 +22,27 @@ def test_build_success_writes_image_with_digest_and_clears_error():
     assert update.set_tags == {
         "mlflow_dock.status": "succeeded",
         "mlflow_dock.image": f"reg/m@{DIGEST}",
+        "mlflow_dock.endpoints": "POST /invocations (MLflow scoring protocol)",
     }
     assert update.delete_tags == ("mlflow_dock.error",)
+
+
+def test_build_success_writes_both_protocols_endpoints_and_the_modelcar():
+    car = f"reg/m@sha256:{'e' * 64}"
+    (update,) = updates_for(
+        job(
+            state=JobState.SUCCEEDED,
+            image="reg/m:3",
+            digest=DIGEST,
+            modelcar=car,
+            v2_model="Fraud model",
+        )
+    )
+    assert update.set_tags["mlflow_dock.modelcar"] == car
+    assert update.set_tags["mlflow_dock.endpoints"] == (
+        "POST /invocations (MLflow scoring protocol); "
+        "POST /v2/models/Fraud%20model/versions/3/infer (Open Inference Protocol, V2)"
+    )
 
 
 def test_build_success_writes_sbom_signature_and_provenance_references():
@@ -120,7 +139,11 @@ def test_newest_value_wins_and_survives_a_restart(tmp_path):
         (
             "m",
             "3",
-            {"mlflow_dock.status": "succeeded", "mlflow_dock.image": f"reg/m@{DIGEST}"},
+            {
+                "mlflow_dock.status": "succeeded",
+                "mlflow_dock.image": f"reg/m@{DIGEST}",
+                "mlflow_dock.endpoints": "POST /invocations (MLflow scoring protocol)",
+            },
             ("mlflow_dock.error",),
         )
     ]
@@ -190,7 +213,11 @@ def test_an_outcome_recorded_with_its_tags_reaches_mlflow_after_a_crash(kind, tm
         (
             "m",
             "3",
-            {"mlflow_dock.status": "succeeded", "mlflow_dock.image": f"reg/m@{DIGEST}"},
+            {
+                "mlflow_dock.status": "succeeded",
+                "mlflow_dock.image": f"reg/m@{DIGEST}",
+                "mlflow_dock.endpoints": "POST /invocations (MLflow scoring protocol)",
+            },
             ("mlflow_dock.error",),
         )
     ]

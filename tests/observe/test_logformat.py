@@ -134,7 +134,7 @@ def test_lines_of_an_accepted_delivery_carry_its_context(tmp_path):
 
     from mlflow_dock.intake.accept import Intake
     from mlflow_dock.intake.signatures import WebhookVerifier, sign
-    from mlflow_dock.jobs.store import JobStore
+    from mlflow_dock.store.facade import JobStore
 
     store = JobStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}")
     intake = Intake(verifier=WebhookVerifier(["whsec-ctx"]), store=store)

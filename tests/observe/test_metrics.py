@@ -11,8 +11,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlflow_dock.jobs.steps import ATTEMPT_FAILED, ATTEMPT_RETRY, ATTEMPT_SUCCEEDED, StepRecorder
-from mlflow_dock.jobs.store import JobStore, utcnow
 from mlflow_dock.observe.metrics import STEP_BUCKETS, ServiceMetrics
+from mlflow_dock.store.facade import JobStore
+from mlflow_dock.store.records import utcnow
 from support.databases import database
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yaml"
@@ -54,8 +55,9 @@ def test_an_empty_store_reports_zeros_for_every_series(store):
     metrics.watch_store(store)
     samples = scrape(metrics)
     assert value(samples, "mlflow_dock_store_up") == 1
-    assert value(samples, "mlflow_dock_queue_depth") == 0
-    assert value(samples, "mlflow_dock_queue_oldest_age_seconds") == 0
+    for lane in ("build", "alias"):
+        assert value(samples, "mlflow_dock_queue_depth", lane=lane) == 0
+        assert value(samples, "mlflow_dock_queue_oldest_age_seconds", lane=lane) == 0
     assert value(samples, "mlflow_dock_jobs", kind="build", state="queued") == 0
     assert value(samples, "mlflow_dock_job_attempts_total", kind="build", outcome="failed") == 0
     assert value(samples, "mlflow_dock_webhook_deliveries_total", outcome="401") == 0
@@ -84,8 +86,9 @@ def test_store_figures_follow_jobs_attempts_and_steps(store):
     samples = scrape(metrics)
     assert value(samples, "mlflow_dock_jobs", kind="build", state="queued") == 3
     assert value(samples, "mlflow_dock_jobs", kind="build", state="failed") == 1
-    assert value(samples, "mlflow_dock_queue_depth") == 3
-    assert value(samples, "mlflow_dock_queue_oldest_age_seconds") >= 0
+    assert value(samples, "mlflow_dock_queue_depth", lane="build") == 3
+    assert value(samples, "mlflow_dock_queue_depth", lane="alias") == 0
+    assert value(samples, "mlflow_dock_queue_oldest_age_seconds", lane="build") >= 0
     assert value(samples, "mlflow_dock_job_attempts_total", kind="build", outcome="succeeded") == 1
     assert value(samples, "mlflow_dock_job_attempts_total", kind="build", outcome="retry") == 1
     assert value(samples, "mlflow_dock_job_attempts_total", kind="build", outcome="failed") == 1
@@ -106,9 +109,25 @@ def test_store_figures_follow_jobs_attempts_and_steps(store):
 def test_oldest_queued_age_starts_when_a_backoff_ends(store):
     job, _ = store.request_build("m", "1")
     figures = store.figures(bucket_bounds=STEP_BUCKETS, now=utcnow() + timedelta(minutes=10))
-    assert 599 <= figures.oldest_queued_seconds <= 601
-    assert figures.queue_depth == 1
+    assert 599 <= figures.oldest_queued_seconds["build"] <= 601
+    assert figures.queue_depth == {"build": 1, "alias": 0}
     assert job.id
+
+
+def test_an_alias_waits_in_its_lane_only_once_its_build_has_finished(store):
+    build, _ = store.request_build("m", "1")
+    alias, _ = store.request_alias("m", "1", "champion")
+    later = utcnow() + timedelta(minutes=10)
+    figures = store.figures(bucket_bounds=STEP_BUCKETS, now=later)
+    assert figures.queue_depth == {"build": 1, "alias": 1}
+    # Ten minutes behind its build is not ten minutes stuck in the alias lane.
+    assert figures.oldest_queued_seconds["alias"] == 0
+    store.claim(build.id, owner="w", lease_seconds=30)
+    store.succeed(build.id, image="r/m:1", digest="sha256:" + "a" * 64, owner="w")
+    figures = store.figures(bucket_bounds=STEP_BUCKETS, now=later)
+    assert 599 <= figures.oldest_queued_seconds["alias"] <= 601
+    assert figures.queue_depth == {"build": 0, "alias": 1}
+    assert alias.id
 
 
 def test_two_apps_on_one_store_report_the_same_truth(store):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_dock.oci.auth import Challenge, RegistryAuth, parse_challenges
+from mlflow_dock.oci.auth import (
+    Challenge,
+    RegistryAuth,
+    TokenRequest,
+    parse_challenges,
+    parse_token_response,
+)
 
 
 def test_parse_challenge_with_commas_inside_quotes() -> None:
@@ -69,3 +75,48 @@ def test_anonymous_sends_nothing_up_front() -> None:
     auth = RegistryAuth(username=None, password=None)
     assert auth.basic_header is None
     assert auth.cached("team/x", ("pull",)) is None
+
+
+def test_a_bearer_challenge_names_the_token_to_fetch_and_the_token_is_then_cached() -> None:
+    auth = RegistryAuth(username="u", password="pw")
+    challenge = (
+        'Bearer realm="https://auth.example.com/token",service="reg",scope="repository:a/b:pull"'
+    )
+    wanted = auth.respond([challenge], "a/b", ("pull", "push"), None)
+    assert wanted == TokenRequest(
+        "https://auth.example.com/token", "reg", "repository:a/b:pull,push"
+    )
+    assert auth.remember_token(wanted, "tok", 300) == "Bearer tok"
+    # Known up front from now on, for the same scope only.
+    assert auth.cached("a/b", ("pull", "push")) == "Bearer tok"
+    assert auth.cached("a/b", ("pull",)) is None
+    # The same token refused: another one must be fetched, not the refused one sent again.
+    assert auth.respond([challenge], "a/b", ("pull", "push"), "Bearer tok") == wanted
+    assert "tok" in auth.secrets()
+
+
+def test_basic_is_retried_once_and_only_with_credentials() -> None:
+    auth = RegistryAuth(username="u", password="pw")
+    basic = auth.basic_header
+    assert auth.respond(['Basic realm="r"'], "a/b", ("pull",), None) == basic
+    assert auth.respond(['Basic realm="r"'], "a/b", ("pull",), basic) is None
+    assert auth.cached("a/b", ("pull",)) == basic
+    anonymous = RegistryAuth(username=None, password=None)
+    assert anonymous.respond(['Basic realm="r"'], "a/b", ("pull",), None) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"token": "t", "expires_in": 300}', ("t", 300.0)),
+        (b'{"access_token": "t"}', ("t", None)),
+        (b'{"token": "", "access_token": "a"}', ("a", None)),
+        (b'{"token": "t", "expires_in": "soon"}', ("t", None)),
+        (b'{"token": ""}', None),
+        (b'{"token": 5}', None),
+        (b"[]", None),
+        (b"<html>", None),
+    ],
+)
+def test_parse_token_response(body: bytes, expected: tuple[str, float | None] | None) -> None:
+    assert parse_token_response(body) == expected

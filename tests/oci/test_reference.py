@@ -18,9 +18,11 @@ from mlflow_dock.oci.reference import (
     default_namespace,
     image_repository,
     is_digest,
+    modelcar_tag,
     pinned,
     registry_hostname,
     repository_name,
+    service_repository,
     split_host,
     split_registry,
     version_tag,
@@ -581,3 +583,67 @@ def test_parse_round_trips(text, repository, tag, digest):
 
 def test_pinned_drops_the_tag_and_keeps_the_port():
     assert pinned("127.0.0.1:5000/team/m:3", DIGEST) == f"127.0.0.1:5000/team/m@{DIGEST}"
+
+
+# --- names the service owns -------------------------------------------------------------------
+
+SERVICE_REPOSITORIES = ("mlflow-dock-base", "mlflow-dock-cache", "mlflow-dock-staging")
+
+
+@pytest.mark.parametrize("name", ["mlflow-dock-base", "mlflow-dock", "mlflow-dock-cache-x"])
+def test_a_model_named_like_a_service_repository_is_hashed(name: str) -> None:
+    assert repository_name(name) == f"{name}-{h(name)}"
+
+
+def test_service_repositories_are_only_the_reserved_names() -> None:
+    assert service_repository("r.io", "team", "mlflow-dock-base") == "r.io/team/mlflow-dock-base"
+    for refused in ("fraud-model", "mlflow-dock-base-0123456789"):
+        with pytest.raises(ValueError, match="reserved"):
+            service_repository("r.io", "team", refused)
+
+
+@given(names)
+def test_no_model_name_maps_onto_a_service_repository(name: str) -> None:
+    assert repository_name(name) not in SERVICE_REPOSITORIES
+
+
+@given(st.sampled_from(SERVICE_REPOSITORIES), st.text(max_size=8))
+def test_no_near_service_name_maps_onto_a_service_repository(service: str, extra: str) -> None:
+    assert repository_name(service + extra) not in SERVICE_REPOSITORIES
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "sha256-" + "a" * 64,  # the OCI referrers fallback tag of a digest
+        "sha256-" + "a" * 64 + ".sig",
+        "sha256-" + "a" * 64 + ".att",
+        "sha256-" + "a" * 64 + ".sbom",
+        "SHA256-abc",
+        "3-modelcar",
+        "champion-modelcar",
+    ],
+)
+def test_an_alias_named_like_a_tag_the_service_writes_is_hashed(alias: str) -> None:
+    tag = alias_tag(alias)
+    assert tag != alias and tag.endswith(h(alias))
+    assert not tag.lower().startswith("sha256-") and not tag.endswith("-modelcar")
+
+
+@given(st.text())
+def test_no_alias_tag_looks_like_an_attachment_or_modelcar_tag(alias: str) -> None:
+    tag = alias_tag(alias)
+    assert not tag.lower().startswith("sha256-") and not tag.lower().endswith("-modelcar")
+
+
+@given(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", fullmatch=True))
+def test_modelcar_tags_are_tags_and_never_alias_tags(tag: str) -> None:
+    result = modelcar_tag(tag)
+    assert TAG.fullmatch(result) and result.endswith("-modelcar")
+    assert all(alias_tag(a) != result for a in (result, tag))
+
+
+def test_modelcar_tags_of_long_tags_stay_distinct() -> None:
+    a, b = "x" * 127 + "a", "x" * 127 + "b"
+    assert modelcar_tag(a) != modelcar_tag(b) and len(modelcar_tag(a)) == 128
+    assert modelcar_tag("3") == "3-modelcar"

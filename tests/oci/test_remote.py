@@ -1,4 +1,6 @@
-"""Unit tests for mlflow_dock.oci.remote against httpx.MockTransport registries.
+"""Unit tests for mlflow_dock.oci.remote (and its auth flow, oci.authflow) against the shared
+in-memory registry (tests/support/registry.py), or a scripted handler where one wire behaviour is
+the point of the test.
 
 The live behaviour of a real registry is in tests/integration/test_registry_live.py; these
 pin down the edge cases a real Distribution never produces on demand (Bearer realms, rate
@@ -12,7 +14,6 @@ import hashlib
 import json
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ from mlflow_dock.oci.remote import (
     RegistryClient,
     RegistryError,
 )
+from support.registry import OciRegistry, oci_errors
 
 USER = "robot"
 PASSWORD = "hunter2-Sup3r-s3cret"  # long and unusual so a leak is unambiguous
@@ -46,108 +48,30 @@ def basic(user: str = USER, password: str = PASSWORD) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def oci_errors(code: str, message: str) -> dict[str, object]:
-    return {"errors": [{"code": code, "message": message, "detail": None}]}
-
-
 def client_for(handler: Handler, host: str = "registry.example.com", **kwargs: object):
     kwargs.setdefault("username", USER)
     kwargs.setdefault("password", PASSWORD)
     return RegistryClient(host, transport=httpx.MockTransport(handler), **kwargs)  # type: ignore[arg-type]
 
 
-@dataclass
-class FakeRegistry:
-    """A registry with manifests in memory and Basic, Bearer or no auth.
+def fake_registry(auth: str = "none", **kwargs: object) -> OciRegistry:
+    """The shared registry with this module's credentials and tokens ("<TOKEN>-1", ...).
 
-    Bearer mode mimics Docker Hub: every request is challenged with exactly the scope it
-    needs, and the token server grants whatever scope it was asked for.
+    Bearer mode is Docker-Hub-like: every request is challenged with exactly the scope it
+    needs. Manifests here name blobs nobody pushed, so the registry does not check them.
     """
-
-    auth: str = "none"  # "none" | "basic" | "bearer"
-    token_body: dict[str, object] = field(default_factory=lambda: {"token": TOKEN})
-    realm: str = "https://auth.example.com/token"
-    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
-    requests: list[httpx.Request] = field(default_factory=list)
-    token_requests: list[httpx.Request] = field(default_factory=list)
-    issued: int = 0
-    delete_status: int = 202
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.host == "auth.example.com":
-            return self.token(request)
-        self.requests.append(request)
-        denied = self.challenge(request)
-        if denied is not None:
-            return denied
-        path = request.url.path
-        if path == "/v2/":
-            return httpx.Response(200, json={})
-        repo, _, ref = path.removeprefix("/v2/").partition("/manifests/")
-        if request.method == "PUT":
-            body = request.content
-            self.manifests[(repo, ref)] = (body, request.headers["Content-Type"])
-            digest = "sha256:" + hashlib.sha256(body).hexdigest()
-            self.manifests[(repo, digest)] = (body, request.headers["Content-Type"])
-            return httpx.Response(201, headers={"Docker-Content-Digest": digest})
-        if request.method == "DELETE":
-            if self.delete_status == 202:
-                self.manifests.pop((repo, ref), None)
-            return httpx.Response(self.delete_status)
-        if (repo, ref) not in self.manifests:
-            return httpx.Response(404, json=oci_errors("MANIFEST_UNKNOWN", "manifest unknown"))
-        body, media_type = self.manifests[(repo, ref)]
-        headers = {
-            "Content-Type": media_type,
-            "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest(),
-        }
-        return httpx.Response(
-            200, headers=headers, content=b"" if request.method == "HEAD" else body
-        )
-
-    def challenge(self, request: httpx.Request) -> httpx.Response | None:
-        sent = request.headers.get("Authorization")
-        if self.auth == "basic" and sent != basic():
-            return httpx.Response(
-                401,
-                headers={"WWW-Authenticate": 'Basic realm="fake"'},
-                json=oci_errors("UNAUTHORIZED", "authentication required"),
-            )
-        if self.auth == "bearer" and sent not in self.valid_tokens():
-            path = request.url.path
-            scope = ""
-            if path != "/v2/":
-                repo = path.removeprefix("/v2/").partition("/manifests/")[0]
-                action = {"GET": "pull", "HEAD": "pull", "PUT": "pull,push"}.get(
-                    request.method, "delete"
-                )
-                scope = f',scope="repository:{repo}:{action}"'
-            header = f'Bearer realm="{self.realm}",service="fake-registry"{scope}'
-            return httpx.Response(
-                401,
-                headers={"WWW-Authenticate": header},
-                json=oci_errors("UNAUTHORIZED", "authentication required"),
-            )
-        return None
-
-    def valid_tokens(self) -> set[str]:
-        return {f"Bearer {TOKEN}-{n}" for n in range(1, self.issued + 1)}
-
-    def token(self, request: httpx.Request) -> httpx.Response:
-        self.token_requests.append(request)
-        if request.headers.get("Authorization") != basic():
-            return httpx.Response(401, json={"details": "incorrect username or password"})
-        self.issued += 1
-        body = dict(self.token_body)
-        for key in ("token", "access_token"):
-            if key in body:
-                body[key] = f"{TOKEN}-{self.issued}"
-        return httpx.Response(200, json=body)
+    return OciRegistry(
+        auth=auth,  # type: ignore[arg-type]
+        username=USER,
+        password=PASSWORD,
+        token_prefix=TOKEN,
+        verify_references=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
-def with_manifest(fake: FakeRegistry, ref: str = "v1") -> FakeRegistry:
-    fake.manifests[(REPO, ref)] = (MANIFEST_BODY, DOCKER_MANIFEST)
-    fake.manifests[(REPO, MANIFEST_DIGEST)] = (MANIFEST_BODY, DOCKER_MANIFEST)
+def with_manifest(fake: OciRegistry, ref: str = "v1") -> OciRegistry:
+    fake.put_manifest(REPO, MANIFEST_BODY, DOCKER_MANIFEST, tag=ref)
     return fake
 
 
@@ -162,7 +86,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_basic_challenge_is_answered_and_then_sent_up_front() -> None:
-    fake = with_manifest(FakeRegistry(auth="basic"))
+    fake = with_manifest(fake_registry(auth="basic"))
     with client_for(fake) as client:
         manifest = client.get_manifest(REPO, "v1")
         assert manifest.body == MANIFEST_BODY
@@ -174,7 +98,7 @@ def test_basic_challenge_is_answered_and_then_sent_up_front() -> None:
 
 
 def test_basic_wrong_password_is_permanent_after_one_retry() -> None:
-    fake = with_manifest(FakeRegistry(auth="basic"))
+    fake = with_manifest(fake_registry(auth="basic"))
     with client_for(fake, password="wrong-password") as client:
         with pytest.raises(PermanentError) as info:
             client.get_manifest(REPO, "v1")
@@ -192,7 +116,7 @@ def test_basic_wrong_password_is_permanent_after_one_retry() -> None:
 
 
 def test_basic_challenge_without_credentials_is_permanent() -> None:
-    fake = with_manifest(FakeRegistry(auth="basic"))
+    fake = with_manifest(fake_registry(auth="basic"))
     with client_for(fake, username=None, password=None) as client, pytest.raises(PermanentError):
         client.get_manifest(REPO, "v1")
     assert len(fake.requests) == 1
@@ -202,7 +126,7 @@ def test_basic_challenge_without_credentials_is_permanent() -> None:
 
 
 def test_bearer_flow_uses_challenge_realm_service_scope_and_credentials(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer"))
+    fake = with_manifest(fake_registry(auth="bearer"))
     with client_for(fake) as client:
         assert client.get_manifest(REPO, "v1").digest == MANIFEST_DIGEST
 
@@ -216,8 +140,7 @@ def test_bearer_flow_uses_challenge_realm_service_scope_and_credentials(clock) -
 
 
 def test_bearer_token_is_cached_per_scope_until_expiry(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer", token_body={"token": "", "expires_in": 300}))
-    fake.token_body = {"token": TOKEN, "expires_in": 300}
+    fake = with_manifest(fake_registry(auth="bearer", token_expires_in=300))
     with client_for(fake) as client:
         client.get_manifest(REPO, "v1")
         clock[0] += 200
@@ -232,7 +155,7 @@ def test_bearer_token_is_cached_per_scope_until_expiry(clock) -> None:
 
 
 def test_bearer_token_defaults_to_60_seconds(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer"))  # token body has no expires_in
+    fake = with_manifest(fake_registry(auth="bearer"))  # token body has no expires_in
     with client_for(fake) as client:
         client.get_manifest(REPO, "v1")
         clock[0] += 30
@@ -244,14 +167,14 @@ def test_bearer_token_defaults_to_60_seconds(clock) -> None:
 
 
 def test_bearer_access_token_field_is_accepted(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer", token_body={"access_token": TOKEN}))
+    fake = with_manifest(fake_registry(auth="bearer", token_field="access_token"))
     with client_for(fake) as client:
         assert client.get_manifest(REPO, "v1").body == MANIFEST_BODY
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {TOKEN}-1"
 
 
 def test_put_and_delete_ask_for_push_and_delete_scopes(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer"))
+    fake = with_manifest(fake_registry(auth="bearer"))
     with client_for(fake) as client:
         assert client.tag(REPO, "v1", "champion") == MANIFEST_DIGEST
         assert client.delete_tag(REPO, "champion") is True
@@ -264,10 +187,10 @@ def test_put_and_delete_ask_for_push_and_delete_scopes(clock) -> None:
 
 
 def test_refused_cached_token_is_replaced_once(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer"))
+    fake = with_manifest(fake_registry(auth="bearer"))
     with client_for(fake) as client:
         client.get_manifest(REPO, "v1")
-        fake.issued = 0  # the registry forgets every token it issued (e.g. key rotation)
+        fake.forget_tokens()  # the registry forgets every token it issued (e.g. key rotation)
         client.get_manifest(REPO, "v1")
     assert len(fake.token_requests) == 2
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {TOKEN}-1"
@@ -298,7 +221,7 @@ def test_bearer_anonymous_when_no_credentials() -> None:
 
 
 def test_token_server_refusal_is_permanent_and_names_the_repository(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="bearer"))
+    fake = with_manifest(fake_registry(auth="bearer"))
     with (
         client_for(fake, password="not-the-password") as client,
         pytest.raises(PermanentError) as info,
@@ -405,6 +328,23 @@ def test_default_scheme_follows_dockers_loopback_rule(host: str, base_url: str |
     client.close()
 
 
+def test_clients_share_the_tls_context_they_are_given(monkeypatch) -> None:
+    """A context made once per process, not a CA bundle loaded per client (~160 ms each)."""
+    given: list[object] = []
+    real = httpx.Client
+
+    def client(*args, **kwargs):
+        given.append(kwargs.get("verify"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("mlflow_dock.oci.remote.httpx.Client", client)
+    context = ssl.create_default_context()
+    for _ in range(2):
+        RegistryClient("ghcr.io", ssl_context=context).close()
+    RegistryClient("ghcr.io").close()
+    assert given == [context, context, True]
+
+
 def test_explicit_scheme_wins() -> None:
     with RegistryClient("localhost:5000", scheme="https") as client:
         assert client.base_url == "https://localhost:5000"
@@ -430,7 +370,7 @@ def test_credentials_in_host_are_rejected_without_echo() -> None:
 
 
 def test_tag_puts_the_exact_bytes_with_the_served_media_type() -> None:
-    fake = with_manifest(FakeRegistry())
+    fake = with_manifest(fake_registry())
     with client_for(fake) as client:
         assert client.tag(REPO, "v1", "champion") == MANIFEST_DIGEST
     put = fake.requests[-1]
@@ -441,7 +381,7 @@ def test_tag_puts_the_exact_bytes_with_the_served_media_type() -> None:
 
 
 def test_get_manifest_accepts_all_four_manifest_types() -> None:
-    fake = with_manifest(FakeRegistry())
+    fake = with_manifest(fake_registry())
     with client_for(fake) as client:
         client.get_manifest(REPO, "v1")
     accept = [t.strip() for t in fake.requests[0].headers["Accept"].split(",")]
@@ -456,7 +396,8 @@ def test_get_manifest_accepts_all_four_manifest_types() -> None:
 def test_get_by_digest_and_index_media_type() -> None:
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
     digest = Manifest.digest_of(body)
-    fake = FakeRegistry(manifests={(REPO, digest): (body, OCI_INDEX)})
+    fake = fake_registry()
+    fake.put_manifest(REPO, body, OCI_INDEX)
     with client_for(fake) as client:
         manifest = client.get_manifest(REPO, digest)
     assert manifest == Manifest(body=body, media_type=OCI_INDEX, digest=digest)
@@ -534,7 +475,7 @@ def test_manifest_refuses_a_digest_that_is_not_its_bodys() -> None:
 
 
 def test_manifest_digest_uses_head() -> None:
-    fake = with_manifest(FakeRegistry())
+    fake = with_manifest(fake_registry())
     with client_for(fake) as client:
         assert client.manifest_digest(REPO, "v1") == MANIFEST_DIGEST
         assert client.manifest_digest(REPO, "missing") is None
@@ -709,10 +650,10 @@ def test_tls_verification_failure_is_permanent() -> None:
 
 
 def test_ping() -> None:
-    with client_for(FakeRegistry(auth="basic")) as client:
+    with client_for(fake_registry(auth="basic")) as client:
         client.ping()
     with (
-        client_for(FakeRegistry(auth="basic"), password="bad-password") as client,
+        client_for(fake_registry(auth="basic"), password="bad-password") as client,
         pytest.raises(PermanentError, match="denied access to the registry"),
     ):
         client.ping()
@@ -722,7 +663,7 @@ def test_ping() -> None:
 
 
 def test_delete_tag_deletes_by_tag() -> None:
-    fake = with_manifest(with_manifest(FakeRegistry(), "champion"))
+    fake = with_manifest(with_manifest(fake_registry(), "champion"))
     with client_for(fake) as client:
         assert client.delete_tag(REPO, "champion") is True
     (request,) = fake.requests
@@ -863,7 +804,7 @@ def test_password_not_logged(caplog: pytest.LogCaptureFixture, clock) -> None:
 
 @pytest.mark.parametrize("auth", ["basic", "bearer"])
 def test_expired_credentials_are_refreshed_once_on_401(auth: str, clock) -> None:
-    fake = with_manifest(FakeRegistry(auth=auth))
+    fake = with_manifest(fake_registry(auth=auth))
     refreshed: list[int] = []
 
     def refresh() -> tuple[str | None, str | None]:
@@ -876,7 +817,7 @@ def test_expired_credentials_are_refreshed_once_on_401(auth: str, clock) -> None
 
 
 def test_credentials_still_refused_after_a_refresh_are_permanent(clock) -> None:
-    fake = with_manifest(FakeRegistry(auth="basic"))
+    fake = with_manifest(fake_registry(auth="basic"))
     refreshed: list[int] = []
 
     def refresh() -> tuple[str | None, str | None]:
@@ -889,3 +830,23 @@ def test_credentials_still_refused_after_a_refresh_are_permanent(clock) -> None:
     ):
         client.get_manifest(REPO, "v1")
     assert refreshed == [1]
+
+
+# --------------------------------------------------------------------------- tag deletion strategy
+
+
+def test_a_tag_deletion_strategy_replaces_the_oci_delete() -> None:
+    """ECR's case: app.py hands the client ECR's own API; callers still call delete_tag."""
+    fake = with_manifest(fake_registry(), "champion")
+    calls: list[tuple[str, str]] = []
+
+    def own_api(repository: str, tag: str) -> bool:
+        calls.append((repository, tag))
+        return True
+
+    with client_for(fake, delete_tag=own_api) as client:
+        assert client.delete_tag(f"/{REPO}/", "champion") is True
+        with pytest.raises(PermanentError, match="invalid tag"):
+            client.delete_tag(REPO, MANIFEST_DIGEST)
+    assert calls == [(REPO, "champion")]
+    assert fake.requests == [], "no OCI DELETE besides"

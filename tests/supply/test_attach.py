@@ -1,4 +1,5 @@
-"""SupplyChain.attach against an in-memory registry (httpx.MockTransport behind RegistryClient).
+"""SupplyChain.attach against the shared in-memory registry (tests/support/registry.py, an
+httpx.MockTransport behind RegistryClient).
 
 The live test (tests/integration/test_supply_chain_live.py) runs it on a real Distribution;
 these pin down what a real registry will not do on demand: a referrers API, a retried job,
@@ -11,20 +12,20 @@ import gzip
 import hashlib
 import io
 import json
-import re
 import tarfile
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mlflow_dock.jobs.model import JobOutcome
 from mlflow_dock.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from mlflow_dock.oci.reference import ImageRef
-from mlflow_dock.oci.remote import RegistryClient
+from mlflow_dock.supply import sbom
 from mlflow_dock.supply.attach import SupplyChain, SupplyError
+from mlflow_dock.supply.sbom import KnownContents
 from mlflow_dock.supply.signing import Signer, simple_signing_payload
+from support.registry import OciRegistry
 
 HOST = "registry.example.com"
 REPO = "team/iris"
@@ -35,93 +36,41 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class MemoryRegistry:
-    """Just enough of the distribution API: manifests by tag or digest, blobs, uploads."""
-
-    def __init__(self, *, referrers_api: bool = False) -> None:
-        self.referrers_api = referrers_api
-        self.blobs: dict[str, bytes] = {}
-        self.manifests: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, body)
-        self.tags: dict[str, str] = {}
-        self.blob_reads: list[str] = []
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if m := re.fullmatch(rf"/v2/{REPO}/manifests/(.+)", path):
-            ref = m.group(1)
-            if request.method == "PUT":
-                digest = sha(request.content)
-                self.manifests[digest] = (request.headers["Content-Type"], request.content)
-                if not ref.startswith("sha256:"):
-                    self.tags[ref] = digest
-                return httpx.Response(201, headers={"Docker-Content-Digest": digest})
-            digest = ref if ref.startswith("sha256:") else self.tags.get(ref, "")
-            if digest not in self.manifests:
-                return httpx.Response(404, json={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
-            media_type, body = self.manifests[digest]
-            headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
-            return httpx.Response(200, headers=headers, content=body)
-        if m := re.fullmatch(rf"/v2/{REPO}/referrers/(.+)", path):
-            if not self.referrers_api:
-                return httpx.Response(404)
-            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-            return httpx.Response(200, headers={"Content-Type": OCI_INDEX}, json=index)
-        if m := re.fullmatch(rf"/v2/{REPO}/blobs/(sha256:[0-9a-f]+)", path):
-            digest = m.group(1)
-            if digest not in self.blobs:
-                return httpx.Response(404)
-            if request.method == "GET":
-                self.blob_reads.append(digest)
-            return httpx.Response(
-                200, content=self.blobs[digest] if request.method == "GET" else b""
-            )
-        if path == f"/v2/{REPO}/blobs/uploads/" and request.method == "POST":
-            return httpx.Response(202, headers={"Location": f"/v2/{REPO}/blobs/uploads/u1"})
-        if path == f"/v2/{REPO}/blobs/uploads/u1" and request.method == "PUT":
-            self.blobs[request.url.params["digest"]] = request.content
-            return httpx.Response(201)
-        return httpx.Response(400)
-
-    def client(self, _host: str) -> RegistryClient:
-        return RegistryClient(HOST, scheme="https", transport=httpx.MockTransport(self.handler))
-
-    def push_image(self, layer_entries: dict[str, bytes], *, raw_layer: bytes | None = None) -> str:
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w") as archive:
-            for name, content in layer_entries.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(content)
-                archive.addfile(info, io.BytesIO(content))
-        layer = gzip.compress(raw.getvalue()) if raw_layer is None else raw_layer
-        config = json.dumps(
-            {"created": "2026-01-01T00:00:00Z", "config": {"Env": ["PATH=/opt/venv/bin:/usr/bin"]}}
-        ).encode()
-        self.blobs[sha(layer)] = layer
-        self.blobs[sha(config)] = config
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": sha(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": sha(layer),
-                        "size": len(layer),
-                    }
-                ],
-            }
-        ).encode()
-        self.manifests[sha(manifest)] = (OCI_MANIFEST, manifest)
-        self.tags["1"] = sha(manifest)
-        return sha(manifest)
-
-    def doc(self, tag: str) -> dict:
-        return json.loads(self.manifests[self.tags[tag]][1])
+def push_image(
+    registry: OciRegistry, layer_entries: dict[str, bytes], *, raw_layer: bytes | None = None
+) -> str:
+    """Store a one-layer image tagged "1", as a build would have pushed it; returns its digest."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        for name, content in layer_entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    layer = gzip.compress(raw.getvalue()) if raw_layer is None else raw_layer
+    config = json.dumps(
+        {"created": "2026-01-01T00:00:00Z", "config": {"Env": ["PATH=/opt/venv/bin:/usr/bin"]}}
+    ).encode()
+    registry.put_blob(REPO, layer)
+    registry.put_blob(REPO, config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    return registry.put_manifest(REPO, manifest, OCI_MANIFEST, tag="1")
 
 
 IMAGE_FILES = {
@@ -132,11 +81,17 @@ IMAGE_FILES = {
 }
 
 
-def attach(chain: SupplyChain, digest: str) -> JobOutcome:
+def attach(
+    chain: SupplyChain,
+    digest: str,
+    *,
+    contents: KnownContents | None = None,
+    log: list[str] | None = None,
+) -> JobOutcome:
     return chain.attach(
         ImageRef(f"{HOST}/{REPO}"),
         JobOutcome(image=f"{HOST}/{REPO}:1", digest=digest),
-        lambda _line: None,
+        (log if log is not None else []).append,
         model_name="iris",
         model_version="1",
         run_id="run",
@@ -145,6 +100,7 @@ def attach(chain: SupplyChain, digest: str) -> JobOutcome:
         base_image="python:3.11-slim",
         builder="layered",
         job_id="job",
+        contents=contents,
     )
 
 
@@ -153,7 +109,7 @@ def signer() -> Signer:
     return Signer(ec.generate_private_key(ec.SECP256R1()))
 
 
-def chain_for(registry: MemoryRegistry, signer: Signer | None, tmp_path: Path) -> SupplyChain:
+def chain_for(registry: OciRegistry, signer: Signer | None, tmp_path: Path) -> SupplyChain:
     return SupplyChain(
         registry_factory=registry.client,
         signer=signer,
@@ -164,53 +120,53 @@ def chain_for(registry: MemoryRegistry, signer: Signer | None, tmp_path: Path) -
 
 
 def test_fallback_registry_gets_cosign_tags_and_the_referrers_index(tmp_path, signer):
-    registry = MemoryRegistry()
-    digest = registry.push_image(IMAGE_FILES)
+    registry = OciRegistry()
+    digest = push_image(registry, IMAGE_FILES)
     outcome = attach(chain_for(registry, signer, tmp_path), digest)
     hexdigest = digest[7:]
-    index = registry.doc(f"sha256-{hexdigest}")
+    index = registry.doc(REPO, f"sha256-{hexdigest}")
     assert {d["digest"] for d in index["manifests"]} == {
-        registry.tags[f"sha256-{hexdigest}.{s}"] for s in ("sbom", "sig", "att")
+        registry.tags[(REPO, f"sha256-{hexdigest}.{s}")] for s in ("sbom", "sig", "att")
     }
-    assert outcome.sbom == f"{HOST}/{REPO}@{registry.tags[f'sha256-{hexdigest}.sbom']}"
-    assert outcome.signature == f"{HOST}/{REPO}@{registry.tags[f'sha256-{hexdigest}.sig']}"
-    sbom_layer = registry.doc(f"sha256-{hexdigest}.sbom")["layers"][0]
-    bom = json.loads(registry.blobs[sbom_layer["digest"]])
+    assert outcome.sbom == f"{HOST}/{REPO}@{registry.tags[(REPO, f'sha256-{hexdigest}.sbom')]}"
+    assert outcome.signature == f"{HOST}/{REPO}@{registry.tags[(REPO, f'sha256-{hexdigest}.sig')]}"
+    sbom_layer = registry.doc(REPO, f"sha256-{hexdigest}.sbom")["layers"][0]
+    bom = json.loads(registry.blobs[(REPO, sbom_layer["digest"])])
     libraries = [c for c in bom["components"] if c["type"] == "library"]
     assert [(c["name"], c["version"]) for c in libraries] == [("numpy", "2.0")]
 
 
 def test_referrers_api_registry_gets_no_fallback_index(tmp_path, signer):
-    registry = MemoryRegistry(referrers_api=True)
-    digest = registry.push_image(IMAGE_FILES)
+    registry = OciRegistry(referrers_api=True)
+    digest = push_image(registry, IMAGE_FILES)
     attach(chain_for(registry, signer, tmp_path), digest)
-    assert f"sha256-{digest[7:]}" not in registry.tags
+    assert (REPO, f"sha256-{digest[7:]}") not in registry.tags
     # cosign looks only at its own tags unless told otherwise, so those stay.
-    assert f"sha256-{digest[7:]}.sig" in registry.tags
+    assert (REPO, f"sha256-{digest[7:]}.sig") in registry.tags
 
 
 def test_unsigned_without_a_key(tmp_path):
-    registry = MemoryRegistry()
-    digest = registry.push_image(IMAGE_FILES)
+    registry = OciRegistry()
+    digest = push_image(registry, IMAGE_FILES)
     outcome = attach(chain_for(registry, None, tmp_path), digest)
     assert outcome.sbom and outcome.signature is None and outcome.provenance is None
-    assert f"sha256-{digest[7:]}.sig" not in registry.tags
-    assert len(registry.doc(f"sha256-{digest[7:]}")["manifests"]) == 1
+    assert (REPO, f"sha256-{digest[7:]}.sig") not in registry.tags
+    assert len(registry.doc(REPO, f"sha256-{digest[7:]}")["manifests"]) == 1
 
 
 def test_retry_reuses_the_signature_keeps_foreign_ones_and_reads_no_layer_again(tmp_path, signer):
-    registry = MemoryRegistry()
-    digest = registry.push_image(IMAGE_FILES)
+    registry = OciRegistry()
+    digest = push_image(registry, IMAGE_FILES)
     chain = chain_for(registry, signer, tmp_path)
     first = attach(chain, digest)
-    layer_digest = registry.doc("1")["layers"][0]["digest"]
-    assert registry.blob_reads.count(layer_digest) == 1
+    layer_digest = registry.doc(REPO, "1")["layers"][0]["digest"]
+    assert registry.reads("blob").count(layer_digest) == 1
     # Someone else signs the image too (cosign appends a layer to the .sig manifest).
     other = Signer(ec.generate_private_key(ec.SECP256R1()))
     sig_tag = f"sha256-{digest[7:]}.sig"
-    doc = registry.doc(sig_tag)
+    doc = registry.doc(REPO, sig_tag)
     payload = simple_signing_payload(f"{HOST}/{REPO}", digest) + b" "
-    registry.blobs[sha(payload)] = payload
+    registry.put_blob(REPO, payload)
     doc["layers"].append(
         {
             "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
@@ -220,34 +176,35 @@ def test_retry_reuses_the_signature_keeps_foreign_ones_and_reads_no_layer_again(
         }
     )
     body = json.dumps(doc).encode()
-    registry.manifests[sha(body)] = (OCI_MANIFEST, body)
-    registry.tags[sig_tag] = sha(body)
+    registry.put_manifest(REPO, body, OCI_MANIFEST, tag=sig_tag)
 
     second = attach(chain, digest)
     assert second.sbom == first.sbom  # the same bytes: the SBOM is deterministic
-    layers = registry.doc(sig_tag)["layers"]
+    layers = registry.doc(REPO, sig_tag)["layers"]
     assert len(layers) == 2  # ours (not re-signed) and the foreign one
-    ours = registry.doc(sig_tag)["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"]
-    first_sig_layers = json.loads(registry.manifests[first.signature.split("@")[1]][1])["layers"]
+    ours = registry.doc(REPO, sig_tag)["layers"][0]["annotations"][
+        "dev.cosignproject.cosign/signature"
+    ]
+    first_sig_layers = registry.doc(REPO, first.signature.split("@")[1])["layers"]
     assert ours == first_sig_layers[0]["annotations"]["dev.cosignproject.cosign/signature"]
-    assert registry.blob_reads.count(layer_digest) == 1  # the layer scan came from the cache
-    index = registry.doc(f"sha256-{digest[7:]}")
+    assert registry.reads("blob").count(layer_digest) == 1  # the layer scan came from the cache
+    index = registry.doc(REPO, f"sha256-{digest[7:]}")
     kinds = [d["annotations"]["dev.mlflow-dock.artifact"] for d in index["manifests"]]
     assert sorted(kinds) == ["provenance", "sbom", "signature"]  # replaced, not piled up
 
 
 def test_unreadable_layer_is_a_supply_error(tmp_path):
-    registry = MemoryRegistry()
-    digest = registry.push_image({}, raw_layer=b"not a tarball" * 100)
+    registry = OciRegistry()
+    digest = push_image(registry, {}, raw_layer=b"not a tarball" * 100)
     with pytest.raises(SupplyError, match="cannot read layer"):
         attach(chain_for(registry, None, tmp_path), digest)
 
 
 def test_a_multi_platform_index_is_described_by_its_amd64_image(tmp_path, signer):
-    registry = MemoryRegistry()
-    image = registry.push_image(IMAGE_FILES)
+    registry = OciRegistry()
+    image = push_image(registry, IMAGE_FILES)
     arm = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
-    registry.manifests[sha(arm)] = (OCI_MANIFEST, arm)
+    registry.put_manifest(REPO, arm, OCI_MANIFEST)
     platforms = [("arm64", sha(arm)), ("amd64", image)]
     body = json.dumps(
         {
@@ -264,19 +221,19 @@ def test_a_multi_platform_index_is_described_by_its_amd64_image(tmp_path, signer
             ],
         }
     ).encode()
-    registry.manifests[sha(body)] = (OCI_INDEX, body)
+    registry.put_manifest(REPO, body, OCI_INDEX)
     attach(chain_for(registry, signer, tmp_path), sha(body))
-    sbom = registry.doc(f"sha256-{sha(body)[7:]}.sbom")
+    sbom = registry.doc(REPO, f"sha256-{sha(body)[7:]}.sbom")
     assert sbom["subject"]["digest"] == sha(body)
     assert sbom["subject"]["mediaType"] == OCI_INDEX
-    bom = json.loads(registry.blobs[sbom["layers"][0]["digest"]])
+    bom = json.loads(registry.blobs[(REPO, sbom["layers"][0]["digest"])])
     assert [c["name"] for c in bom["components"] if c["type"] == "library"] == ["numpy"]
 
 
 def test_an_empty_index_is_a_supply_error(tmp_path):
-    registry = MemoryRegistry()
+    registry = OciRegistry()
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
-    registry.manifests[sha(body)] = (OCI_INDEX, body)
+    registry.put_manifest(REPO, body, OCI_INDEX)
     with pytest.raises(SupplyError, match="index of no images"):
         attach(chain_for(registry, None, tmp_path), sha(body))
 
@@ -319,3 +276,80 @@ def test_workers_sharing_a_data_directory_cache_the_same_layer_scan_at_once(tmp_
         thread.join()
     assert errors == []
     assert [p.name for p in tmp_path.iterdir()] == ["sha256-" + "a" * 64 + ".json"]
+
+
+# --------------------------------------------------------------------------- builder knowledge
+
+
+def sbom_of(registry: OciRegistry, digest: str) -> dict:  # type: ignore[type-arg]
+    manifest = registry.doc(REPO, f"sha256-{digest[7:]}.sbom")
+    return json.loads(registry.blobs[(REPO, manifest["layers"][0]["digest"])])
+
+
+def libraries(document: dict) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+    return [(c["name"], c["version"]) for c in document["components"] if c["type"] == "library"]
+
+
+KNOWN = sbom.Distribution(
+    name="scikit-learn",
+    version="1.5.0",
+    site_dir=SITE,
+    licenses=({"expression": "BSD-3-Clause"},),
+    record_sha256="ab" * 32,
+    installer="uv",
+)
+
+
+def test_what_the_builder_installed_is_listed_without_reading_a_layer(tmp_path):
+    registry = OciRegistry()
+    digest = push_image(registry, IMAGE_FILES)
+    layer = registry.doc(REPO, "1")["layers"][0]["digest"]
+    base = sbom.BaseImage("reg/base", "reg/base@sha256:" + "77" * 32)
+    log: list[str] = []
+    contents = KnownContents(model_layer=layer, distributions=(KNOWN,), base=base)
+    attach(chain_for(registry, None, tmp_path), digest, contents=contents, log=log)
+    assert layer not in registry.reads("blob")
+    document = sbom_of(registry, digest)
+    assert libraries(document) == [("scikit-learn", "1.5.0")]
+    model = next(c for c in document["components"] if c["bom-ref"] == "model")
+    assert model["hashes"] == [{"alg": "SHA-256", "content": layer[7:]}]
+    # The base's registry digest, as the builder read it (not the engine's idea of it).
+    base_component = next(c for c in document["components"] if c["bom-ref"] == "base-image")
+    assert base_component["hashes"] == [{"alg": "SHA-256", "content": "77" * 32}]
+    assert "1 Python packages, as built" in log[-1]
+
+
+def test_an_assembled_version_lists_the_packages_of_its_earlier_images_sbom(tmp_path, signer):
+    registry = OciRegistry()
+    chain = chain_for(registry, signer, tmp_path)
+    first = push_image(registry, IMAGE_FILES)
+    attach(chain, first)  # read from the layers: numpy
+    layer = registry.doc(REPO, "1")["layers"][0]["digest"]
+    reads = registry.reads("blob").count(layer)
+    # Version 2: the same runtime, another model (a manifest of its own, same layer here).
+    body = json.loads(registry.manifest(REPO, "1")[0])
+    body["annotations"] = {"version": "2"}
+    second = registry.put_manifest(REPO, json.dumps(body).encode(), OCI_MANIFEST)
+    log: list[str] = []
+    contents = KnownContents(model_layer=layer, packages_of=first)
+    attach(chain, second, contents=contents, log=log)
+    assert registry.reads("blob").count(layer) == reads  # no layer read again
+    assert libraries(sbom_of(registry, second)) == libraries(sbom_of(registry, first))
+    assert libraries(sbom_of(registry, second)) == [("numpy", "2.0")]
+    assert f"those of {first[:19]}'s SBOM" in log[-1]
+
+
+def test_without_the_earlier_images_sbom_the_layers_are_read(tmp_path):
+    registry = OciRegistry()
+    digest = push_image(registry, IMAGE_FILES)
+    missing = "sha256:" + "99" * 32
+    log: list[str] = []
+    attach(
+        chain_for(registry, None, tmp_path),
+        digest,
+        contents=KnownContents(model_layer=None, packages_of=missing),
+        log=log,
+    )
+    assert f"the SBOM of {missing} cannot be reused (it has none)" in log[0]
+    assert libraries(sbom_of(registry, digest)) == [("numpy", "2.0")]
+    assert "read from the image's layers" in log[-1]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mlflow_dock.supply.layers import FileRecord
 from mlflow_dock.supply.sbom import (
     BaseImage,
     ImageInfo,
     ModelInfo,
+    NotOurSbom,
     canonical_name,
     cyclonedx,
     installed_distributions,
+    read_cyclonedx,
 )
 
 SITE = "opt/venv/lib/python3.11/site-packages"
@@ -134,3 +138,48 @@ def test_locally_built_base_keeps_its_image_id_as_a_property():
         {"name": "mlflow-dock:base-image:image-id", "value": "sha256:" + "56" * 32}
     ]
     assert "timestamp" not in doc["metadata"]
+
+
+def test_an_sbom_read_back_gives_the_distributions_and_base_it_was_written_from():
+    files = {
+        f"{SITE}/Foo_Bar-1.0.dist-info/METADATA": meta(
+            "Foo_Bar", "1.0", "Classifier: License :: OSI Approved :: MIT License"
+        ),
+        f"{SITE}/Foo_Bar-1.0.dist-info/RECORD": FileRecord("file", None, "cc" * 32),
+        f"{SITE}/Foo_Bar-1.0.dist-info/INSTALLER": FileRecord("file", "uv\n"),
+        f"{SITE}/Foo_Bar-1.0.dist-info/direct_url.json": FileRecord(
+            "file", json.dumps({"archive_info": {"hashes": {"sha256": "dd" * 32}}})
+        ),
+        f"{SITE}/plain-3.dist-info/METADATA": meta("plain", "3", "License-Expression: MIT"),
+    }
+    dists = installed_distributions(files, [SITE])
+    for base in (
+        BaseImage("reg:5000/base/python:3.11", "reg:5000/base/python@sha256:" + "12" * 32),
+        BaseImage("local-base:1", "sha256:" + "56" * 32),
+        BaseImage("python:3.11-slim"),
+    ):
+        document = cyclonedx(
+            image=ImageInfo(repository="reg:5000/ns/iris", digest=DIGEST),
+            distributions=dists,
+            base=base,
+            model=ModelInfo("Iris", "3"),
+            tool_version="0.1.0",
+        )
+        assert read_cyclonedx(document, image_digest=DIGEST) == (dists, base)
+
+
+def test_only_our_sbom_of_the_image_asked_for_is_read_back():
+    ours = cyclonedx(
+        image=ImageInfo(repository="r/x", digest=DIGEST),
+        distributions=[],
+        base=None,
+        model=None,
+        tool_version="0",
+    )
+    with pytest.raises(NotOurSbom, match="describes"):
+        read_cyclonedx(ours, image_digest="sha256:" + "cd" * 32)
+    theirs = json.loads(ours)
+    theirs["metadata"]["tools"]["components"][0]["name"] = "syft"
+    for document in (json.dumps(theirs).encode(), b"{not json", b"[]"):
+        with pytest.raises(NotOurSbom):
+            read_cyclonedx(document, image_digest=DIGEST)

@@ -129,7 +129,7 @@ def _drop_other_tags(client: docker.DockerClient, repository: str, keep: str) ->
         for tag in image.tags:
             if tag.startswith(repository + ":") and tag != keep:
                 with contextlib.suppress(docker.errors.APIError):
-                    client.images.remove(tag)
+                    client.images.remove(tag, noprune=True)
 
 
 def _ensure(repository: str, key: str, build: Callable[[docker.DockerClient, str], None]) -> str:

@@ -8,9 +8,14 @@ Prints one JSON line ``{"version": "N", ...}`` as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
 import json
+import os
+import socket
 import sys
+import time
+from typing import Any
 
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
@@ -27,15 +32,75 @@ class BrokenModel(PythonModel):
         raise RuntimeError("mlflow-dock test model: deliberately broken")
 
 
+def _in_an_image() -> bool:
+    # The adversarial models below act only where mlflow-dock runs them (a serving image or a
+    # warm smoke container), never in the process that logs them.
+    return os.path.isdir("/opt/ml/model")
+
+
+class ProbeModel(PythonModel):
+    """Tries to connect to ``targets`` when loaded and answers with what happened to each."""
+
+    def __init__(self, targets: dict[str, list[Any]]) -> None:
+        self.targets = targets
+        self.seen: list[str] = []
+
+    def load_context(self, context: PythonModelContext) -> None:
+        if not _in_an_image():
+            return
+        for name, (host, port) in self.targets.items():
+            try:
+                with socket.create_connection((host, int(port)), timeout=3):
+                    outcome = "CONNECTED"
+            except OSError as exc:
+                outcome = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            self.seen.append(f"{name}={outcome}")
+
+    def predict(self, context: object, model_input: object, params: object = None) -> object:
+        return self.seen
+
+
+class MemoryHog(PythonModel):
+    """Touches 1 GiB when loaded."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        if _in_an_image():
+            self.blob = b"\x01" * 1024**3
+
+    def predict(self, context: object, model_input: object, params: object = None) -> object:
+        return [0]
+
+
+class Sleeper(PythonModel):
+    """Never finishes loading."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        while _in_an_image():
+            time.sleep(3600)
+
+    def predict(self, context: object, model_input: object, params: object = None) -> object:
+        return [0]
+
+
 def pinned(*distributions: str) -> list[str]:
     """Requirements pinned to what is installed here, as MLflow's inference would write."""
     return [f"{dist}=={importlib.metadata.version(dist)}" for dist in distributions]
+
+
+V2_KINDS = ("tensor", "params")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--broken", action="store_true")
+    parser.add_argument(
+        "--pyfunc",
+        choices=("probe", "hog", "sleeper", *V2_KINDS),
+        help="an adversarial pyfunc model instead (see ProbeModel, MemoryHog, Sleeper), or a"
+        " models-from-code pyfunc of tests/support/v2_model_code (signature included)",
+    )
+    parser.add_argument("--probe-targets", default="{}", help="JSON {name: [host, port]}")
     parser.add_argument("--no-input-example", action="store_true")
     parser.add_argument(
         "--requirements",
@@ -46,11 +111,13 @@ def main() -> int:
         requirements = None
     elif args.requirements:
         requirements = json.loads(args.requirements)
-    elif args.broken:
+    elif args.broken or (args.pyfunc and args.pyfunc not in V2_KINDS):
         requirements = pinned("mlflow", "cloudpickle", "numpy", "pandas")
     else:
         # The set MLflow 3.17 infers for this model, minus the test-process noise it also picks
         # up (pytest, rich); skops because 3.17 saves sklearn models as model.skops by default.
+        # The V2 pyfuncs get it too: they are versions of the sklearn model's runtime, assembled
+        # on its image (test_open_inference).
         requirements = pinned("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
 
     from sklearn.datasets import load_iris
@@ -59,16 +126,25 @@ def main() -> int:
     features, target = load_iris(return_X_y=True, as_frame=True)
     example = features.head(3) if not args.no_input_example else None
 
+    if args.pyfunc in V2_KINDS:
+        return log_pyfunc(args.name, args.pyfunc, requirements)
+
     with mlflow.start_run():
-        if args.broken:
+        if args.broken or args.pyfunc:
             from mlflow.models import infer_signature
 
             # An explicit signature keeps MLflow from calling predict() on the model while
             # logging, which would need load_context() and so could never succeed.
             signature = infer_signature(features.head(3), target.head(3).to_numpy())
+            python_model: PythonModel = {
+                "probe": lambda: ProbeModel(json.loads(args.probe_targets)),
+                "hog": MemoryHog,
+                "sleeper": Sleeper,
+                None: BrokenModel,
+            }[args.pyfunc]()
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=BrokenModel(),
+                python_model=python_model,
                 signature=signature,
                 input_example=example,
                 pip_requirements=requirements,
@@ -86,6 +162,51 @@ def main() -> int:
 
     version = info.registered_model_version
     print(json.dumps({"version": str(version), "model_uri": info.model_uri}))
+    return 0
+
+
+def log_pyfunc(name: str, kind: str, requirements: list[str] | None) -> int:
+    """A tensor-based pyfunc, or a column-based one with params, as tests/support/v2_models.py
+    saves them, registered as a version of `name`."""
+    from pathlib import Path
+
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    if kind == "tensor":
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, 3), "x")]),
+            outputs=Schema(
+                [
+                    TensorSpec(np.dtype("float32"), (-1,), "sum"),
+                    TensorSpec(np.dtype("float32"), (-1, 3), "scaled"),
+                ]
+            ),
+        )
+        example: object = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    else:
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("double", "a")]),
+            outputs=Schema([ColSpec("double")]),
+            params=ParamSchema(
+                [ParamSpec("scale", "double", 1.0), ParamSpec("tag", "string", "x")]
+            ),
+        )
+        import pandas as pd
+
+        example = pd.DataFrame({"a": [1.0, 2.5]})
+    code = Path(__file__).resolve().parent / "v2_model_code" / f"{kind}_model.py"
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            registered_model_name=name,
+        )
+    print(json.dumps({"version": str(info.registered_model_version), "model_uri": info.model_uri}))
     return 0
 
 

@@ -318,7 +318,8 @@ class MlflowServer:
         self._proc = None
 
 
-def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer:
+# Generous: xdist's workers start their MLflow servers at the same moment on two cores.
+def start_mlflow_server(workdir: Path, *, timeout: float = 300.0) -> MlflowServer:
     """Start a SQLite-backed `mlflow server` that proxies artifacts over HTTP.
 
     SQL backend because a file store never delivers webhooks; --serve-artifacts so clients in
@@ -386,7 +387,71 @@ def start_mlflow_server(workdir: Path, *, timeout: float = 90.0) -> MlflowServer
     )
 
 
-_S = TypeVar("_S", RegistryServer, MlflowServer)
+# --------------------------------------------------------------------------- model server
+
+
+@dataclass
+class ModelServer:
+    url: str
+    port: int
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+
+def start_model_server(
+    model_dir: Path,
+    workdir: Path,
+    *,
+    model_name: str,
+    model_version: str,
+    timeout: float = 180.0,
+) -> ModelServer:
+    """Run the serving layer as an image does: `python -m mlflow_dock_serving`, from its files.
+
+    The layer's files are written out as the image holds them and put on PYTHONPATH, with the
+    image's environment for the model; `import mlflow_dock` is made to fail, since no image
+    has it. Uses this venv's MLflow and scikit-learn in place of the model's own virtualenv.
+    """
+    from mlflow_dock.serving import layer
+
+    workdir = Path(workdir)
+    root = workdir / "root"
+    for path, content in layer.layer_files().items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+    blocker = workdir / "no-mlflow-dock" / "mlflow_dock"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text(
+        'raise ImportError("the serving layer must not import mlflow_dock")\n'
+    )
+    log_path = workdir / "model-server.log"
+    env = {
+        **os.environ,
+        **_QUIET_ENV,
+        **layer.serving_env(model_name, model_version),
+        "__pyfunc_model_path__": str(model_dir),
+        "MLFLOW_DOCK_SERVING_HOST": "127.0.0.1",
+    }
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(blocker.parent), str(root / layer.SERVING_DIR.lstrip("/"))]
+    )
+
+    def launch(port: int) -> tuple[ModelServer, subprocess.Popen[bytes]]:
+        # The image's PATH starts with the model's venv; here, this venv is the model's.
+        argv = [PYTHON, *layer.SERVE_COMMAND[1:]]
+        proc = _spawn(argv, log_path, {**env, "PORT": str(port)})
+        return ModelServer(f"http://127.0.0.1:{port}", port, log_path, proc), proc
+
+    return _start_on_free_port(
+        launch, "/v2/health/ready", 200, what="model server", log_path=log_path, timeout=timeout
+    )
+
+
+_S = TypeVar("_S", RegistryServer, MlflowServer, ModelServer)
 
 
 def _start_on_free_port(
@@ -430,6 +495,8 @@ def log_sklearn_model(
     model_name: str,
     *,
     broken: bool = False,
+    pyfunc: str | None = None,
+    probe_targets: Mapping[str, tuple[str, int]] | None = None,
     input_example: bool = True,
     pip_requirements: Sequence[str] | None = None,
     infer_requirements: bool = False,
@@ -439,16 +506,23 @@ def log_sklearn_model(
 
     ``broken=True`` registers a pyfunc model whose ``load_context`` raises, so anything that
     loads it (a serving container's smoke test) fails while logging/registering succeeds.
+    ``pyfunc`` registers an adversarial model of log_model.py instead, active only inside an
+    image: "probe" connects to ``probe_targets`` and predicts what happened, "hog" touches
+    1 GiB, "sleeper" never finishes loading.
 
     Requirements default to an explicit list pinned to this venv's versions (mlflow,
     scikit-learn, skops, numpy, scipy, pandas; cloudpickle instead of the sklearn ones when
     broken), because MLflow's inference loads the model in yet another subprocess and costs
     ~13s per call. ``infer_requirements=True`` restores MLflow's own inference.
+    ``pyfunc="tensor"`` or ``"params"`` registers the V2 test pyfunc of that name instead
+    (tests/support/v2_model_code), with the same requirements unless given others.
     Model names may contain spaces and unicode but MLflow rejects '/' and ':'.
     """
     argv = [PYTHON, str(SUPPORT_DIR / "log_model.py"), "--name", model_name]
     if broken:
         argv.append("--broken")
+    if pyfunc is not None:
+        argv += ["--pyfunc", pyfunc, "--probe-targets", json.dumps(dict(probe_targets or {}))]
     if not input_example:
         argv.append("--no-input-example")
     if infer_requirements:
@@ -541,7 +615,7 @@ class ServiceProcess:
     log_path: Path
     port: int
     command: tuple[str, ...] = SERVICE_COMMAND
-    startup_timeout: float = 60.0
+    startup_timeout: float = 180.0
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -618,7 +692,7 @@ def start_service(
     workdir: Path,
     *,
     command: tuple[str, ...] | None = None,
-    startup_timeout: float = 60.0,
+    startup_timeout: float = 180.0,
 ) -> ServiceProcess:
     """Start ``python -m mlflow_dock serve`` with ``env`` layered over ``os.environ``.
 

@@ -13,16 +13,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from anyio import to_thread
 
 from mlflow_dock.errors import PayloadError, UnavailableError
 from mlflow_dock.intake.commit import GroupCommit
-from mlflow_dock.intake.events import AliasCreated, ModelVersionCreated, parse_event
+from mlflow_dock.intake.events import AliasCreated, ModelVersionCreated, may_be_deep, parse_event
 from mlflow_dock.intake.signatures import WebhookVerifier
-from mlflow_dock.jobs.model import Job, JobKind
-from mlflow_dock.jobs.store import DeliveryRequest, JobStore, TagWrites, store_unavailable
+from mlflow_dock.jobs.model import Job, JobKind, TagWrites
 from mlflow_dock.observe.context import log_context
+from mlflow_dock.store.database import store_unavailable
+from mlflow_dock.store.deliveries import DeliveryRequest
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,16 @@ logger = logging.getLogger(__name__)
 class Accepted:
     job: Job
     duplicate: bool
+
+
+class DeliveryStore(Protocol):
+    """Where deliveries become jobs (`store.deliveries.Deliveries`)."""
+
+    def job_for_delivery(self, delivery_id: str) -> Job | None: ...
+
+    def accept_deliveries(
+        self, requests: Sequence[DeliveryRequest], *, tag_writes: TagWrites | None = ...
+    ) -> list[tuple[Job, bool]]: ...
 
 
 class Intake:
@@ -45,7 +57,7 @@ class Intake:
         self,
         *,
         verifier: WebhookVerifier,
-        store: JobStore,
+        store: DeliveryStore,
         tag_writes: TagWrites | None = None,
         on_queued: Callable[[Sequence[Job]], None] = lambda _jobs: None,
     ) -> None:
@@ -162,6 +174,8 @@ def quick_request(delivery_id: str, body: bytes) -> DeliveryRequest | None:
     holds the two together): exact `str` fields within the same length limits and version
     pattern; anything else (bad JSON, missing or odd fields, other events) returns None.
     """
+    if may_be_deep(body):
+        return None  # `parse_event` enforces the nesting limit (and survives the recursion)
     try:
         # Decoded here: MLflow sends UTF-8, and `json.loads` would first guess the encoding of
         # bytes; other encodings (and a BOM) fail here and take the full parser's way.

@@ -25,14 +25,13 @@ from mlflow_dock.errors import (
 )
 from mlflow_dock.intake.accept import Accepted as AcceptedDelivery
 from mlflow_dock.intake.auth import ReadAccess
-from mlflow_dock.intake.board import board_router
+from mlflow_dock.intake.board import BoardReads, board_router
 from mlflow_dock.intake.events import SUPPORTED_EVENTS
 from mlflow_dock.intake.probes import Check, Readiness
 from mlflow_dock.intake.receiver import MAX_BODY_BYTES, WebhookReceiver, handle
 from mlflow_dock.jobs.logs import JobLogs
 from mlflow_dock.jobs.model import Job, JobState
-from mlflow_dock.jobs.store import JobStore
-from mlflow_dock.observe.metrics import CONTENT_TYPE, ServiceMetrics
+from mlflow_dock.observe.metrics import CONTENT_TYPE, FiguresSource, ServiceMetrics
 from mlflow_dock.oci.reference import pinned
 
 # The one table from our request errors to HTTP status codes.
@@ -55,10 +54,18 @@ def status_for(exc: RequestError) -> int:
     return 400
 
 
+class ReadStore(BoardReads, FiguresSource, Protocol):
+    """The job reads the API, the board and `/metrics` make."""
+
+    def get(self, job_id: str) -> Job: ...
+
+
 class Service(Protocol):
     """What the HTTP layer needs from the running service (see `mlflow_dock.app.Service`)."""
 
-    store: JobStore
+    @property
+    def store(self) -> ReadStore: ...
+
     logs: JobLogs
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> AcceptedDelivery: ...
@@ -94,6 +101,10 @@ class JobView(BaseModel):
     sbom: str | None = None
     signature: str | None = None
     provenance: str | None = None
+    # The version's KServe Modelcar (repository@digest) and, when the image speaks the Open
+    # Inference Protocol, the model name V2 clients address it by.
+    modelcar: str | None = None
+    v2_model: str | None = None
     log_tail: list[str] | None = None
 
 
@@ -131,6 +142,8 @@ def _view(job: Job, log_tail: list[str] | None = None) -> JobView:
         sbom=job.sbom,
         signature=job.signature,
         provenance=job.provenance,
+        modelcar=job.modelcar,
+        v2_model=job.v2_model,
         log_tail=log_tail,
     )
 
@@ -156,11 +169,13 @@ def create_app(
     read_access: ReadAccess | None = None,
     metrics: ServiceMetrics | None = None,
     mlflow_ui_url: str | None = None,
+    secure_cookie: bool = True,
 ) -> FastAPI:
     """The ASGI app; `service_factory` runs in the lifespan, so importing builds nothing.
 
     `metrics` is the app's own registry (a fresh one if not given); `mlflow_ui_url` is where
-    the board links model versions to (MLFLOW_TRACKING_URI, when it is an http(s) URL).
+    the board links model versions to (MLFLOW_TRACKING_URI, when it is an http(s) URL, without
+    its credentials); `secure_cookie`: the board's sign-in cookie is Secure.
     """
     access = read_access or ReadAccess(None)
     readers = [Depends(access)]
@@ -270,7 +285,9 @@ def create_app(
         body = await run_in_threadpool(app_metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE)
 
-    app.include_router(board_router(access, mlflow_ui_url=mlflow_ui_url))
+    app.include_router(
+        board_router(access, mlflow_ui_url=mlflow_ui_url, secure_cookie=secure_cookie)
+    )
     app.add_middleware(
         WebhookReceiver,
         path="/webhook",

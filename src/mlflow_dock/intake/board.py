@@ -7,12 +7,12 @@ behind the read token when one is set: browsers send it as a cookie that `/signi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from typing import Any, Protocol
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -23,6 +23,7 @@ from starlette.templating import Jinja2Templates
 from mlflow_dock.intake.auth import COOKIE_NAME, ReadAccess
 from mlflow_dock.jobs.model import Job, JobKind, JobState
 from mlflow_dock.jobs.steps import STEP_FAILED, STEP_NAMES, STEP_RUNNING, StepTiming
+from mlflow_dock.serving.layer import v2_infer_path
 
 BOARD_LIMIT = 50
 LOG_TAIL_LINES = 15
@@ -58,13 +59,22 @@ class Row:
     mlflow_link: str | None
     age: str
     duration: str | None
+    # (protocol, request) the image answers, once there is one: MLflow's always, V2 where the
+    # image runs mlflow-dock's server.
+    endpoints: list[tuple[str, str]] = field(default_factory=list)
 
 
 def mlflow_ui_base(tracking_uri: str | None) -> str | None:
-    """The MLflow UI's address if the tracking URI is an http(s) server, else None."""
+    """The MLflow UI's address if the tracking URI is an http(s) server, else None.
+
+    Without credentials, query or fragment: a tracking URI may carry `user:token@` (or a token
+    parameter), and every reader of the board would see it in the links.
+    """
     if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
         return None
-    return tracking_uri.rstrip("/")
+    parsed = urlsplit(tracking_uri)
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=host, query="", fragment="").geturl().rstrip("/")
 
 
 def version_link(base: str | None, model: str, version: str) -> str | None:
@@ -94,6 +104,15 @@ def _pinned(job: Job) -> str | None:
     name, sep, tag = job.image.rpartition(":")
     repository = name if sep and "/" not in tag else job.image
     return f"{repository}@{job.digest}"
+
+
+def _endpoints(job: Job) -> list[tuple[str, str]]:
+    if job.state is not JobState.SUCCEEDED or not job.digest or job.kind is JobKind.UNALIAS:
+        return []
+    found = [("MLflow", "POST /invocations")]
+    if job.v2_model:
+        found.append(("V2", f"POST {v2_infer_path(job.v2_model, job.version)}"))
+    return found
 
 
 def _what(job: Job) -> str:
@@ -133,12 +152,35 @@ def _latest_attempt(timings: Sequence[StepTiming], now: datetime) -> list[StepVi
     ]
 
 
+# Alias: inside BoardReads, `list` names its method, not the type.
+_Jobs = list[Job]
+
+
+class BoardReads(Protocol):
+    """The job reads the board shows (`store.reads.JobReads`, `store.telemetry.Telemetry`)."""
+
+    def list(
+        self,
+        *,
+        model_name: str | None = ...,
+        state: JobState | None = ...,
+        limit: int = ...,
+        offset: int = ...,
+    ) -> _Jobs: ...
+
+    def model_names(self) -> Sequence[str]: ...
+
+    def latest_alias_ops(self) -> dict[tuple[str, str], Job]: ...
+
+    def steps_for(self, job_ids: Collection[str]) -> Mapping[str, Sequence[StepTiming]]: ...
+
+
 class _Board:
     """Reads what the pages show; runs in a worker thread (store and log files block)."""
 
     def __init__(self, request: Request, mlflow_base: str | None) -> None:
         service = request.app.state.service
-        self._store = service.store
+        self._store: BoardReads = service.store
         self._logs = service.logs
         self._mlflow = mlflow_base
 
@@ -162,6 +204,7 @@ class _Board:
                     duration=_duration(job.duration_seconds)
                     if job.duration_seconds is not None
                     else None,
+                    endpoints=_endpoints(job),
                 )
             )
         return rows
@@ -215,8 +258,14 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def board_router(access: ReadAccess, *, mlflow_ui_url: str | None = None) -> APIRouter:
-    """The board's routes; `access` guards them as it guards the JSON read endpoints."""
+def board_router(
+    access: ReadAccess, *, mlflow_ui_url: str | None = None, secure_cookie: bool = True
+) -> APIRouter:
+    """The board's routes; `access` guards them as it guards the JSON read endpoints.
+
+    `secure_cookie`: the sign-in cookie carries `Secure`. Decided by configuration, not by the
+    request's scheme, which is http behind a TLS-terminating proxy.
+    """
     router = APIRouter(include_in_schema=False)
     templates = _templates()
     mlflow_base = mlflow_ui_base(mlflow_ui_url)
@@ -275,7 +324,7 @@ def board_router(access: ReadAccess, *, mlflow_ui_url: str | None = None) -> API
             token,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=secure_cookie,
             path="/",
         )
         return response

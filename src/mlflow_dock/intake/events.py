@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from mlflow_dock.errors import PayloadError
+
+# MLflow's payloads are three levels deep. Python's JSON decoder recurses once per level and
+# raises RecursionError (not a ValueError) near 1000, which a 1 MiB body reaches easily.
+MAX_JSON_DEPTH = 32
 
 SUPPORTED_EVENTS = (
     "model_version.created",
@@ -71,12 +76,48 @@ class _Envelope(BaseModel):
     data: dict[str, object]
 
 
-def parse_event(body: bytes) -> Event:
-    """Parse an authenticated body; PayloadError says precisely what is wrong."""
+def may_be_deep(body: bytes) -> bool:
+    """Whether the body could nest deeper than MAX_JSON_DEPTH (cheap: bracket counts)."""
+    return body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+
+
+def load_json(body: bytes) -> object:
+    """The JSON value of a body; PayloadError if it is not JSON or nests too deeply."""
+    too_deep = f"body nests JSON more than {MAX_JSON_DEPTH} levels deep"
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError(too_deep) from None
+    if may_be_deep(body) and _depth(raw) > MAX_JSON_DEPTH:
+        raise PayloadError(too_deep)
+    return raw
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a decoded JSON value, without recursion; stops past the limit."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_event(body: bytes) -> Event:
+    """Parse an authenticated body; PayloadError says precisely what is wrong."""
+    raw = load_json(body)
     if not isinstance(raw, dict):
         raise PayloadError("body must be a JSON object")
     try:

@@ -1,9 +1,14 @@
 """The celery executor: `serve` accepts and enqueues, `mlflow-dock worker` processes build.
 
+Alias and unalias jobs do not travel through the broker: every `serve` runs them on its own
+alias lane (jobs/lanes.py), so they never wait for a worker busy with a build. The sweeper
+sends messages only for the kinds of job no lane of its replica runs.
+
 The job store stays the source of truth. A message carries nothing but a job id; the worker
-claims that job in the store with a lease (`JobStore.claim`) and runs it with `execute_job`, so
-a duplicated, replayed or stale message is harmless: a claim is exclusive, and a job that is
-not runnable (finished, running elsewhere, waiting for its build) is left alone.
+claims that job in the store with a lease (`claim`, store/queue.py) and runs it with
+`execute_job`, so a duplicated, replayed or stale message is harmless: a claim is exclusive,
+and a job that is not runnable (finished, running elsewhere, waiting for its build) is left
+alone.
 
 Celery settings chosen on purpose (the README explains them to operators):
 - `task_acks_late`: a message is acknowledged when the task returns, not when it is received,
@@ -23,10 +28,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Protocol
 
-from mlflow_dock.jobs.store import JobStore
+from mlflow_dock.jobs.model import Job, JobKind
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -35,6 +40,26 @@ logger = logging.getLogger(__name__)
 
 TASK_NAME = "mlflow_dock.run_job"
 QUEUE = "mlflow-dock"
+
+
+class DispatchStore(Protocol):
+    """The dispatch outbox's marks (`store.dispatch.DispatchMarks`)."""
+
+    def mark_enqueued(self, job_id: str, *, sent: bool = ...) -> None: ...
+
+
+class SweepStore(DispatchStore, Protocol):
+    """What the leader's sweeper reads and marks."""
+
+    def reclaim_expired(self) -> list[Job]: ...
+
+    def take_unsent(
+        self,
+        *,
+        resend_after_seconds: float,
+        limit: int = ...,
+        kinds: Collection[JobKind] | None = ...,
+    ) -> list[str]: ...
 
 
 def create_celery(
@@ -93,7 +118,7 @@ class Dispatcher:
     covers every message that did not make it.
     """
 
-    def __init__(self, app: Celery, store: JobStore) -> None:
+    def __init__(self, app: Celery, store: DispatchStore) -> None:
         self._app = app
         self._store = store
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -131,14 +156,17 @@ class Sweeper:
     def __init__(
         self,
         app: Celery,
-        store: JobStore,
+        store: SweepStore,
         *,
         interval_seconds: float,
         resend_after_seconds: float,
         is_leader: Callable[[], bool],
         job_log: Callable[[str, str], None] = lambda _job_id, _line: None,
+        kinds: Collection[JobKind] | None = None,
     ) -> None:
         self._job_log = job_log
+        # The kinds of job the broker carries (None: all); the rest run on replicas' lanes.
+        self.kinds = kinds
         self._app = app
         self._store = store
         self._interval = interval_seconds
@@ -165,7 +193,7 @@ class Sweeper:
             except Exception:
                 logger.exception("writing the log of job %s failed", job.id)
         sent = 0
-        for job_id in self._store.take_unsent(resend_after_seconds=self._resend):
+        for job_id in self._store.take_unsent(resend_after_seconds=self._resend, kinds=self.kinds):
             try:
                 send(self._app, job_id)
                 sent += 1

@@ -13,17 +13,26 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-from mlflow_dock.jobs.store import JobStore
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
 LEADER_LOCK = "leader"
 
 
+class NamedLeases(Protocol):
+    """The store's named leases (`store.locks.NamedLocks`)."""
+
+    def try_lock(self, name: str, *, owner: str, lease_seconds: float) -> bool: ...
+
+    def release_lock(self, name: str, *, owner: str) -> None: ...
+
+    def lock_owner(self, name: str) -> str | None: ...
+
+
 class StoreLocks:
     def __init__(
-        self, store: JobStore, *, owner: str, lease_seconds: float, poll_seconds: float = 1.0
+        self, store: NamedLeases, *, owner: str, lease_seconds: float, poll_seconds: float = 1.0
     ) -> None:
         self._store = store
         self._owner = owner
@@ -71,7 +80,7 @@ class LeaderLease:
 
     def __init__(
         self,
-        store: JobStore,
+        store: NamedLeases,
         *,
         owner: str,
         lease_seconds: float,

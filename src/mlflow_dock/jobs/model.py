@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -30,6 +30,27 @@ class JobKind(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+
+
+class Lane(enum.StrEnum):
+    """Which workers run a kind of job: builds take minutes, alias jobs move a tag.
+
+    Alias jobs have a lane of their own so that they never wait behind builds (docs/scaling.md).
+    """
+
+    BUILD = "build"
+    ALIAS = "alias"
+
+
+LANE_KINDS: dict[Lane, frozenset[JobKind]] = {
+    Lane.BUILD: frozenset({JobKind.BUILD}),
+    Lane.ALIAS: frozenset({JobKind.ALIAS, JobKind.UNALIAS}),
+}
+
+
+def lane_of(kind: JobKind) -> Lane:
+    return next(lane for lane, kinds in LANE_KINDS.items() if kind in kinds)
+
 
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
@@ -92,7 +113,11 @@ class Job:
     sbom: str | None = None
     signature: str | None = None
     provenance: str | None = None
-    # The lease of a running job (see store.py): which worker runs it, and until when.
+    # The version's KServe Modelcar ("<repository>@sha256:...") and the name the image answers
+    # to over the Open Inference Protocol (None: MLflow's protocol only), see imaging/modelcar.py.
+    modelcar: str | None = None
+    v2_model: str | None = None
+    # The lease of a running job (see store/queue.py): which worker runs it, and until when.
     owner: str | None = None
     lease_expires_at: datetime | None = None
 
@@ -101,6 +126,11 @@ class Job:
         if self.started_at is None or self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+# MLflow tag writes a job's new state calls for, as (model name, version, {tag: value or None
+# to delete}); the write-back derives them (mlflow/writeback.py), the store only keeps them.
+TagWrites = Callable[[Job], Sequence[tuple[str, str, Mapping[str, str | None]]]]
 
 
 @dataclass(frozen=True)
@@ -114,6 +144,8 @@ class JobOutcome:
     sbom: str | None = None
     signature: str | None = None
     provenance: str | None = None
+    modelcar: str | None = None
+    v2_model: str | None = None
 
 
 class Runner(Protocol):

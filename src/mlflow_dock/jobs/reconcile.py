@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from mlflow_dock.jobs.model import Job, JobKind, JobState
-from mlflow_dock.jobs.store import JobStore
 from mlflow_dock.mlflow.client import MlflowSource, ModelVersionInfo
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,24 @@ def plan(
     return out
 
 
+class ReconcileStore(Protocol):
+    """What reconciliation compares MLflow with, and how it queues what is missing."""
+
+    def builds_by_version(self) -> dict[tuple[str, str], Job]: ...
+
+    def latest_alias_ops(self) -> dict[tuple[str, str], Job]: ...
+
+    def request_build(
+        self, model_name: str, version: str, *, delivery_id: str | None = ...
+    ) -> tuple[Job, bool]: ...
+
+    def request_alias(
+        self, model_name: str, version: str, alias: str, *, delivery_id: str | None = ...
+    ) -> tuple[Job, bool]: ...
+
+
 class Reconciler:
-    def __init__(self, source: MlflowSource, store: JobStore) -> None:
+    def __init__(self, source: MlflowSource, store: ReconcileStore) -> None:
         self._source = source
         self._store = store
 

@@ -73,8 +73,10 @@ class StoreFigures:
     """Everything `/metrics` derives from the store, read in one go at scrape time."""
 
     jobs: Mapping[tuple[str, str], int]  # (kind, state) -> jobs now in that state
-    queue_depth: int
-    oldest_queued_seconds: float  # 0 when the queue is empty
+    # By lane ("build", "alias"): how many jobs are queued, and how long the one that has been
+    # runnable longest has waited (0 when none is).
+    queue_depth: Mapping[str, int]
+    oldest_queued_seconds: Mapping[str, float]
     attempts: Mapping[tuple[str, str], int]  # (kind, outcome) -> attempts ever ended so
     retries: Mapping[str, int]  # cause -> attempts that ended in a retry
     smoke_failures: int
@@ -85,7 +87,7 @@ class StoreFigures:
 
 
 class StepLog(Protocol):
-    """The store methods a recorder writes through (see `JobStore`)."""
+    """The store methods a recorder writes through (`store.telemetry.Telemetry`)."""
 
     def start_step(self, job_id: str, attempt: int, name: str) -> int: ...
 

@@ -17,23 +17,33 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from mlflow_dock.errors import JobError, LeaseLostError, is_retryable
 from mlflow_dock.jobs.logs import JobLogs
-from mlflow_dock.jobs.model import Job, JobKind, JobState, Runner, retry_delay
+from mlflow_dock.jobs.model import (
+    LANE_KINDS,
+    Job,
+    JobKind,
+    JobState,
+    Lane,
+    Runner,
+    TagWrites,
+    retry_delay,
+)
 from mlflow_dock.jobs.steps import (
     ATTEMPT_FAILED,
     ATTEMPT_RETRY,
     ATTEMPT_SUCCEEDED,
     CAUSE_INTERRUPTED,
+    StepLog,
     StepRecorder,
 )
-from mlflow_dock.jobs.store import JobStore, TagWrites, store_unavailable
 from mlflow_dock.observe.context import log_context
+from mlflow_dock.store.database import store_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,68 @@ DEFAULT_LEASE_SECONDS = 30.0
 # How long a worker keeps trying to record an outcome while the store is unreachable; after
 # that the lease expires and another worker runs the job again (idempotently).
 RECORD_PATIENCE_SECONDS = 120.0
+# A pool polling at least this often does not also ask when the next backoff ends.
+_SHORT_POLL_SECONDS = 0.5
+
+
+class LeaseStore(Protocol):
+    def renew_lease(self, job_id: str, *, owner: str, lease_seconds: float) -> bool: ...
+
+
+class OutcomeStore(LeaseStore, StepLog, Protocol):
+    """What running one claimed job needs: its lease, its steps, and recording its outcome."""
+
+    def first_delivery(self, job_id: str) -> str | None: ...
+
+    def succeed(
+        self,
+        job_id: str,
+        *,
+        image: str,
+        digest: str,
+        tags: tuple[str, ...] = ...,
+        note: str | None = ...,
+        owner: str | None = ...,
+        sbom: str | None = ...,
+        signature: str | None = ...,
+        provenance: str | None = ...,
+        modelcar: str | None = ...,
+        v2_model: str | None = ...,
+        tag_writes: TagWrites | None = ...,
+    ) -> Job: ...
+
+    def fail(
+        self,
+        job_id: str,
+        reason: str,
+        *,
+        permanent: bool = ...,
+        owner: str | None = ...,
+        tag_writes: TagWrites | None = ...,
+    ) -> Job: ...
+
+    def retry_later(
+        self,
+        job_id: str,
+        reason: str,
+        delay_seconds: float,
+        *,
+        waiting: bool = ...,
+        owner: str | None = ...,
+        tag_writes: TagWrites | None = ...,
+    ) -> Job: ...
+
+
+class WorkerStore(OutcomeStore, Protocol):
+    """What the embedded pool needs besides: claims, reclaiming, and when to wake up."""
+
+    def claim_next(
+        self, *, owner: str, lease_seconds: float, kinds: Collection[JobKind] | None = ...
+    ) -> Job | None: ...
+
+    def reclaim_expired(self, *, kinds: Collection[JobKind] | None = ...) -> list[Job]: ...
+
+    def next_wakeup(self, *, kinds: Collection[JobKind] | None = ...) -> datetime | None: ...
 
 
 def worker_identity() -> str:
@@ -51,7 +123,7 @@ def worker_identity() -> str:
 class LeaseHeartbeat:
     """Renews a job's lease every third of its length until stopped, in a daemon thread."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, lease_seconds: float) -> None:
+    def __init__(self, store: LeaseStore, job_id: str, owner: str, lease_seconds: float) -> None:
         self._store = store
         self._job_id = job_id
         self._owner = owner
@@ -87,7 +159,7 @@ class LeaseHeartbeat:
 def execute_job(
     job: Job,
     *,
-    store: JobStore,
+    store: OutcomeStore,
     runner: Runner,
     logs: JobLogs,
     max_attempts: int,
@@ -157,7 +229,7 @@ class _Observation:
         JobState.FAILED: ATTEMPT_FAILED,
     }
 
-    def __init__(self, job: Job, store: JobStore) -> None:
+    def __init__(self, job: Job, store: OutcomeStore) -> None:
         self._stack = ExitStack()
         try:
             delivery_id = store.first_delivery(job.id)
@@ -192,7 +264,7 @@ def _notify(on_change: Callable[[Job], None], job: Job) -> None:
 def _run_and_record(
     job: Job,
     log: Callable[[str], None],
-    store: JobStore,
+    store: OutcomeStore,
     runner: Runner,
     logs: JobLogs,
     max_attempts: int,
@@ -244,6 +316,8 @@ def _run_and_record(
             sbom=outcome.sbom,
             signature=outcome.signature,
             provenance=outcome.provenance,
+            modelcar=outcome.modelcar,
+            v2_model=outcome.v2_model,
             tag_writes=tag_writes,
         )
     )
@@ -277,17 +351,17 @@ def _one_line(exc: BaseException) -> str:
 
 
 class WorkerPool:
-    """Threads that claim queued jobs from the store, at most `concurrency` at a time.
+    """Threads that claim queued jobs of their `kinds` from the store, `concurrency` at a time.
 
-    Every pool also reclaims jobs whose lease expired, whoever held them: a killed process
-    (this one before a restart, another replica, a `backfill --wait`) leaves its jobs to
-    whichever worker looks next, and only once their leases have run out.
+    Every pool also reclaims jobs of its kinds whose lease expired, whoever held them: a killed
+    process (this one before a restart, another replica, a `backfill --wait`) leaves its jobs
+    to whichever worker looks next, and only once their leases have run out.
     """
 
     def __init__(
         self,
         *,
-        store: JobStore,
+        store: WorkerStore,
         runner: Runner,
         logs: JobLogs,
         concurrency: int,
@@ -298,6 +372,9 @@ class WorkerPool:
         poll_seconds: float = 2.0,
         on_change: Callable[[Job], None] = lambda _job: None,
         tag_writes: TagWrites | None = None,
+        kinds: Collection[JobKind] | None = None,
+        name: str = "worker",
+        on_finished: Callable[[Job], None] = lambda _job: None,
     ) -> None:
         self._on_change = on_change
         self._tag_writes = tag_writes
@@ -310,9 +387,18 @@ class WorkerPool:
         self._max_backoff = max_backoff_seconds
         self._lease = lease_seconds
         self._poll = min(poll_seconds, lease_seconds / 2)
+        # None: every kind (one pool for every job, without lanes).
+        self.kinds = frozenset(JobKind) if kinds is None else frozenset(kinds)
+        self._claim_kinds = None if self.kinds == frozenset(JobKind) else self.kinds
+        self.name = name
+        # Told of every job this pool ran to its end, e.g. to wake the lane of its dependents.
+        self._on_finished = on_finished
         self.owner = worker_identity()
         self._wake = threading.Condition()
-        self._pending_wakeups = 0
+        # Set by `notify` and cleared by the thread it wakes. A flag, not a count: a woken
+        # thread claims until nothing is runnable, so a burst of deliveries (every webhook
+        # notifies) costs one more claim, not one claim each.
+        self._woken = False
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reclaim_guard = threading.Lock()
@@ -321,14 +407,14 @@ class WorkerPool:
     def start(self) -> None:
         for index in range(self._concurrency):
             thread = threading.Thread(
-                target=self._loop, name=f"mlflow-dock-worker-{index}", daemon=True
+                target=self._loop, name=f"mlflow-dock-{self.name}-{index}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
 
     def notify(self) -> None:
         with self._wake:
-            self._pending_wakeups += 1
+            self._woken = True
             self._wake.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -343,7 +429,9 @@ class WorkerPool:
         while not self._stopping.is_set():
             try:
                 self._reclaim_expired()
-                job = self._store.claim_next(owner=self.owner, lease_seconds=self._lease)
+                job = self._store.claim_next(
+                    owner=self.owner, lease_seconds=self._lease, kinds=self._claim_kinds
+                )
             except Exception as exc:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
@@ -366,9 +454,10 @@ class WorkerPool:
                 on_change=self._on_change,
                 tag_writes=self._tag_writes,
             )
-            if job.kind is JobKind.BUILD:
-                # A finished build may unblock alias jobs waiting on it.
+            if job.kind is JobKind.BUILD and self.kinds & LANE_KINDS[Lane.ALIAS]:
+                # A finished build may unblock alias jobs this pool runs too.
                 self.notify()
+            _notify(self._on_finished, job)
 
     def _reclaim_expired(self) -> None:
         with self._reclaim_guard:
@@ -376,7 +465,7 @@ class WorkerPool:
             if now < self._next_reclaim:
                 return
             self._next_reclaim = now + self._lease / 2
-        for job in self._store.reclaim_expired():
+        for job in self._store.reclaim_expired(kinds=self._claim_kinds):
             logger.warning("job %s: %s", job.id, job.error)
             try:
                 self._logs.append(job.id, f"{job.error}")
@@ -389,17 +478,19 @@ class WorkerPool:
 
     def _sleep(self) -> None:
         timeout = self._poll
-        try:
-            wakeup = self._store.next_wakeup()
-        except Exception as exc:
-            logger.warning("reading the next wakeup failed: %s", exc)
-            wakeup = None
+        wakeup = None
+        # A backoff that ends within a short poll is found by the next poll anyway.
+        if timeout > _SHORT_POLL_SECONDS:
+            try:
+                wakeup = self._store.next_wakeup(kinds=self._claim_kinds)
+            except Exception as exc:
+                logger.warning("reading the next wakeup failed: %s", exc)
         if wakeup is not None:
             timeout = max(0.05, min(timeout, (wakeup - datetime.now(UTC)).total_seconds()))
         with self._wake:
-            if self._pending_wakeups == 0:
+            if not self._woken:
                 self._wake.wait(timeout)
-            self._pending_wakeups = max(0, self._pending_wakeups - 1)
+            self._woken = False
 
     @property
     def running(self) -> bool:

@@ -8,6 +8,11 @@ Tags set on the version:
     mlflow_dock.signature       <registry>/<repository>@sha256:...   (cosign signature manifest;
                                                                        only with a signing key)
     mlflow_dock.provenance      <registry>/<repository>@sha256:...   (SLSA provenance; ditto)
+    mlflow_dock.modelcar        <registry>/<repository>@sha256:...   (the version's KServe
+                                                                       Modelcar, if made)
+    mlflow_dock.endpoints       what the image answers: "POST /invocations (MLflow scoring
+                                protocol); POST /v2/models/<name>/versions/<N>/infer (Open
+                                Inference Protocol, V2)" (V2 only where the image speaks it)
     mlflow_dock.alias.<alias>   <registry>/<repository>:<alias tag>   (while the alias points here)
 
 Write-back never changes a job's outcome (the image in the registry is the product), but it is
@@ -27,6 +32,7 @@ from typing import Any, Protocol
 from mlflow_dock.jobs.model import Job, JobKind, JobState, retry_delay
 from mlflow_dock.mlflow.client import MlflowRefusedError, MlflowSource
 from mlflow_dock.oci.reference import pinned
+from mlflow_dock.serving.layer import v2_infer_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +67,11 @@ def updates_for(job: Job) -> list[TagUpdate]:
                 ("sbom", job.sbom),
                 ("signature", job.signature),
                 ("provenance", job.provenance),
+                ("modelcar", job.modelcar),
             ):
                 if reference:
                     tags[f"{TAG_PREFIX}{name}"] = reference
+            tags[f"{TAG_PREFIX}endpoints"] = endpoints(job)
             deletes = (f"{TAG_PREFIX}error",)
         elif job.state is JobState.FAILED:
             tags[f"{TAG_PREFIX}error"] = (job.error or "unknown error")[:_MAX_VALUE]
@@ -74,6 +82,15 @@ def updates_for(job: Job) -> list[TagUpdate]:
     if job.kind is JobKind.UNALIAS and job.state is JobState.SUCCEEDED:
         return [TagUpdate(job.model_name, job.version, delete_tags=(key,))]
     return []
+
+
+def endpoints(job: Job) -> str:
+    """The protocols a version's image answers, as one line a person can act on."""
+    described = ["POST /invocations (MLflow scoring protocol)"]
+    if job.v2_model:
+        path = v2_infer_path(job.v2_model, job.version)
+        described.append(f"POST {path} (Open Inference Protocol, V2)")
+    return "; ".join(described)
 
 
 def tag_writes_for(job: Job) -> list[tuple[str, str, dict[str, str | None]]]:

@@ -28,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mlflow_dock.jobs.model import JobKind, JobState
+from mlflow_dock.jobs.model import JobKind, JobState, Lane
 from mlflow_dock.jobs.steps import ATTEMPT_OUTCOMES, BLOB_OUTCOMES, STEP_NAMES, StoreFigures
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,20 @@ def _store_metrics(f: StoreFigures) -> list[Metric]:
     for kind in JobKind:
         for state in JobState:
             jobs.add_metric([kind.value, state.value], f.jobs.get((kind.value, state.value), 0))
-    depth = GaugeMetricFamily("mlflow_dock_queue_depth", "Jobs waiting to run (state queued)")
-    depth.add_metric([], f.queue_depth)
+    depth = GaugeMetricFamily(
+        "mlflow_dock_queue_depth",
+        "Jobs waiting to run (state queued), by lane: build, or alias (alias and unalias jobs)",
+        labels=["lane"],
+    )
     age = GaugeMetricFamily(
         "mlflow_dock_queue_oldest_age_seconds",
-        "How long the longest-waiting queued job has been runnable (0 when none is)",
+        "How long the longest-waiting runnable queued job of the lane has been runnable (0 when "
+        "none is); an alias waiting for its version's build is not runnable yet",
+        labels=["lane"],
     )
-    age.add_metric([], f.oldest_queued_seconds)
+    for lane in Lane:
+        depth.add_metric([lane.value], f.queue_depth.get(lane.value, 0))
+        age.add_metric([lane.value], f.oldest_queued_seconds.get(lane.value, 0.0))
     attempts = CounterMetricFamily(
         "mlflow_dock_job_attempts",
         "Job attempts that ended, by kind and outcome (succeeded, retry, failed)",

@@ -2,20 +2,29 @@
 
 Pure bookkeeping, no I/O: `RegistryAuth` remembers the credentials, which scheme the registry
 asked for and the tokens it was given, and says which Authorization value a request should
-carry. Fetching a token is an HTTP request, so `remote.RegistryClient` does it and hands the
-answer back through `RegistryAuth.remember_token`.
+carry. Fetching a token is an HTTP request: `RegistryAuth.respond` names the token to fetch
+(`TokenRequest`), the httpx auth flow in `oci.authflow` sends it, and the token server's answer
+comes back through `parse_token_response` and `RegistryAuth.remember_token`.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["Challenge", "RegistryAuth", "merge_scopes", "parse_challenges"]
+__all__ = [
+    "Challenge",
+    "RegistryAuth",
+    "TokenRequest",
+    "merge_scopes",
+    "parse_challenges",
+    "parse_token_response",
+]
 
 _TOKEN_DEFAULT_TTL: Final = 60.0  # the Docker token spec's default for a missing expires_in
 _ACTION_ORDER: Final = {"pull": 0, "push": 1, "delete": 2}
@@ -123,8 +132,31 @@ def merge_scopes(challenged: str | None, repository: str | None, actions: tuple[
     return " ".join(items)
 
 
-# Fetches a token: (realm, service, scope) -> (token, expires_in seconds or None).
-TokenFetcher = Callable[[str, "str | None", str], "tuple[str, float | None]"]
+@dataclass(frozen=True)
+class TokenRequest:
+    """A Docker token to fetch: ``GET realm?service=...&scope=...`` (one ``scope`` per item)."""
+
+    realm: str
+    service: str | None
+    scope: str
+
+
+def parse_token_response(body: bytes) -> tuple[str, float | None] | None:
+    """(token, expires_in seconds or None) from a token server's JSON answer, None if no token.
+
+    Docker's token servers say ``token``, OAuth2 ones ``access_token``; both are accepted.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    token = data.get("token") or data.get("access_token")
+    if not isinstance(token, str) or not token:
+        return None
+    expires_in = data.get("expires_in")
+    return token, float(expires_in) if isinstance(expires_in, int | float) else None
 
 
 class RegistryAuth:
@@ -169,16 +201,16 @@ class RegistryAuth:
             return self._basic_header.value
         return None
 
-    def answer(
+    def respond(
         self,
         challenge_headers: Iterable[str],
         repository: str | None,
         actions: tuple[str, ...],
         sent_auth: str | None,
-        fetch_token: TokenFetcher,
         extra_scope: str | None = None,
-    ) -> str | None:
-        """The Authorization value to retry a 401 with, or None if retrying cannot help."""
+    ) -> str | TokenRequest | None:
+        """What to retry a 401 with: an Authorization value, a token to fetch first (then
+        `remember_token`), or None if retrying cannot help."""
         challenges = parse_challenges(challenge_headers)
         for challenge in challenges:
             realm = challenge.params.get("realm")
@@ -195,15 +227,18 @@ class RegistryAuth:
                     auth = f"Bearer {cached[0].value}"
                     if auth != sent_auth:
                         return auth
-                token, expires_in = fetch_token(realm, service, scope)
-                self._remember(realm, service, scope, token, expires_in)
-                return f"Bearer {token}"
+                return TokenRequest(realm, service, scope)
         if any(c.scheme == "basic" for c in challenges) and self._basic_header is not None:
             self._use_basic = True
             auth = self._basic_header.value
             # Sending the same credentials again would only earn the same 401.
             return None if auth == sent_auth else auth
         return None
+
+    def remember_token(self, request: TokenRequest, token: str, expires_in: float | None) -> str:
+        """Cache the token the realm gave for `request`; returns its Authorization value."""
+        self._remember(request.realm, request.service, request.scope, token, expires_in)
+        return f"Bearer {token}"
 
     def _remember(
         self, realm: str, service: str | None, scope: str, token: str, expires_in: float | None

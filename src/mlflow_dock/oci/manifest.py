@@ -12,12 +12,14 @@ from typing import Final
 __all__ = [
     "DOCKER_CONFIG",
     "DOCKER_LAYER",
+    "DOCKER_LAYER_TAR",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "MANIFEST_MEDIA_TYPES",
     "OCI_CONFIG",
     "OCI_INDEX",
     "OCI_LAYER",
+    "OCI_LAYER_TAR",
     "OCI_MANIFEST",
     "Manifest",
     "digest_matches",
@@ -30,6 +32,9 @@ DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list
 MANIFEST_MEDIA_TYPES: Final = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 DOCKER_LAYER: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_LAYER: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
+# An uncompressed layer: its digest is its diff_id (models' weight files, which do not compress).
+OCI_LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_LAYER_TAR: Final = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_CONFIG: Final = "application/vnd.docker.container.image.v1+json"
 OCI_CONFIG: Final = "application/vnd.oci.image.config.v1+json"
 

@@ -21,6 +21,10 @@ Repository (from the free-text model name):
   "iris-classifier-<hash>").
 - So two different model names never share a repository: names kept unchanged never end in the
   hash-suffix pattern, hashed ones always do, and among hashed ones the hash tells them apart.
+- Names mlflow-dock writes itself are reserved: a stem that is ``mlflow-dock`` or starts with
+  ``mlflow-dock-`` is always hashed ("mlflow-dock-base" -> "mlflow-dock-base-<hash>"), and the
+  service's own repositories (derived bases, caches: :func:`service_repository`) never end in
+  the hash-suffix pattern, so no model can write into them.
 
 Version tag: MLflow versions are positive integers; the tag is the decimal number without leading
 zeros ("7" and 7 -> "7"). Anything else is refused with ``ValueError``.
@@ -36,6 +40,10 @@ Alias tag (aliases and tags are both case-sensitive, so case is kept):
   "." and "-" stripped, cut to fit the 128-character limit, and "alias" if nothing is left.
 - An alias tag is therefore never all digits (so never a version tag), and different aliases get
   different tags by the same argument as for repositories.
+- Tags mlflow-dock writes itself are reserved the same way: an alias starting with ``sha256-``
+  (the OCI referrers fallback ``sha256-<hex>`` and cosign's ``sha256-<hex>.sig``/``.att``/
+  ``.sbom``) or ending in ``-modelcar`` (:func:`modelcar_tag`) is hashed, never taken as is;
+  the stem of the former gets "alias-" in front, so no alias tag starts with ``sha256-``.
 
 Namespace: Docker Hub (docker.io, index.docker.io, registry-1.docker.io) and ghcr.io refuse
 repositories without an owner, so there the default namespace is the registry username, lowercased
@@ -59,6 +67,7 @@ __all__ = [
     "DOCKER_HUB_API_HOST",
     "DOCKER_HUB_HOSTS",
     "REPOSITORY_RE",
+    "SERVICE_PREFIX",
     "TAG_RE",
     "ImageRef",
     "alias_tag",
@@ -66,9 +75,11 @@ __all__ = [
     "image_repository",
     "is_digest",
     "is_loopback",
+    "modelcar_tag",
     "pinned",
     "registry_hostname",
     "repository_name",
+    "service_repository",
     "split_host",
     "split_registry",
     "version_tag",
@@ -112,6 +123,23 @@ OWNER_REQUIRED_HOSTS = DOCKER_HUB_HOSTS | {"ghcr.io"}
 _FALLBACK_REPOSITORY_STEM = "model"
 _FALLBACK_ALIAS_STEM = "alias"
 
+# Repositories mlflow-dock itself writes start with this; no model name maps onto them.
+SERVICE_PREFIX = "mlflow-dock"
+# The tag beside a version's (or alias's) serving image for its KServe Modelcar image.
+MODELCAR_SUFFIX = "-modelcar"
+# Tags the supply chain writes next to an image: `sha256-<hex>` (the OCI 1.1 referrers
+# fallback) and cosign's `sha256-<hex>.sig`, `.att`, `.sbom`.
+_ATTACHMENT_TAG_PREFIX = "sha256-"
+
+
+def _reserved_repository(name: str) -> bool:
+    return name == SERVICE_PREFIX or name.startswith(SERVICE_PREFIX + "-")
+
+
+def _reserved_tag(tag: str) -> bool:
+    lowered = tag.lower()
+    return lowered.startswith(_ATTACHMENT_TAG_PREFIX) or lowered.endswith(MODELCAR_SUFFIX)
+
 
 def _short_hash(text: str) -> str:
     # surrogatepass: a JSON payload can smuggle in lone surrogates; they must still hash (and
@@ -134,7 +162,11 @@ def _repository_stem(model_name: str) -> str:
 def repository_name(model_name: str) -> str:
     """The repository path component for an MLflow model name; distinct names never collide."""
     stem = _repository_stem(model_name)
-    if stem == model_name and not HASH_SUFFIX_RE.search(model_name):
+    if (
+        stem == model_name
+        and not HASH_SUFFIX_RE.search(model_name)
+        and not _reserved_repository(model_name)
+    ):
         return model_name
     return f"{stem}-{_short_hash(model_name)}"
 
@@ -164,14 +196,34 @@ def version_tag(version: str | int) -> str:
 def alias_tag(alias: str) -> str:
     """The tag for an MLflow alias; never a version tag, distinct aliases never collide."""
     is_digits = _DIGITS_RE.fullmatch(alias) is not None
-    if TAG_RE.fullmatch(alias) and not is_digits and not HASH_SUFFIX_RE.search(alias):
+    if (
+        TAG_RE.fullmatch(alias)
+        and not is_digits
+        and not HASH_SUFFIX_RE.search(alias)
+        and not _reserved_tag(alias)
+    ):
         return alias
     if is_digits:
         stem = f"{_FALLBACK_ALIAS_STEM}-{alias}"
     else:
         stem = _TAG_INVALID_RUN_RE.sub("-", _strip_accents(alias)).lstrip(".-")
+        if stem.lower().startswith(_ATTACHMENT_TAG_PREFIX):
+            # Even hashed, a tag that starts like an attachment tag is one guess away from one.
+            stem = f"{_FALLBACK_ALIAS_STEM}-{stem}"
     stem = stem[: MAX_TAG_LENGTH - HASH_LENGTH - 1].rstrip(".-")
     return f"{stem or _FALLBACK_ALIAS_STEM}-{_short_hash(alias)}"
+
+
+def modelcar_tag(tag: str) -> str:
+    """The Modelcar image's tag beside the serving image's ``tag`` (a version or alias tag).
+
+    Never an alias tag (aliases ending in the suffix are hashed) and distinct for distinct tags;
+    a tag too long for the suffix keeps a prefix and a hash of the whole.
+    """
+    if len(tag) + len(MODELCAR_SUFFIX) <= MAX_TAG_LENGTH:
+        return tag + MODELCAR_SUFFIX
+    keep = MAX_TAG_LENGTH - len(MODELCAR_SUFFIX) - HASH_LENGTH - 1
+    return f"{tag[:keep].rstrip('.-')}-{_short_hash(tag)}{MODELCAR_SUFFIX}"
 
 
 def split_registry(registry: str) -> tuple[str, str]:
@@ -273,6 +325,20 @@ def _validate_name(name: str) -> None:
 
 def image_repository(registry: str, namespace: str, model_name: str) -> str:
     """The full repository reference (no tag) for a model: host[/prefix][/namespace]/name."""
+    return _full_repository(registry, namespace, repository_name(model_name))
+
+
+def service_repository(registry: str, namespace: str, name: str) -> str:
+    """A repository mlflow-dock itself owns (``mlflow-dock-base``, ...), beside the models'.
+
+    Its name is reserved: :func:`repository_name` maps no model name onto it.
+    """
+    if not _reserved_repository(name) or HASH_SUFFIX_RE.search(name):
+        raise ValueError(f"{name!r} is not a reserved service repository name")
+    return _full_repository(registry, namespace, name)
+
+
+def _full_repository(registry: str, namespace: str, repository: str) -> str:
     host, prefix = split_registry(registry)
     if not HOST_RE.fullmatch(host):
         raise ConfigError(f"registry {registry!r}: {host!r} is not a valid registry host")
@@ -291,7 +357,7 @@ def image_repository(registry: str, namespace: str, model_name: str) -> str:
     # much later with an opaque error; refuse it while it is still a configuration problem.
     if not owner and host.lower() in OWNER_REQUIRED_HOSTS:
         raise ConfigError(f"registry {host!r} requires a namespace (an owner such as a username)")
-    name = "/".join(part for part in (host, owner, repository_name(model_name)) if part)
+    name = "/".join(part for part in (host, owner, repository) if part)
     if len(name) > MAX_NAME_LENGTH:
         raise ConfigError(
             f"image repository {name[:60]!r}... is {len(name)} characters; the limit is "

@@ -15,28 +15,37 @@ digest no longer matches the alias. Here manifests stay ``bytes`` end to end. (o
 :meth:`RegistryClient.delete_tag` for why this module never does.)
 
 Scope is deliberately small: manifests, plus the few blob operations that registry-side image
-assembly needs (:mod:`mlflow_dock.build.assembly`: check, upload, mount, read a config), sync
-``httpx.Client``, Basic and Bearer (Docker token) auth (:mod:`mlflow_dock.oci.auth`), and every
-transport error or non-2xx answer translated into :mod:`mlflow_dock.errors` in one place,
-:meth:`RegistryClient._error`.
+assembly needs (:mod:`mlflow_dock.imaging.assembly`: check, upload, mount, read a config, read a
+layer as a stream), sync ``httpx.Client``, Basic and Bearer (Docker token) auth as an
+``httpx.Auth`` flow (:mod:`mlflow_dock.oci.authflow`, bookkeeping in :mod:`mlflow_dock.oci.auth`),
+and every transport error or non-2xx answer translated into :mod:`mlflow_dock.errors` in one
+place, :meth:`mlflow_dock.oci.errors.RegistryErrors.error`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
 import httpx
 
-from mlflow_dock.errors import JobError, PermanentError, RetryableError
-from mlflow_dock.oci.auth import RegistryAuth
+from mlflow_dock.oci.authflow import RefreshCredentials, RegistryLogin
+from mlflow_dock.oci.errors import (
+    Op,
+    RegistryError,
+    RegistryErrors,
+    RegistryPermanentError,
+    RegistryRetryableError,
+    error_entries,
+    ref_text,
+)
 from mlflow_dock.oci.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, Manifest, digest_matches
 from mlflow_dock.oci.reference import (
     DOCKER_HUB_API_HOST,
@@ -48,7 +57,12 @@ from mlflow_dock.oci.reference import (
     split_host,
 )
 
+# The errors live in oci.errors (the auth flow raises them too) and are offered here as well,
+# beside the client whose operations raise them.
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "BlobReader",
+    "DeleteTag",
     "RegistryClient",
     "RegistryError",
     "RegistryPermanentError",
@@ -62,10 +76,15 @@ log = logging.getLogger(__name__)
 _ACCEPT: Final = ", ".join(MANIFEST_MEDIA_TYPES)
 
 
+# What is read from a file (or a blob stream) at a time: memory stays flat whatever the size.
 _UPLOAD_CHUNK: Final = 1 << 20
 _BLOB_TYPE: Final = "application/octet-stream"
-
-_DETAIL_MAX: Final = 300
+# Blobs up to this size go up in one PUT; bigger ones as PATCHes of this size (OCI chunked
+# upload), so that an interrupted upload resumes where the registry stopped receiving instead of
+# starting a multi-GB layer over. ECR wants chunks of at least 5 MiB but the last.
+DEFAULT_CHUNK_BYTES: Final = 64 << 20
+# Interruptions in a row (no chunk accepted in between) before an upload gives up.
+_MAX_RESUMES: Final = 5
 
 # Actions a token must grant per HTTP method. Docker Hub and GHCR challenge each request with
 # only what that request needs, so a PUT must ask for push itself rather than reuse a pull token.
@@ -74,38 +93,11 @@ _PUSH: Final = ("pull", "push")
 _DELETE: Final = ("pull", "push", "delete")
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class RegistryError(JobError):
-    """A registry operation failed; ``status_code`` is the HTTP status when there was one."""
-
-    def __init__(
-        self, message: str, *, status_code: int | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        # The first OCI error code from the body (e.g. "DENIED", "MANIFEST_UNKNOWN").
-        self.code = code
-
-
-class RegistryRetryableError(RetryableError, RegistryError):
-    pass
-
-
-class RegistryPermanentError(PermanentError, RegistryError):
-    pass
-
-
-@dataclass(frozen=True)
-class _Op:
-    """What a request was for, so one function can word every error."""
-
-    doing: str  # "getting manifest team/x:v1"
-    repository: str | None = None
-    reference: str | None = None
-    # "get_manifest"/"get_blob" turn 404 into "manifest/blob ... not found"; "token"
-    kind: str = "other"
+DeleteTag = Callable[[str, str], bool]
+"""How one tag is removed from a repository, and nothing else: ``(repository, tag)`` -> True
+when the tag is gone (also when it already was), False when the registry cannot remove a tag
+without its manifest. The default is OCI 1.1's ``DELETE`` by tag; ECR's is its own API
+(``cloud.ecr.EcrRepositories.delete_tag``), chosen in ``app.py``."""
 
 
 # A request body: bytes, or a factory of chunks so that a file is streamed rather than read
@@ -113,14 +105,42 @@ class _Op:
 _Content = bytes | Callable[[], Iterable[bytes]] | None
 
 
-def _file_chunks(data: IO[bytes] | Path, start: int) -> Callable[[], Iterator[bytes]]:
+class _Replayable:
+    """A streamed request body that starts over each time it is sent.
+
+    httpx streams a plain iterable (not a generator) afresh on every iteration, so the auth flow
+    can send the same request again after a 401 without reading a large blob into memory.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterable[bytes]]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks())
+
+
+def _file_chunks(
+    data: IO[bytes] | Path, start: int, end: int | None = None
+) -> Callable[[], Iterator[bytes]]:
+    """Chunks of ``data`` from ``start`` (to ``end``, else its end), read afresh per call."""
+
+    def read(file: IO[bytes]) -> Iterator[bytes]:
+        file.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            chunk = file.read(_UPLOAD_CHUNK if left is None else min(_UPLOAD_CHUNK, left))
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
+            yield chunk
+
     def chunks() -> Iterator[bytes]:
         if isinstance(data, Path):
             with data.open("rb") as file:
-                yield from iter(lambda: file.read(_UPLOAD_CHUNK), b"")
+                yield from read(file)
         else:
-            data.seek(start)
-            yield from iter(lambda: data.read(_UPLOAD_CHUNK), b"")
+            yield from read(data)
 
     return chunks
 
@@ -139,51 +159,15 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or default
 
 
-def _ref(repository: str, reference: str) -> str:
-    sep = "@" if ":" in reference else ":"
-    return f"{repository}{sep}{reference}"
-
-
-def _error_entries(response: httpx.Response) -> list[tuple[str, str]]:
-    """(code, message) pairs from an OCI error body, or a token server's error fields."""
-    try:
-        data = json.loads(response.content)
-    except ValueError:
-        return []
-    if not isinstance(data, dict):
-        return []
-    entries: list[tuple[str, str]] = []
-    errors = data.get("errors")
-    if isinstance(errors, list):
-        for item in errors:
-            if isinstance(item, dict):
-                entries.append((str(item.get("code") or ""), str(item.get("message") or "")))
-    # Docker Hub's token server says {"details": ...}; OAuth servers {"error": ...}.
-    for key in ("details", "error_description", "error", "message"):
-        if isinstance(data.get(key), str) and not entries:
-            entries.append(("", data[key]))
-    return entries
-
-
-def _is_certificate_error(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
-        current = current.__cause__ or current.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
-
-
 # --------------------------------------------------------------------------- client
 
 
 class RegistryClient:
     """Manifest operations against one registry host.
 
-    Tokens are cached per (realm, service, scope) on the instance, so reuse one client for a
-    job's requests. Sharing an instance across threads is safe but may fetch a token twice.
+    Tokens are cached per (realm, service, scope) on the instance (its `RegistryLogin`), so
+    reuse one client for a job's requests. Sharing an instance across threads is safe but may
+    fetch a token twice.
     """
 
     def __init__(
@@ -196,11 +180,16 @@ class RegistryClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         on_blob: Callable[[str, int], None] | None = None,
-        refresh_credentials: Callable[[], tuple[str | None, str | None]] | None = None,
+        refresh_credentials: RefreshCredentials | None = None,
+        delete_tag: DeleteTag | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        # Asked once per client for a fresh (username, password) when the registry still
-        # answers 401 with ours: a cloud token can be revoked or expire mid-job.
-        self._refresh_credentials = refresh_credentials
+        # None: OCI's DELETE by tag (`_oci_delete_tag`).
+        self._delete_tag = delete_tag
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self._chunk_bytes = chunk_bytes
         host = host.strip()
         if "://" in host:
             # Accept "https://ghcr.io" from settings; an explicit scheme argument still wins.
@@ -227,12 +216,19 @@ class RegistryClient:
             api_netloc = bracketed if port is None else f"{bracketed}:{port}"
         self.scheme = scheme
         self.base_url = f"{scheme}://{api_netloc}"
-        self.username = username
         # Told ("uploaded" | "mounted" | "present", size) per blob, for transfer metrics.
         self._on_blob = on_blob or (lambda _outcome, _size: None)
-        self._auth = RegistryAuth(username=username, password=password)
+        # Asked once per client for a fresh (username, password) when the registry still
+        # answers 401 with ours: a cloud token can be revoked or expire mid-job.
+        self._login = RegistryLogin(
+            username=username, password=password, scheme=scheme, refresh=refresh_credentials
+        )
+        self._errors = RegistryErrors(self.host, self._login)
         self._http = httpx.Client(
             transport=transport,
+            # A context shared by the caller's clients: httpx otherwise loads the CA bundle for
+            # every client, ~160 ms of CPU, most of an alias job's time (a client per job).
+            verify=ssl_context if ssl_context is not None else True,
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             headers={"User-Agent": "mlflow-dock"},
@@ -244,13 +240,18 @@ class RegistryClient:
             f"username={self.username!r})"
         )
 
+    @property
+    def username(self) -> str | None:
+        """Who the client logs in as (after a credential refresh, the new name)."""
+        return self._login.username
+
     # ------------------------------------------------------------------ public API
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
         repository = self._repository(repository)
         self._check_reference(reference)
-        op = _Op(
-            f"getting manifest {_ref(repository, reference)}",
+        op = Op(
+            f"getting manifest {ref_text(repository, reference)}",
             repository,
             reference,
             kind="get_manifest",
@@ -259,20 +260,20 @@ class RegistryClient:
             "GET", self._manifest_path(repository, reference), op, _PULL, {"Accept": _ACCEPT}
         )
         if response.status_code != 200:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
         body = response.content
         manifest = Manifest.from_bytes(body, self._media_type(response, op))
         # Both checks guard the one property this module exists for: the digest we PUT later
         # is the digest the registry holds for the source reference.
         served = response.headers.get("Docker-Content-Digest")
         if served and digest_matches(body, served) is False:
-            raise self._fail(
-                f"registry {self.host} sent manifest {_ref(repository, reference)} whose "
+            raise self._errors.fail(
+                f"registry {self.host} sent manifest {ref_text(repository, reference)} whose "
                 f"content digest {manifest.digest} does not match Docker-Content-Digest {served}"
             )
         if ":" in reference and digest_matches(body, reference) is False:
-            raise self._fail(
-                f"registry {self.host} sent manifest {_ref(repository, reference)} whose "
+            raise self._errors.fail(
+                f"registry {self.host} sent manifest {ref_text(repository, reference)} whose "
                 f"content digest is {manifest.digest}"
             )
         return manifest
@@ -286,10 +287,10 @@ class RegistryClient:
         repository = self._repository(repository)
         self._check_reference(tag)
         if ":" in tag and digest_matches(manifest.body, tag) is False:
-            raise self._fail(
+            raise self._errors.fail(
                 f"cannot put manifest {manifest.digest} under another digest {tag} in {repository}"
             )
-        op = _Op(f"putting manifest {_ref(repository, tag)}", repository, tag)
+        op = Op(f"putting manifest {ref_text(repository, tag)}", repository, tag)
         response = self._send(
             "PUT",
             self._manifest_path(repository, tag),
@@ -299,11 +300,11 @@ class RegistryClient:
             manifest.body,
         )
         if response.status_code not in {200, 201, 202, 204}:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
         stored = response.headers.get("Docker-Content-Digest")
         if stored and digest_matches(manifest.body, stored) is False:
-            raise self._fail(
-                f"registry {self.host} stored {_ref(repository, tag)} as {stored}, "
+            raise self._errors.fail(
+                f"registry {self.host} stored {ref_text(repository, tag)} as {stored}, "
                 f"not as the {manifest.digest} that was sent"
             )
         return manifest.digest
@@ -325,14 +326,14 @@ class RegistryClient:
         """The digest ``reference`` points at (HEAD), or None if the registry has no such tag."""
         repository = self._repository(repository)
         self._check_reference(reference)
-        op = _Op(f"checking manifest {_ref(repository, reference)}", repository, reference)
+        op = Op(f"checking manifest {ref_text(repository, reference)}", repository, reference)
         response = self._send(
             "HEAD", self._manifest_path(repository, reference), op, _PULL, {"Accept": _ACCEPT}
         )
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
         digest: str = response.headers.get("Docker-Content-Digest", "")
         if digest:
             return digest
@@ -353,21 +354,22 @@ class RegistryClient:
         """
         repository = self._repository(repository)
         self._check_digest(digest)
-        op = _Op(f"listing referrers of {repository}@{digest}", repository, digest)
+        op = Op(f"listing referrers of {repository}@{digest}", repository, digest)
         response = self._send(
             "GET", f"/v2/{repository}/referrers/{digest}", op, _PULL, {"Accept": OCI_INDEX}
         )
         if response.status_code in {404, 405}:
             return None
         if response.status_code != 200:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type != OCI_INDEX:
             return None
         return response.content
 
     def delete_tag(self, repository: str, tag: str) -> bool:
-        """Remove ``tag`` only (OCI 1.1 ``DELETE /v2/<repo>/manifests/<tag>``).
+        """Remove ``tag`` only (OCI 1.1 ``DELETE /v2/<repo>/manifests/<tag>``, or the
+        registry's own API where the client was given one: see :data:`DeleteTag`).
 
         True when the tag no longer exists: deleted now, or already gone (a retry of a job
         that deleted it before crashing must not fail). False when the registry cannot delete
@@ -377,26 +379,31 @@ class RegistryClient:
         """
         repository = self._repository(repository)
         if not TAG_RE.fullmatch(tag):
-            raise self._fail(f"invalid tag {tag!r} for {repository}")
-        op = _Op(f"deleting tag {_ref(repository, tag)}", repository, tag)
+            raise self._errors.fail(f"invalid tag {tag!r} for {repository}")
+        if self._delete_tag is not None:
+            return self._delete_tag(repository, tag)
+        return self._oci_delete_tag(repository, tag)
+
+    def _oci_delete_tag(self, repository: str, tag: str) -> bool:
+        op = Op(f"deleting tag {ref_text(repository, tag)}", repository, tag)
         response = self._send("DELETE", self._manifest_path(repository, tag), op, _DELETE)
         status = response.status_code
         if status in {200, 202, 204}:
             return True
-        entries = _error_entries(response)
+        entries = error_entries(response)
         if status in {400, 405} or any(code == "UNSUPPORTED" for code, _ in entries):
             log.info(
                 "registry %s cannot delete tag %s: %s",
                 self.host,
-                _ref(repository, tag),
-                self._redact(self._detail(response)),
+                ref_text(repository, tag),
+                self._errors.redact(self._errors.detail(response)),
             )
             return False
         if status == 404:
             # 404 means "no such tag" on registries that delete by tag, but may also mean
             # "no such route" elsewhere; only the tag's presence tells which.
             return self.manifest_digest(repository, tag) is None
-        raise self._error(op, response=response)
+        raise self._errors.error(op, response=response)
 
     # ------------------------------------------------------------------ blobs
 
@@ -414,17 +421,52 @@ class RegistryClient:
         """
         repository = self._repository(repository)
         self._check_digest(digest)
-        op = _Op(f"getting blob {repository}@{digest}", repository, digest, kind="get_blob")
+        op = Op(f"getting blob {repository}@{digest}", repository, digest, kind="get_blob")
         response = self._send("GET", self._blob_path(repository, digest), op, _PULL)
         if response.status_code != 200:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
         body = response.content
         if digest_matches(body, digest) is False:
-            raise self._fail(
+            raise self._errors.fail(
                 f"registry {self.host} sent blob {repository}@{digest} whose content digest is "
                 f"{Manifest.digest_of(body)}"
             )
         return body
+
+    def open_blob(self, repository: str, digest: str, size: int | None = None) -> BlobReader:
+        """Blob ``digest`` as a seekable, read-only file, streamed: never held in memory.
+
+        For layers (a model's weights, a base layer copied across registries): bytes are read
+        as they are asked for, a seek starts a ranged GET at the new position. Read front to
+        back, the content is checked against ``digest`` at its end. ``size`` (from the layer
+        descriptor) saves a HEAD. Close it (or use it as a context manager).
+        """
+        repository = self._repository(repository)
+        self._check_digest(digest)
+        if size is None:
+            op = Op(f"checking blob {repository}@{digest}", repository, digest, kind="get_blob")
+            response = self._send("HEAD", self._blob_path(repository, digest), op, _PULL)
+            if response.status_code != 200:
+                raise self._errors.error(op, response=response)
+            size = int(response.headers.get("Content-Length", "-1"))
+            if size < 0:
+                raise self._errors.fail(
+                    f"registry {self.host} gave no size for blob {repository}@{digest}"
+                )
+        return BlobReader(self, repository, digest, size)
+
+    def _blob_stream(self, repository: str, digest: str, offset: int) -> httpx.Response:
+        """A streamed GET of the blob from ``offset`` (the caller closes it)."""
+        op = Op(f"getting blob {repository}@{digest}", repository, digest, kind="get_blob")
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        response = self._send(
+            "GET", self._blob_path(repository, digest), op, _PULL, headers, stream=True
+        )
+        if response.status_code in {200, 206}:
+            return response
+        response.read()
+        response.close()
+        raise self._errors.error(op, response=response)
 
     def upload_blob(
         self,
@@ -437,21 +479,26 @@ class RegistryClient:
         """Make ``repository`` hold ``data`` as a blob; returns its digest.
 
         Nothing is sent if the blob is already there; with ``mount_from`` (another repository of
-        this registry) the registry is first asked to link the blob from there. Otherwise a
-        monolithic upload: POST opens a session, one PUT ``?digest=`` sends the whole body. A
-        file (a binary file object, read from its current position, or a path) is streamed, and
-        its digest computed in a first pass if not given.
+        this registry) the registry is first asked to link the blob from there. Otherwise POST
+        opens a session; a blob up to the client's ``chunk_bytes`` then goes in one PUT
+        ``?digest=``, a bigger one as PATCHes of that size and a final PUT (see
+        :meth:`_upload_chunks`: an interrupted chunk resumes where the registry stopped). A file
+        (a seekable binary file object, read from its current position, or a path) is streamed,
+        never read into memory, and its digest computed in a first pass if not given.
         """
         repository = self._repository(repository)
         content: _Content
+        source: IO[bytes] | Path | None = None
+        start = 0
         if isinstance(data, bytes):
             actual = Manifest.digest_of(data)
             if digest is not None and digest != actual:
-                raise self._fail(
+                raise self._errors.fail(
                     f"cannot upload a blob whose digest is {actual} as {digest} to {repository}"
                 )
             digest, size, content = actual, len(data), data
         else:
+            source = data
             start = 0 if isinstance(data, Path) else data.tell()
             if digest is None:
                 digest, size = _blob_digest_and_size(data, start)
@@ -465,25 +512,137 @@ class RegistryClient:
         if self._blob_exists(repository, digest, _PUSH):
             self._on_blob("present", size)
             return digest
-        op = _Op(f"uploading blob {repository}@{digest}", repository, digest)
+        op = Op(f"uploading blob {repository}@{digest}", repository, digest)
         location = self._start_upload(repository, digest, mount_from, op)
         if location is None:
             self._on_blob("mounted", size)
             return digest
+        if source is not None and size > self._chunk_bytes:
+            self._upload_chunks(repository, location, source, start, size, digest, op)
+            self._on_blob("uploaded", size)
+            return digest
         url = location.copy_add_param("digest", digest)
         headers = {"Content-Type": _BLOB_TYPE, "Content-Length": str(size)}
-        if _origin(url) == _origin(httpx.URL(self.base_url)):
-            response = self._send("PUT", str(url), op, _PUSH, headers, content)
-        else:
-            # An upload session elsewhere (object storage) gets the data, not our credentials.
-            response = self._request("PUT", str(url), op, headers, content, None)
+        response = self._session("PUT", url, op, headers, content)
         if response.status_code not in {201, 204}:
-            raise self._error(op, response=response)
-        stored = response.headers.get("Docker-Content-Digest")
-        if stored and stored != digest:
-            raise self._fail(f"registry {self.host} stored blob {repository}@{digest} as {stored}")
+            raise self._errors.error(op, response=response)
+        self._check_stored(response, repository, digest)
         self._on_blob("uploaded", size)
         return digest
+
+    def _upload_chunks(
+        self,
+        repository: str,
+        location: httpx.URL,
+        source: IO[bytes] | Path,
+        start: int,
+        size: int,
+        digest: str,
+        op: Op,
+    ) -> None:
+        """OCI chunked upload: PATCHes with ``Content-Range``, then PUT ``?digest=``.
+
+        After an interrupted PATCH (a transport error or a retryable status), GET on the
+        session says how much arrived (``Range: 0-<last>``) and where to go on; the upload
+        continues from there. A session the registry no longer knows starts over. Progress is
+        this client's own count: ECR's PATCH answers are known to report a stale ``Range``.
+        """
+        offset = 0
+        interruptions = 0
+        while offset < size:
+            end = min(offset + self._chunk_bytes, size)
+            headers = {
+                "Content-Type": _BLOB_TYPE,
+                "Content-Length": str(end - offset),
+                "Content-Range": f"{offset}-{end - 1}",
+            }
+            failure: RegistryError
+            body = _file_chunks(source, start + offset, start + end)
+            try:
+                response = self._session("PATCH", location, op, headers, body)
+            except RegistryError as exc:
+                if not isinstance(exc, RegistryRetryableError):
+                    raise
+                failure = exc
+            else:
+                if response.status_code == 202:
+                    location = self._next_location(location, response)
+                    offset, interruptions = end, 0
+                    continue
+                failure = self._errors.error(op, response=response)
+                if not isinstance(failure, RegistryRetryableError):
+                    raise failure
+            interruptions += 1
+            if interruptions > _MAX_RESUMES:
+                raise failure
+            resumed = self._upload_status(location, op)
+            if resumed is None:
+                # The registry forgot the session (or never kept partial uploads): start over.
+                fresh = self._start_upload(repository, digest, None, op)
+                assert fresh is not None  # no mount was asked for
+                location, offset = fresh, 0
+            else:
+                location, offset = resumed
+            log.info(
+                "upload of %s@%s interrupted (%s); resuming at byte %d of %d",
+                repository,
+                digest,
+                failure,
+                offset,
+                size,
+            )
+        response = self._session(
+            "PUT",
+            location.copy_add_param("digest", digest),
+            op,
+            {"Content-Type": _BLOB_TYPE, "Content-Length": "0"},
+            b"",
+        )
+        if response.status_code not in {201, 204}:
+            raise self._errors.error(op, response=response)
+        self._check_stored(response, repository, digest)
+
+    def _upload_status(self, location: httpx.URL, op: Op) -> tuple[httpx.URL, int] | None:
+        """(where to continue, bytes received) of an upload session; None if it is gone."""
+        try:
+            response = self._session("GET", location, op)
+        except RegistryRetryableError:
+            return None
+        if response.status_code != 204:
+            return None
+        received = 0
+        first, _, last = response.headers.get("Range", "").removeprefix("bytes=").partition("-")
+        if first == "0" and last.isdigit() and int(last) > 0:
+            # "0-0" is ambiguous (Distribution says it for nothing received); 0 is the safe side.
+            received = int(last) + 1
+        return self._next_location(location, response), received
+
+    def _next_location(self, current: httpx.URL, response: httpx.Response) -> httpx.URL:
+        location = response.headers.get("Location")
+        # Relative on some registries (GHCR, ACR), absolute on others; Distribution moves its
+        # signed _state with every answer, so the newest Location is the one to use.
+        return current.join(location) if location else current
+
+    def _session(
+        self,
+        method: str,
+        url: httpx.URL,
+        op: Op,
+        headers: Mapping[str, str] | None = None,
+        content: _Content = None,
+    ) -> httpx.Response:
+        """A request to an upload session's URL."""
+        if _origin(url) == _origin(httpx.URL(self.base_url)):
+            return self._send(method, str(url), op, _PUSH, headers, content)
+        # An upload session elsewhere (object storage) gets the data, not our credentials.
+        return self._request(method, str(url), op, headers, content, None)
+
+    def _check_stored(self, response: httpx.Response, repository: str, digest: str) -> None:
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise self._errors.fail(
+                f"registry {self.host} stored blob {repository}@{digest} as {stored}"
+            )
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
         """Link blob ``digest`` from ``from_repository`` into ``repository`` without copying.
@@ -493,7 +652,7 @@ class RegistryClient:
         """
         repository = self._repository(repository)
         self._check_digest(digest)
-        op = _Op(f"mounting blob {digest} into {repository}", repository, digest)
+        op = Op(f"mounting blob {digest} into {repository}", repository, digest)
         location = self._start_upload(repository, digest, from_repository, op)
         if location is None:
             return True
@@ -507,10 +666,10 @@ class RegistryClient:
 
     def ping(self) -> None:
         """Check the registry speaks the v2 API and accepts our credentials."""
-        op = _Op("checking /v2/")
+        op = Op("checking /v2/")
         response = self._send("GET", "/v2/", op, ())
         if response.status_code != 200:
-            raise self._error(op, response=response)
+            raise self._errors.error(op, response=response)
 
     def close(self) -> None:
         self._http.close()
@@ -534,16 +693,18 @@ class RegistryClient:
             # Docker Hub keeps official images under library/, as `docker pull python` does.
             repository = f"library/{repository}"
         if not REPOSITORY_RE.fullmatch(repository):
-            raise self._fail(f"invalid repository name {repository!r} for registry {self.host}")
+            raise self._errors.fail(
+                f"invalid repository name {repository!r} for registry {self.host}"
+            )
         return repository
 
     def _check_reference(self, reference: str) -> None:
         if not (TAG_RE.fullmatch(reference) or is_digest(reference)):
-            raise self._fail(f"invalid tag or digest {reference!r}")
+            raise self._errors.fail(f"invalid tag or digest {reference!r}")
 
     def _check_digest(self, digest: str) -> None:
         if not is_digest(digest):
-            raise self._fail(f"invalid digest {digest!r}")
+            raise self._errors.fail(f"invalid digest {digest!r}")
 
     @staticmethod
     def _manifest_path(repository: str, reference: str) -> str:
@@ -554,16 +715,16 @@ class RegistryClient:
         return f"/v2/{repository}/blobs/{digest}"
 
     def _blob_exists(self, repository: str, digest: str, actions: tuple[str, ...]) -> bool:
-        op = _Op(f"checking blob {repository}@{digest}", repository, digest)
+        op = Op(f"checking blob {repository}@{digest}", repository, digest)
         response = self._send("HEAD", self._blob_path(repository, digest), op, actions)
         if response.status_code == 200:
             return True
         if response.status_code == 404:
             return False
-        raise self._error(op, response=response)
+        raise self._errors.error(op, response=response)
 
     def _start_upload(
-        self, repository: str, digest: str, mount_from: str | None, op: _Op
+        self, repository: str, digest: str, mount_from: str | None, op: Op
     ) -> httpx.URL | None:
         """POST an upload session: its absolute URL, or None if the blob was mounted."""
         path = f"/v2/{repository}/blobs/uploads/"
@@ -579,12 +740,12 @@ class RegistryClient:
         location = response.headers.get("Location")
         if response.status_code != 202 or not location:
             if response.status_code == 202:
-                raise self._fail(f"registry {self.host} opened an upload without a Location")
-            raise self._error(op, response=response)
+                raise self._errors.fail(f"registry {self.host} opened an upload without a Location")
+            raise self._errors.error(op, response=response)
         # Relative on some registries (GHCR, ACR), absolute on others (Distribution, Hub).
         return httpx.URL(self.base_url + path).join(location)
 
-    def _media_type(self, response: httpx.Response, op: _Op) -> str:
+    def _media_type(self, response: httpx.Response, op: Op) -> str:
         content_type: str = response.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type.lower() in MANIFEST_MEDIA_TYPES:
             return content_type
@@ -598,207 +759,172 @@ class RegistryClient:
             return declared
         if content_type:
             return content_type
-        raise self._fail(f"registry {self.host} sent no media type while {op.doing}")
+        raise self._errors.fail(f"registry {self.host} sent no media type while {op.doing}")
 
     def _send(
         self,
         method: str,
         path: str,
-        op: _Op,
+        op: Op,
         actions: tuple[str, ...],
         headers: Mapping[str, str] | None = None,
         content: _Content = None,
         *,
         extra_scope: str | None = None,
+        stream: bool = False,
     ) -> httpx.Response:
-        """One request, retried once with credentials if the registry challenges it.
+        """One request to the registry, authenticated by its login's auth flow.
 
         ``path`` is relative to the registry, or an absolute URL of its own origin (an upload
-        session's Location).
+        session's Location). ``actions`` are what a token must grant on ``op.repository``.
+        ``stream``: the body is not read (the caller reads and closes the response).
         """
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        repository = op.repository if actions else None
-        sent_auth = self._auth.cached(repository, actions, extra_scope)
-        response = self._request(method, url, op, headers, content, sent_auth)
-        if response.status_code != 401:
-            return response
-
-        def fetch(realm: str, service: str | None, scope: str) -> tuple[str, float | None]:
-            return self._fetch_token(realm, service, scope, op)
-
-        try:
-            auth = self._auth.answer(
-                response.headers.get_list("WWW-Authenticate"),
-                repository,
-                actions,
-                sent_auth,
-                fetch,
-                extra_scope,
-            )
-        except RegistryError as exc:
-            # The token service refused our credentials: the same case as a 401 below.
-            if exc.status_code != 401 or self._refresh_credentials is None:
-                raise
-            auth = None
-        if auth is not None:
-            response = self._request(method, url, op, headers, content, auth)
-        if response.status_code != 401 or self._refresh_credentials is None:
-            return response
-        refresh, self._refresh_credentials = self._refresh_credentials, None
-        username, password = refresh()
-        self.username = username
-        self._auth = RegistryAuth(username=username, password=password)
-        return self._send(method, path, op, actions, headers, content, extra_scope=extra_scope)
+        auth = self._login.flow(op, self._errors, actions, extra_scope=extra_scope)
+        return self._request(method, url, op, headers, content, auth, stream=stream)
 
     def _request(
         self,
         method: str,
         url: str,
-        op: _Op,
+        op: Op,
         headers: Mapping[str, str] | None,
         content: _Content,
-        auth: str | None,
-        params: httpx.QueryParams | None = None,
+        auth: httpx.Auth | None,
+        *,
+        stream: bool = False,
     ) -> httpx.Response:
-        all_headers = dict(headers or {})
-        if auth is not None:
-            all_headers["Authorization"] = auth
+        """Send one request (``auth`` None: no credentials at all) and translate failures."""
+        request = self._http.build_request(
+            method,
+            url,
+            headers=headers,
+            content=_Replayable(content) if callable(content) else content,
+        )
         try:
-            return self._http.request(
-                method,
-                url,
-                headers=all_headers,
-                content=content() if callable(content) else content,
-                params=params,
+            return self._http.send(
+                request,
+                auth=auth,
                 # Manifests and tokens may be served from a CDN; httpx drops Authorization on
                 # redirects to another origin. Writes must not be replayed elsewhere.
                 follow_redirects=method in {"GET", "HEAD"},
+                stream=stream,
             )
         except httpx.HTTPError as exc:
-            raise self._error(op, exc=exc) from exc
+            raise self._errors.error(op, exc=exc) from exc
 
-    def _fetch_token(
-        self, realm: str, service: str | None, scope: str, op: _Op
-    ) -> tuple[str, float | None]:
-        """A new token from the realm and its lifetime in seconds (if the server said)."""
-        try:
-            realm_scheme = httpx.URL(realm).scheme
-        except httpx.InvalidURL:
-            realm_scheme = ""
-        token_op = _Op(op.doing, op.repository, op.reference, kind="token")
-        if realm_scheme not in {"http", "https"}:
-            raise self._fail(f"registry {self.host} sent an unusable token realm {realm!r}")
-        if realm_scheme == "http" and self.scheme == "https":
-            # Our password would cross the network in clear text to a realm chosen by whoever
-            # answered; an https registry has no reason to ask for that.
-            raise self._fail(f"registry {self.host} sent a plain-http token realm {realm!r}")
-        query = httpx.QueryParams({"service": service} if service else {})
-        for item in scope.split():
-            query = query.add("scope", item)
-        response = self._request("GET", realm, token_op, None, None, self._auth.basic_header, query)
-        if response.status_code != 200:
-            raise self._error(token_op, response=response)
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        token = None
-        if isinstance(data, dict):
-            token = data.get("token") or data.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise self._fail(f"token server of registry {self.host} returned no token")
-        expires_in = data.get("expires_in") if isinstance(data, dict) else None
-        return token, float(expires_in) if isinstance(expires_in, int | float) else None
 
-    # ------------------------------------------------------------------ errors
+class BlobReader(io.RawIOBase):
+    """A registry blob as a seekable read-only file (:meth:`RegistryClient.open_blob`).
 
-    def _fail(
-        self,
-        message: str,
-        *,
-        retryable: bool = False,
-        status_code: int | None = None,
-        code: str | None = None,
-    ) -> RegistryError:
-        """Build the exception: one line, secrets blanked, whatever the message quoted."""
-        cls = RegistryRetryableError if retryable else RegistryPermanentError
-        return cls(self._redact(message), status_code=status_code, code=code)
+    One streamed GET serves reads front to back; a seek elsewhere closes it and the next read
+    opens a ranged one (``Range: bytes=<offset>-``; a registry that ignores the range and sends
+    the whole blob is read up to the offset and that part dropped). Read front to back, the
+    bytes are hashed and checked against the digest when the end is reached, so a layer copied
+    or scanned through this never trusts content that is not the blob's.
+    """
 
-    def _redact(self, text: str) -> str:
-        # Registries echo request details into error bodies; never pass our secrets on.
-        text = " ".join(text.split())
-        for secret in self._auth.secrets():
-            text = text.replace(secret, "<redacted>")
-        return text
+    def __init__(self, client: RegistryClient, repository: str, digest: str, size: int) -> None:
+        super().__init__()
+        self._client = client
+        self._repository = repository
+        self._digest = digest
+        self.size = size
+        self._position = 0
+        self._response: httpx.Response | None = None
+        self._chunks: Iterator[bytes] | None = None
+        self._pending = b""
+        self._hash: hashlib._Hash | None = hashlib.sha256()  # None once the reads skip around
 
-    def _detail(self, response: httpx.Response) -> str:
-        entries = _error_entries(response)
-        parts = [": ".join(p for p in (code, message) if p) for code, message in entries]
-        detail = "; ".join(p for p in parts if p) or f"HTTP {response.status_code}"
-        if len(detail) > _DETAIL_MAX:
-            detail = detail[: _DETAIL_MAX - 3] + "..."
-        return detail
+    def readable(self) -> bool:
+        return True
 
-    def _error(
-        self,
-        op: _Op,
-        *,
-        response: httpx.Response | None = None,
-        exc: httpx.HTTPError | None = None,
-    ) -> RegistryError:
-        """The one translation of transport errors and non-2xx answers into job errors."""
-        if exc is not None:
-            if isinstance(exc, httpx.TimeoutException):
-                return self._fail(
-                    f"registry {self.host} timed out while {op.doing}", retryable=True
-                )
-            if _is_certificate_error(exc):
-                return self._fail(
-                    f"registry {self.host}: TLS certificate verification failed while {op.doing}"
-                )
-            if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError):
-                return self._fail(
-                    f"could not reach registry {self.host} while {op.doing}: "
-                    f"{type(exc).__name__}: {exc}",
-                    retryable=True,
-                )
-            return self._fail(f"registry {self.host} request failed while {op.doing}: {exc}")
+    def seekable(self) -> bool:
+        return True
 
-        assert response is not None
-        status = response.status_code
-        entries = _error_entries(response)
-        code = next((c for c, _ in entries if c), None)
-        detail = self._detail(response)
-        if status in {408, 429} or status >= 500:
-            return self._fail(
-                f"registry {self.host} answered HTTP {status} while {op.doing}: {detail}",
-                retryable=True,
-                status_code=status,
-                code=code,
-            )
-        if status in {401, 403}:
-            target = op.repository or "the registry"
-            return self._fail(
-                f"registry {self.host} denied access to {target}: {detail}",
-                status_code=status,
-                code=code,
-            )
-        if status == 404 and op.kind == "get_manifest" and op.repository and op.reference:
-            return self._fail(
-                f"manifest {_ref(op.repository, op.reference)} not found",
-                status_code=status,
-                code=code,
-            )
-        if status == 404 and op.kind == "get_blob" and op.repository and op.reference:
-            return self._fail(
-                f"blob {op.repository}@{op.reference} not found",
-                status_code=status,
-                code=code,
-            )
-        who = f"token server of registry {self.host}" if op.kind == "token" else None
-        who = who or f"registry {self.host}"
-        return self._fail(
-            f"{who} answered HTTP {status} while {op.doing}: {detail}",
-            status_code=status,
-            code=code,
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        position = max(0, base + offset)
+        if position != self._position:
+            self._drop_stream()
+            self._hash = None
+            self._position = position
+        return position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        wanted = min(len(buffer), self.size - self._position)
+        if wanted <= 0:
+            return 0
+        while not self._pending:
+            self._pending = self._next_chunk()
+        data, self._pending = self._pending[:wanted], self._pending[wanted:]
+        view = memoryview(buffer)
+        view[: len(data)] = data
+        self._position += len(data)
+        if self._hash is not None:
+            self._hash.update(data)
+            if self._position == self.size:
+                self._verify()
+        return len(data)
+
+    def close(self) -> None:
+        self._drop_stream()
+        super().close()
+
+    def _next_chunk(self) -> bytes:
+        errors = self._client._errors
+        op = Op(
+            f"getting blob {self._repository}@{self._digest}",
+            self._repository,
+            self._digest,
+            kind="get_blob",
         )
+        if self._chunks is None:
+            response = self._client._blob_stream(self._repository, self._digest, self._position)
+            self._response = response
+            self._chunks = response.iter_bytes(_UPLOAD_CHUNK)
+            if self._position and response.status_code == 200:
+                rest = self._skip(self._position)
+                if rest:
+                    return rest
+        try:
+            chunk = next(self._chunks, b"")
+        except httpx.HTTPError as exc:
+            self._drop_stream()
+            raise errors.error(op, exc=exc) from exc
+        if not chunk:
+            self._drop_stream()
+            raise errors.fail(
+                f"registry {self._client.host} ended blob {self._repository}@{self._digest} "
+                f"at byte {self._position} of {self.size}",
+                retryable=True,
+            )
+        return chunk
+
+    def _skip(self, count: int) -> bytes:
+        """Drop the first ``count`` bytes of a response that ignored the Range header; what
+        the last chunk read holds beyond them."""
+        assert self._chunks is not None
+        while count > 0:
+            chunk = next(self._chunks, b"")
+            if len(chunk) >= count or not chunk:
+                return chunk[count:]
+            count -= len(chunk)
+        return b""
+
+    def _verify(self) -> None:
+        assert self._hash is not None
+        actual = "sha256:" + self._hash.hexdigest()
+        if self._digest.startswith("sha256:") and actual != self._digest:
+            raise self._client._errors.fail(
+                f"registry {self._client.host} sent blob {self._repository}@{self._digest} "
+                f"whose content digest is {actual}"
+            )
+
+    def _drop_stream(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        self._response, self._chunks, self._pending = None, None, b""

@@ -2,8 +2,11 @@
 
 `SupplyChain.attach` runs once per published version, after its digest is known:
 
-1. read the image manifest, its config and (once per layer digest, cached) its layers, and list
-   the Python distributions where the image's python looks (`layers`, `sbom`);
+1. list the Python distributions where the image's python looks: from what the builder knows
+   when it says (`sbom.KnownContents`: the distributions the native builder installed, or the
+   SBOM of the earlier image a version was assembled on, a small JSON), in milliseconds; for
+   an image an engine built, from the image's own layers (read once per layer digest as
+   streams, cached: `layers`, `sbom`);
 2. push the artifacts as OCI 1.1 manifests whose ``subject`` is the image: the CycloneDX SBOM
    always; with a signing key also cosign's simple-signing signature and the SLSA provenance in
    a DSSE envelope (`signing`, `provenance`);
@@ -19,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import json
 import logging
 import threading
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final, cast
 
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.jobs.model import JobOutcome, LogSink
@@ -71,6 +73,8 @@ ATTESTATION_ARTIFACT_TYPE: Final = DSSE_MEDIA_TYPE
 # Marks our own entries in a shared referrers index, so a retry replaces them.
 KIND_ANNOTATION: Final = "dev.mlflow-dock.artifact"
 _MODEL_FILE: Final = "opt/ml/model/MLmodel"
+# An earlier image's SBOM is read whole (JSON); one bigger than this is not ours to trust.
+_MAX_SBOM: Final = 64 << 20
 
 RegistryFactory = Callable[[str], RegistryClient]
 BaseResolver = Callable[[str], "str | None"]
@@ -87,6 +91,17 @@ class Attached:
     signature: str | None
     provenance: str | None
     packages: int
+    source: str  # where the package list came from, for the log
+
+
+@dataclass(frozen=True)
+class _Known:
+    """Builder knowledge, resolved: the packages themselves."""
+
+    distributions: tuple[sbom.Distribution, ...]
+    model_layer: str | None
+    base: sbom.BaseImage | None
+    source: str
 
 
 class _ScanCache:
@@ -173,27 +188,35 @@ class SupplyChain:
         base_image: str,
         builder: str,
         job_id: str | None = None,
+        contents: sbom.KnownContents | None = None,
     ) -> JobOutcome:
-        """Attach everything to ``outcome.digest`` in ``target``; the outcome with references."""
+        """Attach everything to ``outcome.digest`` in ``target``; the outcome with references.
+
+        ``contents``: what the builder knows the image holds; without it (an engine built the
+        image) the packages are read from the image's layers.
+        """
         started = self._clock()
-        facts = self._complete(
-            BuildFacts(
-                model_name=model_name,
-                model_version=model_version,
-                run_id=run_id,
-                model_source=model_source,
-                requirements_sha256=requirements_sha256,
-                base_image=base_image,
-                base_image_digest=None,
-                builder=builder,
-                mlflow_dock_version=self._version,
-                job_id=job_id,
-            )
-        )
         with self._registry_factory(target.host) as registry:
-            attached = self._attach(registry, target, outcome, facts, log)
+            known = None if contents is None else self._known(registry, target, contents, log)
+            base = known.base if known is not None else None
+            facts = self._complete(
+                BuildFacts(
+                    model_name=model_name,
+                    model_version=model_version,
+                    run_id=run_id,
+                    model_source=model_source,
+                    requirements_sha256=requirements_sha256,
+                    base_image=base_image,
+                    base_image_digest=base.digest if base is not None else None,
+                    builder=builder,
+                    mlflow_dock_version=self._version,
+                    job_id=job_id,
+                )
+            )
+            attached = self._attach(registry, target, outcome, facts, log, known)
         log(
-            f"attached SBOM ({attached.packages} Python packages) {attached.sbom}"
+            f"attached SBOM ({attached.packages} Python packages, {attached.source}) "
+            f"{attached.sbom}"
             + (f", signature {attached.signature}" if attached.signature else ", unsigned")
             + (f", provenance {attached.provenance}" if attached.provenance else "")
             + f" in {self._clock() - started:.1f} s"
@@ -234,7 +257,62 @@ class SupplyChain:
 
     # -- describing -----------------------------------------------------------------------
 
-    def _scan(self, registry: RegistryClient, path: str, digest: str) -> layers.LayerScan:
+    def _known(
+        self,
+        registry: RegistryClient,
+        target: ImageRef,
+        contents: sbom.KnownContents,
+        log: LogSink,
+    ) -> _Known | None:
+        """The builder's knowledge with the packages resolved; None: read the layers instead."""
+        if contents.distributions is not None:
+            return _Known(
+                tuple(contents.distributions), contents.model_layer, contents.base, "as built"
+            )
+        earlier = contents.packages_of
+        if earlier is None:
+            return None
+        try:
+            distributions, base = self._earlier_sbom(registry, target.path, earlier)
+        except (SupplyError, sbom.NotOurSbom) as exc:
+            log(f"the SBOM of {earlier} cannot be reused ({exc}); reading the image's layers")
+            return None
+        return _Known(
+            tuple(distributions),
+            contents.model_layer,
+            contents.base or base,
+            f"those of {earlier[:19]}'s SBOM",
+        )
+
+    def _earlier_sbom(
+        self, registry: RegistryClient, path: str, digest: str
+    ) -> tuple[list[sbom.Distribution], sbom.BaseImage]:
+        """What the SBOM attached to ``digest`` (found by cosign's tag) lists."""
+        try:
+            manifest = registry.get_manifest(path, referrers.cosign_tag(digest, "sbom"))
+        except RegistryPermanentError as exc:
+            if exc.status_code != 404:
+                raise
+            raise SupplyError("it has none") from exc
+        doc = _json(manifest.body, f"SBOM manifest of {digest}")
+        if (doc.get("subject") or {}).get("digest") != digest:
+            raise SupplyError("its .sbom tag names another image's SBOM")
+        layer = next(
+            (
+                d
+                for d in doc.get("layers") or []
+                if isinstance(d, dict) and d.get("mediaType") == sbom.CYCLONEDX_MEDIA_TYPE
+            ),
+            None,
+        )
+        if layer is None or int(layer.get("size") or 0) > _MAX_SBOM:
+            raise SupplyError("no CycloneDX document of a sensible size")
+        document = registry.get_blob(path, _descriptor_digest(layer, "layer"))
+        return sbom.read_cyclonedx(document, image_digest=digest)
+
+    def _scan(
+        self, registry: RegistryClient, path: str, digest: str, size: int | None
+    ) -> layers.LayerScan:
         cached = self._cache.get(digest)
         if cached is not None:
             return cached
@@ -242,13 +320,14 @@ class SupplyChain:
             cached = self._cache.get(digest)
             if cached is not None:
                 return cached
-            # get_blob holds the layer in memory once; the venv layer is the big one (~100 MB).
-            data = registry.get_blob(path, digest)
-            try:
-                scan = layers.scan_layer(io.BytesIO(data))
-            except layers.LayerScanError as exc:
-                raise SupplyError(f"cannot read layer {digest} of {path}: {exc}") from exc
-            del data
+            # Streamed (a model's weights run to GBs), and read to its end: the digest is checked.
+            with registry.open_blob(path, digest, size) as blob:
+                try:
+                    scan = layers.scan_layer(cast(IO[bytes], blob))
+                except layers.LayerScanError as exc:
+                    raise SupplyError(f"cannot read layer {digest} of {path}: {exc}") from exc
+                while blob.read(1 << 20):
+                    pass
             self._cache.put(digest, scan)
             return scan
 
@@ -260,11 +339,14 @@ class SupplyChain:
         facts: BuildFacts,
         *,
         tag: str | None = None,
+        known: _Known | None = None,
     ) -> tuple[bytes, int]:
         """The SBOM document for ``image`` and how many Python distributions it lists.
 
         For a multi-platform index the packages are those of its first linux/amd64 image (or its
         first image): the platforms of one version are built from the same requirements.
+        ``known``: the packages and model layer as the builder knows them; else the image's
+        layers are read.
         """
         doc = _json(image.body, f"manifest {image.digest}")
         if image.media_type in {OCI_INDEX, DOCKER_MANIFEST_LIST}:
@@ -278,21 +360,11 @@ class SupplyChain:
             )
         config_digest = _descriptor_digest(doc.get("config"), "config")
         config = _json(registry.get_blob(target.path, config_digest), "image config")
-        layer_digests = [_descriptor_digest(d, "layer") for d in doc.get("layers") or []]
-        scans = [self._scan(registry, target.path, d) for d in layer_digests]
-        files = layers.merge_layers(scans)
-        env = (config.get("config") or {}).get("Env") or []
-        path_env = next((e[5:] for e in env if isinstance(e, str) and e.startswith("PATH=")), "")
-        site_dirs = layers.python_site_dirs(files, path_env)
-        distributions = sbom.installed_distributions(files, site_dirs)
-        model_layer = next(
-            (
-                d
-                for d, s in zip(reversed(layer_digests), reversed(scans), strict=True)
-                if _MODEL_FILE in s.files
-            ),
-            None,
-        )
+        if known is not None:
+            distributions: Sequence[sbom.Distribution] = known.distributions
+            model_layer = known.model_layer
+        else:
+            distributions, model_layer = self._read_layers(registry, target, doc, config)
         document = sbom.cyclonedx(
             image=sbom.ImageInfo(
                 repository=target.repository,
@@ -313,6 +385,34 @@ class SupplyChain:
         )
         return document, len(distributions)
 
+    def _read_layers(
+        self,
+        registry: RegistryClient,
+        target: ImageRef,
+        doc: dict[str, Any],
+        config: dict[str, Any],
+    ) -> tuple[list[sbom.Distribution], str | None]:
+        """The distributions and the model's layer, read from the image's own layers."""
+        descriptors = [d for d in doc.get("layers") or [] if isinstance(d, dict)]
+        layer_digests = [_descriptor_digest(d, "layer") for d in descriptors]
+        scans = [
+            self._scan(registry, target.path, digest, _size(descriptor))
+            for digest, descriptor in zip(layer_digests, descriptors, strict=True)
+        ]
+        files = layers.merge_layers(scans)
+        env = (config.get("config") or {}).get("Env") or []
+        path_env = next((e[5:] for e in env if isinstance(e, str) and e.startswith("PATH=")), "")
+        site_dirs = layers.python_site_dirs(files, path_env)
+        model_layer = next(
+            (
+                d
+                for d, s in zip(reversed(layer_digests), reversed(scans), strict=True)
+                if _MODEL_FILE in s.files
+            ),
+            None,
+        )
+        return sbom.installed_distributions(files, site_dirs), model_layer
+
     # -- attaching ------------------------------------------------------------------------
 
     def _attach(
@@ -322,6 +422,7 @@ class SupplyChain:
         outcome: JobOutcome,
         facts: BuildFacts,
         log: LogSink,
+        known: _Known | None = None,
     ) -> Attached:
         path, digest = target.path, outcome.digest
         image = registry.get_manifest(path, digest)
@@ -330,7 +431,7 @@ class SupplyChain:
             tag = ImageRef.parse(outcome.image).tag
         except ValueError:
             tag = None
-        document, packages = self.describe(registry, target, image, facts, tag=tag)
+        document, packages = self.describe(registry, target, image, facts, tag=tag, known=known)
         registry.upload_blob(path, referrers.EMPTY_CONFIG)
 
         pushed: list[tuple[str, Manifest]] = []
@@ -365,6 +466,7 @@ class SupplyChain:
             signature=ref(signature_manifest),
             provenance=ref(attestation_manifest),
             packages=packages,
+            source=known.source if known is not None else "read from the image's layers",
         )
 
     def _push(
@@ -548,6 +650,11 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise SupplyError(f"{what} is not a JSON object")
     return doc
+
+
+def _size(descriptor: dict[str, Any]) -> int | None:
+    size = descriptor.get("size")
+    return size if isinstance(size, int) and size >= 0 else None
 
 
 def _descriptor_digest(value: object, what: str) -> str:

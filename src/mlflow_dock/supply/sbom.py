@@ -12,6 +12,12 @@ property, a fingerprint of exactly what was installed, without pretending to be 
 
 The document is deterministic for an image (timestamp = the image's creation time, serial number
 derived from its digest), so a retried job attaches the very same bytes.
+
+Where the distributions come from: the image's own layers (``supply/layers.py``) for images an
+engine built; otherwise what the builder knows (:class:`KnownContents`): the distributions it
+installed, read from its install directory with :func:`distribution_of`, the same reading of
+the same files as a layer scan makes; or, for a version assembled on an earlier image, that
+image's SBOM read back with :func:`read_cyclonedx`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from mlflow_dock.supply.layers import FileRecord
 
@@ -31,9 +37,13 @@ __all__ = [
     "CYCLONEDX_MEDIA_TYPE",
     "BaseImage",
     "Distribution",
+    "KnownContents",
     "ModelInfo",
+    "NotOurSbom",
     "cyclonedx",
+    "distribution_of",
     "installed_distributions",
+    "read_cyclonedx",
 ]
 
 CYCLONEDX_MEDIA_TYPE: Final = "application/vnd.cyclonedx+json"
@@ -79,6 +89,25 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class KnownContents:
+    """What the builder knows an image holds: enough for its SBOM without reading a layer.
+
+    The packages are ``distributions`` (what the image's python sees, as the native builder
+    installed them) or, for a version assembled on an earlier image of the same runtime,
+    those the SBOM of ``packages_of`` (that image's digest, same repository) lists.
+    """
+
+    model_layer: str | None  # the layer holding the model's MLmodel
+    distributions: tuple[Distribution, ...] | None = None
+    packages_of: str | None = None
+    base: BaseImage | None = None  # with the registry digest the builder read it by
+
+
+class NotOurSbom(ValueError):
+    """An SBOM document that is not mlflow-dock's CycloneDX of the expected image."""
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     repository: str  # host/path, no tag
     digest: str
@@ -109,11 +138,11 @@ def _licenses(headers: Any) -> tuple[dict[str, Any], ...]:
     return ()
 
 
-def _archive_hashes(direct_url: FileRecord | None) -> tuple[tuple[str, str], ...]:
-    if direct_url is None or direct_url.text is None:
+def _archive_hashes(direct_url: str | None) -> tuple[tuple[str, str], ...]:
+    if direct_url is None:
         return ()
     try:
-        info = json.loads(direct_url.text).get("archive_info") or {}
+        info = json.loads(direct_url).get("archive_info") or {}
     except (ValueError, AttributeError):
         return ()
     found: dict[str, str] = {}
@@ -152,24 +181,45 @@ def installed_distributions(
             record = files[path]
             if record.kind != "file" or record.text is None:
                 continue
-            headers = HeaderParser().parsestr(record.text)
-            name, version = headers.get("Name"), headers.get("Version")
-            if not name or not version:
-                continue
             base = f"{prefix}{meta_dir}"
             record_file = files.get(f"{base}/RECORD") if kind == "dist-info" else None
             installer = files.get(f"{base}/INSTALLER")
-            dist = Distribution(
-                name=name.strip(),
-                version=version.strip(),
+            direct_url = files.get(f"{base}/direct_url.json")
+            dist = distribution_of(
+                record.text,
                 site_dir=site,
-                licenses=_licenses(headers),
-                hashes=_archive_hashes(files.get(f"{base}/direct_url.json")),
                 record_sha256=record_file.sha256 if record_file is not None else None,
-                installer=(installer.text or "").strip() or None if installer else None,
+                direct_url=direct_url.text if direct_url is not None else None,
+                installer=installer.text if installer is not None else None,
             )
-            found.setdefault(dist.key, dist)
+            if dist is not None:
+                found.setdefault(dist.key, dist)
     return sorted(found.values(), key=lambda d: d.key)
+
+
+def distribution_of(
+    metadata: str,
+    *,
+    site_dir: str,
+    record_sha256: str | None,
+    direct_url: str | None = None,
+    installer: str | None = None,
+) -> Distribution | None:
+    """One installed distribution from its METADATA (headers suffice) and the files beside it;
+    None without a name or version. The one reading for layer scans and builder knowledge."""
+    headers = HeaderParser().parsestr(metadata)
+    name, version = headers.get("Name"), headers.get("Version")
+    if not name or not version:
+        return None
+    return Distribution(
+        name=name.strip(),
+        version=version.strip(),
+        site_dir=site_dir,
+        licenses=_licenses(headers),
+        hashes=_archive_hashes(direct_url),
+        record_sha256=record_sha256,
+        installer=(installer or "").strip() or None,
+    )
 
 
 def _props(pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, str]]:
@@ -305,3 +355,74 @@ def cyclonedx(
         "dependencies": [{"ref": "image", "dependsOn": refs}],
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def read_cyclonedx(document: bytes, *, image_digest: str) -> tuple[list[Distribution], BaseImage]:
+    """The distributions and base image an SBOM of :func:`cyclonedx` lists for ``image_digest``.
+
+    The inverse of :func:`cyclonedx` for what a later version of the same runtime shares with
+    that image. Raises :class:`NotOurSbom` for anything else (another tool's SBOM, another
+    image's, unreadable JSON): the caller then reads the image's layers instead.
+    """
+    try:
+        doc = json.loads(document)
+        component = doc["metadata"]["component"]
+        tools = doc["metadata"]["tools"]["components"]
+        components = doc["components"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotOurSbom(f"not a CycloneDX document of this tool: {exc}") from exc
+    if doc.get("bomFormat") != "CycloneDX" or not any(
+        isinstance(t, dict) and t.get("name") == "mlflow-dock" for t in tools
+    ):
+        raise NotOurSbom("not an mlflow-dock CycloneDX document")
+    if component.get("version") != image_digest:
+        raise NotOurSbom(f"it describes {component.get('version')!r}, not {image_digest}")
+    distributions: list[Distribution] = []
+    base = BaseImage(reference="")
+    for item in components if isinstance(components, list) else []:
+        if not isinstance(item, dict):
+            continue
+        props = {
+            str(p.get("name", "")).removeprefix(f"{_PROP}:"): str(p.get("value", ""))
+            for p in item.get("properties") or []
+            if isinstance(p, dict)
+        }
+        if item.get("bom-ref") == "base-image":
+            base = _base_of(item, props)
+        elif item.get("type") == "library":
+            distributions.append(
+                Distribution(
+                    name=str(item["name"]),
+                    version=str(item["version"]),
+                    site_dir=props.get("python:site-packages", "").lstrip("/"),
+                    licenses=tuple(item.get("licenses") or ()),
+                    hashes=tuple(
+                        (str(h["alg"]), str(h["content"])) for h in item.get("hashes") or ()
+                    ),
+                    record_sha256=props.get("python:record-sha256"),
+                    installer=props.get("python:installer"),
+                )
+            )
+    return distributions, base
+
+
+def _base_of(item: Mapping[str, Any], props: Mapping[str, str]) -> BaseImage:
+    """The :class:`BaseImage` a base component was written from (see :func:`_base_component`)."""
+    reference = str(item.get("name", ""))
+    if item.get("version"):
+        reference += f":{item['version']}"
+    manifest_digest = props.get("base-image:manifest-digest")
+    if manifest_digest:
+        # Its purl says which repository the digest is of (the RepoDigests form).
+        purl = str(item.get("purl", ""))
+        _, _, query = purl.partition("?")
+        repository = next(
+            (
+                unquote(value)
+                for key, _, value in (part.partition("=") for part in query.split("&"))
+                if key == "repository_url"
+            ),
+            reference,
+        )
+        return BaseImage(reference, f"{repository}@{manifest_digest}")
+    return BaseImage(reference, props.get("base-image:image-id"))
