@@ -2,7 +2,8 @@
 
 Usage (from the repository root, as root, with the Docker Engine running)::
 
-    .venv/bin/python bench/alias_latency.py [--n 10] [--wait-quiet [SECONDS]] [--keep-workdir]
+    .venv/bin/python bench/alias_latency.py [--n 10] [--modes new,moved,busy] [--busy-builds 3]
+        [--service-src DIR] [--label NAME] [--wait-quiet [SECONDS]] [--keep-workdir]
 
 Everything is real and runs as a user would run it: a local CNCF Distribution registry, an
 MLflow server (SQLite backend, webhooks delivered by MLflow itself), and ``mlflow-dock serve``
@@ -12,7 +13,16 @@ of one model are registered and built by the service (version 1 with the engine,
 usually assembled in the registry), then, N times each:
 
 * new alias: ``set_registered_model_alias(name, f"a{i}", "1")``, a tag that does not exist yet;
-* moved alias: ``champion`` moved between versions 1 and 2, i.e. an existing tag re-pointed.
+* moved alias: ``champion`` moved between versions 1 and 2, i.e. an existing tag re-pointed;
+* busy: a new alias on version 1 while builds run: ``--busy-builds`` new versions are registered
+  at once (each a real build: an assembly in the registry, SBOM attached), and the alias is set
+  as soon as one of them runs on the only build slot and the others wait. Each sample waits for
+  those builds to finish before the next, and counts the builds the alias overtook (arrived
+  before it, finished after its tag).
+
+``--service-src DIR`` runs the service from another source tree (``PYTHONPATH``), e.g. an
+export of ``main`` (``git archive main src | tar -x -C /tmp/main``), to measure before and after
+a change on the same machine with the same script; ``--label`` names the result file.
 
 After each call the registry is polled (``RegistryClient.manifest_digest``, HEAD, every ~10 ms)
 until the alias tag points at the version's digest. The alias job's ``created_at``,
@@ -21,7 +31,7 @@ API call, then the asynchronous webhook delivery until mlflow-dock has stored th
 mlflow-dock's part (queue wait, then the tag: one manifest GET and one PUT). All processes run on
 this machine, so wall clocks of this script and the service are the same clock.
 
-Prints markdown tables and writes them to ``bench/results/alias-latency.md``.
+Prints markdown tables and writes them to ``bench/results/alias-latency[-LABEL].md``.
 """
 
 from __future__ import annotations
@@ -75,6 +85,8 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "alias-latency.md"
 MODEL_NAME = "alias-latency-iris"
 TARGET_MS = 1000.0
+# Issue 17: an alias set while builds run (one on the slot, others waiting) is a tag this soon.
+BUSY_TARGET_MS = 500.0
 
 
 # --------------------------------------------------------------------------- measurements
@@ -82,7 +94,7 @@ TARGET_MS = 1000.0
 
 @dataclass
 class Sample:
-    mode: str  # "new alias" | "moved alias"
+    mode: str  # "new alias" | "moved alias" | "busy"
     alias: str
     version: str
     cpu_busy_before: float
@@ -92,6 +104,10 @@ class Sample:
     queued_ms: float  # job stored -> job claimed by a worker
     run_ms: float  # job claimed -> job recorded as succeeded (registry GET + PUT, bookkeeping)
     polls: int
+    # busy: builds running or queued when the alias was set, and those of them that finished
+    # after the alias was tagged (the alias overtook them).
+    builds_busy: int | None = None
+    builds_overtaken: int | None = None
 
     @property
     def dock_ms(self) -> float:
@@ -324,6 +340,16 @@ def render_report(
         + f" (median {fmt_ms(median_total)}, p90 {fmt_ms(percentile(totals, 0.9))}, "
         f"max {fmt_ms(worst)}, n = {len(samples)}). Median shares of end to end: MLflow "
         f"delivery {delivery_share:.0%}, mlflow-dock {dock_share:.0%}.",
+    ]
+    busy = [s.total_ms for s in samples if s.builds_busy is not None]
+    if busy:
+        out.append(
+            f"While builds run: end to end < {BUSY_TARGET_MS:.0f} ms — "
+            + ("met" if max(busy) < BUSY_TARGET_MS else "**missed**")
+            + f" (median {fmt_ms(statistics.median(busy))}, max {fmt_ms(max(busy))}, "
+            f"n = {len(busy)})."
+        )
+    out += [
         "",
         "## Samples",
         "",
@@ -339,9 +365,10 @@ def render_report(
                 "queued",
                 "running",
                 "polls",
+                "builds busy / overtaken",
             ]
         ),
-        row(["---:", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
+        row(["---:", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
     ]
     for index, s in enumerate(samples, start=1):
         out.append(
@@ -357,6 +384,7 @@ def render_report(
                     fmt_ms(s.queued_ms),
                     fmt_ms(s.run_ms),
                     str(s.polls),
+                    "-" if s.builds_busy is None else f"{s.builds_busy} / {s.builds_overtaken}",
                 ]
             )
         )
@@ -418,10 +446,22 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=10, help="samples per alias mode")
     parser.add_argument(
         "--modes",
-        default="new,moved",
+        default="new,moved,busy",
         help="comma-separated: new (a fresh alias a<i> each time), moved (champion moved "
-        "between versions 1 and 2)",
+        "between versions 1 and 2), busy (a fresh alias b<i> while builds run)",
     )
+    parser.add_argument(
+        "--busy-builds",
+        type=int,
+        default=3,
+        help="busy: versions registered at once before each sample (one runs, the rest wait)",
+    )
+    parser.add_argument(
+        "--service-src",
+        type=Path,
+        help="run the service from this source tree (its `src`, put first on PYTHONPATH)",
+    )
+    parser.add_argument("--label", help="suffix of the result file (alias-latency-LABEL.md)")
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -438,8 +478,16 @@ def main() -> int:
     parser.add_argument("--keep-workdir", action="store_true", help="keep servers' data/logs")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"new", "moved"}:
-        parser.error("--modes takes new and/or moved")
+    if not modes or set(modes) - {"new", "moved", "busy"}:
+        parser.error("--modes takes new, moved and/or busy")
+    if args.busy_builds < 2:
+        parser.error("--busy-builds: at least 2 (one running, one waiting)")
+    service_src = args.service_src.resolve() if args.service_src else None
+    if service_src is not None and not (service_src / "mlflow_dock").is_dir():
+        parser.error(f"--service-src: no mlflow_dock package in {service_src}")
+    result_file = RESULTS_DIR / (
+        f"alias-latency-{args.label}.md" if args.label else RESULT_FILE.name
+    )
 
     client = docker.from_env(timeout=600)
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-dock-alias-latency-"))
@@ -469,8 +517,12 @@ def main() -> int:
             data_dir=workdir / "service" / "data",
             base_image=base_image,
         )
+        if service_src is not None:
+            env["PYTHONPATH"] = str(service_src)
         print("setup: mlflow-dock service...", flush=True)
         service = running = start_service(env, workdir / "service")
+        ready = httpx.get(f"{service.url}/ready", timeout=10).json()
+        print(f"  /ready checks: {ready['checks']}", flush=True)
 
         from mlflow import MlflowClient
 
@@ -509,9 +561,45 @@ def main() -> int:
         if "moved" in modes:
             # champion starts on v1 (the warm-up below), so the first move goes to v2.
             plan += [("moved alias", "champion", v2 if i % 2 == 0 else v1) for i in range(args.n)]
+        if "busy" in modes:
+            plan += [("busy", f"b{i}", v1) for i in range(args.n)]
+
+        def start_builds() -> tuple[list[str], int]:
+            """Register versions until one builds and others wait; their builds in flight."""
+            versions = [
+                register_model_version(
+                    mlflow_server.url, MODEL_NAME, from_model=MODEL_NAME, from_version=v1
+                )
+                for _ in range(args.busy_builds)
+            ]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                states = [
+                    j["state"]
+                    for j in list_jobs(running)
+                    if j["kind"] == "build" and j["version"] in versions
+                ]
+                if "running" in states and "queued" in states:
+                    return versions, states.count("running") + states.count("queued")
+                time.sleep(0.01)
+            raise RuntimeError(
+                f"builds of {versions} never had one running and one waiting ({states}): "
+                "raise --busy-builds"
+            )
+
+        def overtaken(versions: list[str], alias_finished: float) -> int:
+            ended = [
+                wait_for_job(running, kind="build", version=v, timeout=600, interval=0.5)
+                for v in versions
+            ]
+            return sum(parse_time(j["finished_at"]) > alias_finished for j in ended)
 
         def sample(mode: str, alias: str, version: str) -> Sample:
             busy = quiet()
+            in_flight: list[str] = []
+            builds_busy = None
+            if mode == "busy":
+                in_flight, builds_busy = start_builds()
             result = measure(
                 mlflow_client=mlflow_client,
                 registry_client=registry_client,
@@ -525,10 +613,22 @@ def main() -> int:
                 poll_interval=args.poll_interval,
                 timeout=args.timeout,
             )
+            if in_flight:
+                alias_job = wait_for_job(
+                    running, kind="alias", version=version, alias=alias, timeout=30
+                )
+                result.builds_busy = builds_busy
+                result.builds_overtaken = overtaken(in_flight, parse_time(alias_job["finished_at"]))
             print(
                 f"  {mode}: {alias} -> v{version}: {fmt_ms(result.total_ms)} (delivery "
                 f"{fmt_ms(result.delivery_ms)}, mlflow-dock {fmt_ms(result.dock_ms)}; CPU "
-                f"{busy:.0%})",
+                f"{busy:.0%}"
+                + (
+                    f"; builds in flight {result.builds_busy}, overtaken {result.builds_overtaken}"
+                    if in_flight
+                    else ""
+                )
+                + ")",
                 flush=True,
             )
             # Let the write-back of the finished job (MLflow tags) settle before the next.
@@ -558,14 +658,27 @@ def main() -> int:
             "quiet machine": f"each sample waited for CPU busy < {args.quiet_threshold:.0%} "
             f"(1 s sample, up to {args.wait_quiet:.0f} s); other users' work can still start "
             "mid-sample",
-            "mlflow-dock code": code_state(),
+            "mlflow-dock code": (
+                f"service run from {service_src} (PYTHONPATH)"
+                if service_src is not None
+                else code_state()
+            ),
+            "service's /ready checks": ", ".join(ready["checks"]),
         }
+        if "busy" in modes:
+            notes["busy"] = (
+                f"before each busy sample, {args.busy_builds} versions of {MODEL_NAME} were "
+                "registered (each a real build: assembled in the registry, SBOM attached, on "
+                "`MLFLOW_DOCK_BUILD_CONCURRENCY=1`, the default) and the alias was set once one "
+                "of their builds ran and another waited; 'builds busy / overtaken' = builds "
+                "running or queued when it was set / those that finished after its tag"
+            )
         report = render_report(samples, machine=machine, notes=notes, warmup=warmup)
         print()
         print(report)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        RESULT_FILE.write_text(report)
-        print(f"written to {RESULT_FILE.relative_to(REPO_ROOT)}")
+        result_file.write_text(report)
+        print(f"written to {result_file.relative_to(REPO_ROOT)}")
         return 0
     finally:
         if mlflow_client is not None and webhook_id is not None:

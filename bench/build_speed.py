@@ -96,7 +96,7 @@ from tests.support.servers import (  # noqa: E402
 )
 
 from mlflow_dock.app import Components  # noqa: E402
-from mlflow_dock.build.engine import DockerEngine  # noqa: E402
+from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
 from mlflow_dock.jobs.logs import BuildLogs  # noqa: E402
 from mlflow_dock.jobs.model import JobState  # noqa: E402
 from mlflow_dock.jobs.worker import execute_job  # noqa: E402

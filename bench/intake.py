@@ -7,9 +7,9 @@ Usage (from the repository root; needs `wrk`, Debian package `wrk`)::
 Both receivers run in the same run on this machine, each as one uvicorn process on 127.0.0.1:
 
 * mlflow-dock: the real `mlflow-dock serve` (SQLite store in a temporary directory, smoke test,
-  reconciliation and MLflow write-back off, `MLFLOW_DOCK_BUILD_CONCURRENCY=0`: this process only
-  accepts, as an API replica beside remote workers would). Every 202 means the delivery is
-  committed to the store.
+  reconciliation and MLflow write-back off, `MLFLOW_DOCK_BUILD_CONCURRENCY=0` and
+  `MLFLOW_DOCK_ALIAS_CONCURRENCY=0`: this process only accepts). Every 202 means the delivery
+  is committed to the store.
 * bare: FastAPI with the same `WebhookVerifier` HMAC check and a constant 202, nothing stored,
   run with the server settings of `serve` (uvicorn's auto loop and parser, no access log).
 
@@ -22,7 +22,9 @@ be there with its delivery recorded ("nothing lost"). Bare and mlflow-dock alter
 per round, and writes them to `bench/results/intake.md`. `--profile FILE` (and
 `--profile-bare FILE`, `--profile-gil`) records the first round with py-spy.
 `--build-concurrency 1` measures a version that cannot run accept-only (before
-MLFLOW_DOCK_BUILD_CONCURRENCY=0 existed).
+MLFLOW_DOCK_BUILD_CONCURRENCY=0 existed); `--alias-concurrency 1` an API replica as deployed by
+default, with its alias lane (every alias delivery wakes it; here it finds the alias waiting
+for its version's build, which no process runs).
 """
 
 from __future__ import annotations
@@ -310,6 +312,9 @@ def main() -> int:
         "--build-concurrency", default="0", help="MLFLOW_DOCK_BUILD_CONCURRENCY for the service"
     )
     parser.add_argument(
+        "--alias-concurrency", default="0", help="MLFLOW_DOCK_ALIAS_CONCURRENCY for the service"
+    )
+    parser.add_argument(
         "--write-back",
         action="store_true",
         help="MLflow write-back on (tags recorded in the store; MLflow itself is unreachable)",
@@ -366,6 +371,7 @@ def main() -> int:
         "PORT": str(dock_port),
         "MLFLOW_DOCK_DATA_DIR": str(data_dir),
         "MLFLOW_DOCK_BUILD_CONCURRENCY": args.build_concurrency,
+        "MLFLOW_DOCK_ALIAS_CONCURRENCY": args.alias_concurrency,
         "MLFLOW_DOCK_SMOKE_TEST": "false",
         "MLFLOW_DOCK_RECONCILE_INTERVAL": "0",
         "MLFLOW_DOCK_MLFLOW_WRITE_BACK": "true" if args.write_back else "false",

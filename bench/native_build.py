@@ -7,18 +7,24 @@ Usage (repository root, as root, Docker Engine running)::
 One local CNCF Distribution registry, one MLflow server, one machine. Registered models:
 
 * ``bench-a`` (versions 1 and 2): the small scikit-learn model of ``bench/build_speed.py``;
+  its version 1 is the *very first build* (empty registry, empty worker);
 * ``bench-b``: the same requirements plus ``tabulate`` (a new model whose requirements overlap
-  an earlier model's, every package has a wheel);
+  an earlier model's, every package has a wheel), on the *warm* worker that built bench-a;
+* ``bench-s``: the same requirements plus ``statsmodels`` (all wheels, two new packages) on a
+  *fresh* worker: its data directory (job store, layer table, uv cache, base facts) is wiped
+  first, as a new pod or a new installation on a registry that holds other models;
 * ``bench-c``: the same requirements plus ``lightgbm`` (needs libgomp.so.1, which the Debian
-  minbase base lacks: the engine adds libgomp1 to a derived base, the rest stays native).
+  minbase base lacks: the engine adds libgomp1 to a derived base, the rest stays native), on a
+  fresh worker too.
 
 Stock: ``mlflow models generate-dockerfile`` + ``docker build`` + ``docker push`` exactly as in
 ``bench/build_speed.py`` (same stand-in ``python:X.Y-slim`` on the same Debian layer; its
 shared layers, full ``mlflow`` included, are built by ``bench-a`` first, as in a registry that
 holds other models). mlflow-dock: the service's job path (``execute_job`` with the composition
-root's runner) with ``builder="native"``, the bench Debian base pushed to the registry, an empty
-uv cache and layer cache at the start (fresh data dir), smoke test off unless stated. Blob
-uploads are counted from the registry's own log (one line per completed upload PUT).
+root's runner) with ``builder="native"``, the bench Debian base pushed to the registry, smoke
+test off. Blob uploads are counted from the registry's own log (one line per completed upload
+PUT). Each mlflow-dock row also lists when (seconds from the job's start) uv had installed the
+requirements, the image was assembled, and the SBOM attached.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -108,6 +115,15 @@ def run_native(
     seconds = time.monotonic() - start
     store.close()
     lines = [line for _t, line in logs.lines]
+    phases = {
+        name: round(next(t for t, line in logs.lines if marker in line) - start, 1)
+        for name, marker in (
+            ("uv", "packages installed"),
+            ("assembled", "without an engine"),
+            ("sbom", "attached SBOM"),
+        )
+        if any(marker in line for _t, line in logs.lines)
+    }
     if finished is None or finished.state is not JobState.SUCCEEDED:
         error = finished.error if finished is not None else "not recorded"
         raise RuntimeError(f"{model} v{version}: {error}\n" + "\n".join(lines[-30:]))
@@ -127,6 +143,7 @@ def run_native(
         "seconds": seconds,
         "growth": registry.stored_bytes() - before,
         "uploads": uploads(registry) - uploads_before,
+        "phases": phases,
         "log": [
             line
             for line in lines
@@ -160,6 +177,7 @@ def run_stock(
         "seconds": result.end_to_end,
         "growth": result.registry_growth,
         "uploads": uploads(registry) - uploads_before,
+        "phases": {},
         "log": [],
     }
 
@@ -186,6 +204,9 @@ def main() -> int:
         for _ in range(2):
             bs.log_sklearn_model(mlflow_server.url, "bench-a")
         bs.log_sklearn_model(mlflow_server.url, "bench-b", pip_requirements=pinned("tabulate"))
+        bs.log_sklearn_model(
+            mlflow_server.url, "bench-s", pip_requirements=pinned("statsmodels==0.15.0")
+        )
         bs.log_sklearn_model(mlflow_server.url, "bench-c", pip_requirements=pinned("lightgbm"))
         stand_in = "python:{}.{}.{}-slim".format(*sys.version_info[:3])
         bs.build_stand_in(client, bench_base, stand_in)
@@ -197,25 +218,31 @@ def main() -> int:
             if args.wait_quiet > 0:
                 bs.wait_until_quiet(client, args.wait_quiet, 0.25)
 
+        # (side, model, version, worker): "fresh" wipes the worker's data directory first.
         plan = [
-            ("stock", "bench-a", "1"),
-            ("native", "bench-a", "1"),
-            ("stock", "bench-b", "1"),
-            ("native", "bench-b", "1"),
-            ("stock", "bench-c", "1"),
-            ("native", "bench-c", "1"),
-            ("native", "bench-a", "2"),
+            ("stock", "bench-a", "1", ""),
+            ("native", "bench-a", "1", "fresh"),
+            ("stock", "bench-b", "1", ""),
+            ("native", "bench-b", "1", "warm"),
+            ("native", "bench-a", "2", "warm"),
+            ("stock", "bench-s", "1", ""),
+            ("native", "bench-s", "1", "fresh"),
+            ("stock", "bench-c", "1", ""),
+            ("native", "bench-c", "1", "fresh"),
         ]
-        for side, model, version in plan:
+        for side, model, version, worker in plan:
             quiet()
-            print(f"run: {side} {model} v{version}...", flush=True)
+            print(f"run: {side} {model} v{version} {worker}...", flush=True)
             if side == "stock":
                 row = run_stock(client, registry, mlflow_server, model, version, workdir, stand_in)
             else:
+                if worker == "fresh":
+                    shutil.rmtree(data_dir, ignore_errors=True)
                 settings = native_settings(
                     registry, mlflow_server, data_dir, native_base, smoke=False
                 )
                 row = run_native(registry, settings, model, version)
+            row["worker"] = worker
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -235,19 +262,24 @@ def main() -> int:
     lines = [
         f"Machine: {json.dumps(machine)}",
         "",
-        "| side | model | version | path | end to end | vs stock | registry growth "
-        "| blob uploads |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| side | model | version | worker | path | end to end | vs stock | registry growth "
+        "| blob uploads | uv / assembled / SBOM at |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         ratio = ""
         if row["side"] != "stock" and row["version"] == "1":
             stock = find("stock", str(row["model"]))
             ratio = f"{100 * float(row['seconds']) / float(stock['seconds']):.0f} %"
+        phases = row["phases"]
+        at = " / ".join(
+            f"{phases[name]:.1f} s" if name in phases else "-"
+            for name in ("uv", "assembled", "sbom")
+        )
         lines.append(
-            f"| {row['side']} | {row['model']} | {row['version']} | {row['path']} | "
-            f"{float(row['seconds']):.1f} s | {ratio} | {bs.fmt_b(int(row['growth']))} | "
-            f"{row['uploads']} |"
+            f"| {row['side']} | {row['model']} | {row['version']} | {row['worker']} | "
+            f"{row['path']} | {float(row['seconds']):.1f} s | {ratio} | "
+            f"{bs.fmt_b(int(row['growth']))} | {row['uploads']} | {at if phases else ''} |"
         )
     report = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
