@@ -262,8 +262,13 @@ def test_an_interrupted_chunked_upload_completes(
         with client.open_blob(repo, digest) as blob:
             assert blob.read() == data
     resumed = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
-    assert len(resumed) == 1, resumed
-    # Refused before a byte of it arrived: continued at the second chunk, not from the start;
-    # cut mid-chunk: Distribution 2.8 forgot the session, so a new one from byte 0.
-    expected = f"resuming at byte {chunk if cut is None else 0} of {len(data)}"
-    assert expected in resumed[0], resumed[0]
+    if cut is None:
+        # Refused before a byte of it arrived: continued at the second chunk, not from the start.
+        assert len(resumed) == 1, resumed
+        assert f"resuming at byte {chunk} of {len(data)}" in resumed[0], resumed[0]
+    else:
+        # Cut mid-chunk: Distribution 2.8 cancels the session when the status GET (or, if the
+        # broken chunk's bytes land after that GET, the next PATCH) carries a stale _state,
+        # so the upload goes on in a new session from byte 0.
+        assert 1 <= len(resumed) <= 2, resumed
+        assert f"resuming at byte 0 of {len(data)}" in resumed[-1], resumed

@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mlflow_dock.errors import PermanentError, RetryableError
@@ -143,6 +144,49 @@ def test_a_session_the_registry_lost_starts_over_and_a_dead_one_gives_up():
     # The first try and five resumptions, each after asking the session where it stands.
     methods = [e.request.method for e in registry.log[before:]]
     assert (methods.count("PATCH"), methods.count("GET")) == (6, 5)
+
+
+def test_a_session_refused_after_its_status_was_read_starts_over():
+    """The race CI met on Distribution 2.8: a broken-off chunk's bytes land after the status GET,
+    so the next PATCH carries a stale _state and is answered 404 BLOB_UPLOAD_INVALID."""
+    registry = OciRegistry()
+    data = os.urandom(3 * CHUNK)
+    registry.cut_next_patch(after=1000, late=True)
+    with registry.client(chunk_bytes=CHUNK) as c:
+        digest = c.upload_blob(REPO, io.BytesIO(data))
+    assert registry.blobs[(REPO, digest)] == data
+    refused = [
+        e for e in registry.log if e.route.kind == "upload" and e.response.status_code == 404
+    ]
+    assert [e.request.method for e in refused] == ["PATCH"]
+    assert len([e for e in registry.log if e.request.method == "POST"]) == 2
+    # The new session starts from byte 0: the lost one's bytes are not trusted.
+    assert patches(registry)[-3:] == [
+        f"0-{CHUNK - 1}",
+        f"{CHUNK}-{2 * CHUNK - 1}",
+        f"{2 * CHUNK}-{3 * CHUNK - 1}",
+    ]
+
+
+def test_a_final_put_on_a_lost_session_uploads_again():
+    registry = OciRegistry()
+    data = os.urandom(2 * CHUNK)
+    calls = 0
+
+    def lose_the_session(request: httpx.Request) -> httpx.Response | None:
+        nonlocal calls
+        if request.method == "PUT" and "/blobs/uploads/" in request.url.path:
+            calls += 1
+            if calls == 1:
+                registry.sessions.clear()  # expired, as a registry's upload purger would
+        return None
+
+    registry.intercept = lose_the_session
+    with registry.client(chunk_bytes=CHUNK) as c:
+        digest = c.upload_blob(REPO, io.BytesIO(data))
+    assert registry.blobs[(REPO, digest)] == data
+    assert calls == 2
+    assert len([e for e in registry.log if e.request.method == "POST"]) == 2
 
 
 def test_a_refused_chunk_is_not_retried():

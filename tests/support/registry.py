@@ -59,7 +59,9 @@ Faults and scripting:
   ``registry.fail_next(method, kind, status)`` only the next one. A 401 comes with the
   registry's challenge, as a revoked token would.
 * ``registry.cut_next_patch(after)``: the next chunk PATCH stores only its first ``after``
-  bytes and then fails as a connection reset would (an interrupted upload).
+  bytes and then fails as a connection reset would (an interrupted upload). With
+  ``late=True`` those bytes land only after the next status GET has answered, so the
+  ``_state`` that GET handed out is already stale (Distribution 2.x then cancels the session).
 * ``registry.intercept = fn`` sees every request first; returning a response (or raising an
   httpx exception) replaces the registry's answer, returning None lets it answer.
 * ``registry.forget_tokens()`` revokes every token and restarts their numbering (key rotation).
@@ -155,6 +157,8 @@ class _Session:
     data: bytearray = field(default_factory=bytearray)
     # Every _state handed out: the spec lets a client ask for the status with an older one.
     states: set[str] = field(default_factory=set)
+    # Bytes of a broken-off chunk the registry has not written yet (see cut_next_patch).
+    late: bytes = b""
 
     def move(self) -> None:
         self.states.add(self.state)
@@ -199,6 +203,7 @@ class OciRegistry:
         self.verify_references = verify_references
         self.blob_ranges = blob_ranges
         self._cut_patch: int | None = None
+        self._cut_late = False
 
         self.blobs: dict[tuple[str, str], bytes] = {}
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
@@ -271,8 +276,8 @@ class OciRegistry:
     def fail_next(self, method: str, kind: str, status: int) -> None:
         self._once.append((method, kind, status))
 
-    def cut_next_patch(self, after: int) -> None:
-        self._cut_patch = after
+    def cut_next_patch(self, after: int, *, late: bool = False) -> None:
+        self._cut_patch, self._cut_late = after, late
 
     # ------------------------------------------------------------------ log
 
@@ -484,14 +489,21 @@ class OciRegistry:
             return httpx.Response(404, json=oci_errors("BLOB_UPLOAD_UNKNOWN", "upload unknown"))
         state = request.url.params.get("_state")
         if state != session.state and not (request.method == "GET" and state in session.states):
-            return httpx.Response(400, json=oci_errors("BLOB_UPLOAD_INVALID", "lost _state"))
+            # As Distribution: a 404, and the session is cancelled.
+            del self.sessions[ref or ""]
+            return httpx.Response(404, json=oci_errors("BLOB_UPLOAD_INVALID", "lost _state"))
         assert ref is not None
         if request.method == "DELETE":
             del self.sessions[ref]
             return httpx.Response(204)
         if request.method == "GET":
             session.move()
-            return httpx.Response(204, headers=self._progress(request, ref, session))
+            answer = httpx.Response(204, headers=self._progress(request, ref, session))
+            if session.late:
+                session.data.extend(session.late)
+                session.late = b""
+                session.move()
+            return answer
         if request.method == "PATCH":
             return self._patch(request, ref, session)
         if request.method == "PUT":
@@ -511,7 +523,10 @@ class OciRegistry:
         if self._cut_patch is not None:
             # What arrived before the connection broke stays in the session.
             kept, self._cut_patch = body[: self._cut_patch], None
-            session.data.extend(kept)
+            if self._cut_late:
+                session.late = bytes(kept)
+            else:
+                session.data.extend(kept)
             raise httpx.RemoteProtocolError("connection reset by peer", request=request)
         session.data.extend(body)
         session.move()

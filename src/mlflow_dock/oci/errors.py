@@ -91,6 +91,18 @@ def error_entries(response: httpx.Response) -> list[tuple[str, str]]:
     return entries
 
 
+# An upload session the registry no longer honours: unknown (expired, cancelled) or invalid
+# (Distribution 2.x cancels a session whose signed _state lags the bytes it holds, which happens
+# when a broken-off chunk's bytes land after we asked how far it got). The cure is a new session,
+# not a retry of the same request and not a failed job.
+_SESSION_LOST_CODES: Final = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"})
+
+
+def upload_session_lost(error: RegistryError) -> bool:
+    """True if the registry said an upload session is gone, so a new one should be opened."""
+    return error.status_code in {400, 404} and error.code in _SESSION_LOST_CODES
+
+
 def _is_certificate_error(exc: BaseException) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc

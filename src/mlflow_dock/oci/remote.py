@@ -45,6 +45,7 @@ from mlflow_dock.oci.errors import (
     RegistryRetryableError,
     error_entries,
     ref_text,
+    upload_session_lost,
 )
 from mlflow_dock.oci.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, Manifest, digest_matches
 from mlflow_dock.oci.reference import (
@@ -544,38 +545,29 @@ class RegistryClient:
 
         After an interrupted PATCH (a transport error or a retryable status), GET on the
         session says how much arrived (``Range: 0-<last>``) and where to go on; the upload
-        continues from there. A session the registry no longer knows starts over. Progress is
-        this client's own count: ECR's PATCH answers are known to report a stale ``Range``.
+        continues from there. A session the registry no longer knows, or refuses as invalid
+        (on the GET, a later PATCH or the final PUT), starts over. Progress is this client's
+        own count: ECR's PATCH answers are known to report a stale ``Range``.
         """
         offset = 0
         interruptions = 0
-        while offset < size:
-            end = min(offset + self._chunk_bytes, size)
-            headers = {
-                "Content-Type": _BLOB_TYPE,
-                "Content-Length": str(end - offset),
-                "Content-Range": f"{offset}-{end - 1}",
-            }
+        while True:
             failure: RegistryError
-            body = _file_chunks(source, start + offset, start + end)
             try:
-                response = self._session("PATCH", location, op, headers, body)
+                if offset < size:
+                    location = self._patch_chunk(location, source, start, offset, size, op)
+                    offset, interruptions = min(offset + self._chunk_bytes, size), 0
+                    continue
+                self._finish_upload(location, repository, digest, op)
+                return
             except RegistryError as exc:
-                if not isinstance(exc, RegistryRetryableError):
+                if not (isinstance(exc, RegistryRetryableError) or upload_session_lost(exc)):
                     raise
                 failure = exc
-            else:
-                if response.status_code == 202:
-                    location = self._next_location(location, response)
-                    offset, interruptions = end, 0
-                    continue
-                failure = self._errors.error(op, response=response)
-                if not isinstance(failure, RegistryRetryableError):
-                    raise failure
             interruptions += 1
             if interruptions > _MAX_RESUMES:
                 raise failure
-            resumed = self._upload_status(location, op)
+            resumed = None if upload_session_lost(failure) else self._upload_status(location, op)
             if resumed is None:
                 # The registry forgot the session (or never kept partial uploads): start over.
                 fresh = self._start_upload(repository, digest, None, op)
@@ -591,6 +583,30 @@ class RegistryClient:
                 offset,
                 size,
             )
+
+    def _patch_chunk(
+        self,
+        location: httpx.URL,
+        source: IO[bytes] | Path,
+        start: int,
+        offset: int,
+        size: int,
+        op: Op,
+    ) -> httpx.URL:
+        """PATCH the chunk at ``offset``; returns where the session goes on."""
+        end = min(offset + self._chunk_bytes, size)
+        headers = {
+            "Content-Type": _BLOB_TYPE,
+            "Content-Length": str(end - offset),
+            "Content-Range": f"{offset}-{end - 1}",
+        }
+        body = _file_chunks(source, start + offset, start + end)
+        response = self._session("PATCH", location, op, headers, body)
+        if response.status_code != 202:
+            raise self._errors.error(op, response=response)
+        return self._next_location(location, response)
+
+    def _finish_upload(self, location: httpx.URL, repository: str, digest: str, op: Op) -> None:
         response = self._session(
             "PUT",
             location.copy_add_param("digest", digest),
