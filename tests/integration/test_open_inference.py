@@ -47,6 +47,10 @@ from support.servers import (
 )
 from support.v2_models import IRIS_COLUMNS
 
+# One worker runs the module: otherwise every worker that draws one of its tests sets up its own
+# `built` (a service, three builds and their smoke tests: about two minutes of CI's two cores).
+pytestmark = pytest.mark.xdist_group("open-inference")
+
 BUSYBOX = Path(os.environ.get("MLFLOW_DOCK_TEST_BUSYBOX", "/bin/busybox"))
 KINDS = ("sklearn", "tensor", "params")
 
