@@ -63,6 +63,7 @@ from mlflow_dock.oci.manifest import (
     OCI_MANIFEST,
     Manifest,
 )
+from mlflow_dock.oci.streams import SizedReader
 
 __all__ = [
     "CREATED_BY_SUFFIX",
@@ -326,7 +327,7 @@ def model_layer(
     )
 
 
-class FileLayer(io.RawIOBase):
+class FileLayer(SizedReader):
     """The plain layer tar of one model file, as a seekable stream that is never in memory.
 
     The tar is its parent directories' headers, the file's header, the file's bytes and the
@@ -351,7 +352,6 @@ class FileLayer(io.RawIOBase):
         gid: int = 0,
         mtime: int = 0,
     ) -> None:
-        super().__init__()
         parts = _target_parts(target)
         self.path = model_dir / relative
         self.relative = relative
@@ -381,23 +381,8 @@ class FileLayer(io.RawIOBase):
         end = padding + 2 * tarfile.BLOCKSIZE
         end += -(written + end) % tarfile.RECORDSIZE
         self._tail = b"\0" * end
-        self.size = written + end
-        self._position = 0
+        super().__init__(written + end)
         self._file: IO[bytes] | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer)

@@ -25,7 +25,6 @@ place, :meth:`mlflow_dock.oci.errors.RegistryErrors.error`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import ssl
@@ -57,6 +56,7 @@ from mlflow_dock.oci.reference import (
     is_loopback,
     split_host,
 )
+from mlflow_dock.oci.streams import SizedReader
 
 # The errors live in oci.errors (the auth flow raises them too) and are offered here as well,
 # beside the client whose operations raise them.
@@ -830,7 +830,7 @@ class RegistryClient:
             raise self._errors.error(op, exc=exc) from exc
 
 
-class BlobReader(io.RawIOBase):
+class BlobReader(SizedReader):
     """A registry blob as a seekable read-only file (:meth:`RegistryClient.open_blob`).
 
     One streamed GET serves reads front to back; a seek elsewhere closes it and the next read
@@ -841,34 +841,18 @@ class BlobReader(io.RawIOBase):
     """
 
     def __init__(self, client: RegistryClient, repository: str, digest: str, size: int) -> None:
-        super().__init__()
+        super().__init__(size)
         self._client = client
         self._repository = repository
         self._digest = digest
-        self.size = size
-        self._position = 0
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
         self._pending = b""
         self._hash: hashlib._Hash | None = hashlib.sha256()  # None once the reads skip around
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        position = max(0, base + offset)
-        if position != self._position:
-            self._drop_stream()
-            self._hash = None
-            self._position = position
-        return position
+    def _moved(self, position: int) -> None:
+        self._drop_stream()
+        self._hash = None
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         wanted = min(len(buffer), self.size - self._position)
