@@ -3,6 +3,11 @@
 Run as a separate process (see ``servers.log_sklearn_model``) so that MLflow's process-wide
 state (tracking URI, active run, autologging) never leaks into the test process.
 Prints one JSON line ``{"version": "N", ...}`` as the last line of stdout.
+
+``--serve`` keeps one process for many versions (``servers.ModelLoggers``): importing mlflow
+and scikit-learn costs 4-11 s of CPU, paid once instead of once per version. Each stdin line
+is a request ``{"argv": [...], "tracking_uri": "..."}``; each answer is one stdout line
+starting with ``@@result `` or ``@@error `` followed by JSON (other libraries may print too).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
+import traceback
 from typing import Any
 
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
@@ -90,9 +97,14 @@ def pinned(*distributions: str) -> list[str]:
 V2_KINDS = ("tensor", "params")
 
 
-def main() -> int:
+RESULT = "@@result "
+ERROR = "@@error "
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--name", required=True)
+    parser.add_argument("--serve", action="store_true", help="answer requests from stdin")
+    parser.add_argument("--name")
     parser.add_argument("--broken", action="store_true")
     parser.add_argument(
         "--pyfunc",
@@ -106,7 +118,45 @@ def main() -> int:
         "--requirements",
         help="JSON list of pip requirements; 'infer' lets MLflow infer them (slow, ~13s)",
     )
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
+    if args.serve:
+        return serve(parser)
+    if not args.name:
+        parser.error("--name is required")
+    print(json.dumps(log_version(args)))
+    return 0
+
+
+def serve(parser: argparse.ArgumentParser) -> int:
+    home = os.getcwd()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            args = parser.parse_args(request["argv"])
+            mlflow.set_tracking_uri(request["tracking_uri"])
+            # A fresh working directory per version, as a new process had: MLflow must not
+            # pick up files another version's logging left behind.
+            with tempfile.TemporaryDirectory(prefix="mlflow-dock-log-model-") as cwd:
+                os.chdir(cwd)
+                try:
+                    result = log_version(args)
+                finally:
+                    os.chdir(home)
+            print(RESULT + json.dumps(result), flush=True)
+        except (Exception, SystemExit):  # SystemExit: argparse's way of refusing an argv
+            print(ERROR + json.dumps({"error": traceback.format_exc()[-5000:]}), flush=True)
+    return 0
+
+
+def log_version(args: argparse.Namespace) -> dict[str, str]:
+    """Log and register one version as ``args`` say; what the caller prints."""
     if args.requirements == "infer":
         requirements = None
     elif args.requirements:
@@ -161,11 +211,10 @@ def main() -> int:
             )
 
     version = info.registered_model_version
-    print(json.dumps({"version": str(version), "model_uri": info.model_uri}))
-    return 0
+    return {"version": str(version), "model_uri": info.model_uri}
 
 
-def log_pyfunc(name: str, kind: str, requirements: list[str] | None) -> int:
+def log_pyfunc(name: str, kind: str, requirements: list[str] | None) -> dict[str, str]:
     """A tensor-based pyfunc, or a column-based one with params, as tests/support/v2_models.py
     saves them, registered as a version of `name`."""
     from pathlib import Path
@@ -206,8 +255,7 @@ def log_pyfunc(name: str, kind: str, requirements: list[str] | None) -> int:
             pip_requirements=requirements,
             registered_model_name=name,
         )
-    print(json.dumps({"version": str(info.registered_model_version), "model_uri": info.model_uri}))
-    return 0
+    return {"version": str(info.registered_model_version), "model_uri": info.model_uri}
 
 
 if __name__ == "__main__":

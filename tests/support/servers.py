@@ -8,10 +8,12 @@ process in its own process group, so ``stop()`` also reaps whatever it spawned
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -19,11 +21,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 
@@ -518,7 +521,7 @@ def log_sklearn_model(
     (tests/support/v2_model_code), with the same requirements unless given others.
     Model names may contain spaces and unicode but MLflow rejects '/' and ':'.
     """
-    argv = [PYTHON, str(SUPPORT_DIR / "log_model.py"), "--name", model_name]
+    argv = ["--name", model_name]
     if broken:
         argv.append("--broken")
     if pyfunc is not None:
@@ -529,28 +532,123 @@ def log_sklearn_model(
         argv += ["--requirements", "infer"]
     elif pip_requirements is not None:
         argv += ["--requirements", json.dumps(list(pip_requirements))]
-    env = {
-        **os.environ,
-        **_QUIET_ENV,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        # Run from the repo, MLflow would take this project's uv.lock (54 dev packages) as the
-        # model's requirements; the model must declare what it needs, like a user's would.
-        "MLFLOW_UV_AUTO_DETECT": "false",
-        "MLFLOW_LOG_UV_FILES": "false",
-    }
-    with tempfile.TemporaryDirectory(prefix="mlflow-dock-log-model-") as cwd:
-        proc = subprocess.run(
-            argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"logging model {model_name!r} failed (exit {proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return str(json.loads(line)["version"])
-    raise RuntimeError(f"log_model.py printed no version:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    answer = _MODEL_LOGGERS.log(argv, tracking_uri, timeout=timeout, what=repr(model_name))
+    return str(answer["version"])
+
+
+class _ModelLogger:
+    """One ``log_model.py --serve`` process; its stdout lines arrive on a queue."""
+
+    def __init__(self, log_dir: Path) -> None:
+        env = {
+            **os.environ,
+            **_QUIET_ENV,
+            # Run from the repo, MLflow would take this project's uv.lock (54 dev packages) as
+            # the model's requirements; the model must declare what it needs, like a user's.
+            "MLFLOW_UV_AUTO_DETECT": "false",
+            "MLFLOW_LOG_UV_FILES": "false",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)  # each request names its server
+        self.log_path = log_dir / f"log-model-{os.getpid()}-{secrets.token_hex(4)}.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, str(SUPPORT_DIR / "log_model.py"), "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                cwd=log_dir,
+                text=True,
+                start_new_session=True,
+            )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)  # the process ended
+
+    def ask(self, argv: list[str], tracking_uri: str, timeout: float) -> tuple[str, str]:
+        """("result" or "error", its JSON text); raises RuntimeError if the process is lost."""
+        assert self.proc.stdin is not None
+        request = json.dumps({"argv": argv, "tracking_uri": tracking_uri})
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"no answer within {timeout:.0f} s") from None
+            if line is None:
+                raise RuntimeError(f"log_model.py exited ({self.proc.wait()})")
+            for kind in ("result", "error"):
+                if line.startswith(f"@@{kind} "):
+                    return kind, line.removeprefix(f"@@{kind} ")
+
+    def stderr_tail(self) -> str:
+        return log_tail(self.log_path, 60)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        _terminate(self.proc, timeout=5)  # type: ignore[arg-type]
+
+
+class ModelLoggers:
+    """Idle ``log_model.py --serve`` processes, one more whenever all are busy.
+
+    A process per version cost an import of mlflow and scikit-learn each time (4-11 s of CPU,
+    about 60 versions per suite run on 2 cores); a pool rather than one process because some
+    tests log versions from several threads at once.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[_ModelLogger] = []
+        self._lock = threading.Lock()
+        self._log_dir: Path | None = None
+
+    def log(self, argv: list[str], tracking_uri: str, *, timeout: float, what: str) -> Any:
+        with self._lock:
+            logger = self._idle.pop() if self._idle else None
+        if logger is None or logger.proc.poll() is not None:
+            logger = _ModelLogger(self._started())
+        try:
+            kind, text = logger.ask(argv, tracking_uri, timeout)
+        except RuntimeError as exc:
+            logger.stop()
+            raise RuntimeError(
+                f"logging model {what} failed: {exc}\n{logger.stderr_tail()}"
+            ) from None
+        with self._lock:
+            self._idle.append(logger)
+        if kind == "error":
+            error = json.loads(text)["error"]
+            raise RuntimeError(f"logging model {what} failed:\n{error}\n{logger.stderr_tail()}")
+        return json.loads(text)
+
+    def _started(self) -> Path:
+        with self._lock:
+            if self._log_dir is None:
+                self._log_dir = Path(tempfile.mkdtemp(prefix="mlflow-dock-model-loggers-"))
+                atexit.register(self.close)
+            return self._log_dir
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for logger in idle:
+            logger.stop()
+        if self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+
+
+# A module-level pool, unlike anything in src/: log_sklearn_model is a plain function called
+# from fixtures, tests and bench scripts alike, and the pool is only a cache of processes.
+_MODEL_LOGGERS = ModelLoggers()
 
 
 def register_model_version(
