@@ -18,6 +18,9 @@ if str(TESTS_DIR) not in sys.path:
 
 from support.collection import OFFERED_KEY  # noqa: E402
 
+# For tests/test_collection.py, which runs pytest itself on generated modules.
+pytest_plugins = ["pytester"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[OFFERED_KEY] = set()
@@ -35,6 +38,7 @@ STARTED_FIRST = (
     "integration/test_build_secrets.py",
     "integration/test_stock_builder.py",
     "integration/test_confinement.py",
+    "integration/test_open_inference.py",
     "integration/test_faults.py",
     "integration/test_distributed.py",
     "integration/test_native_builder.py",

@@ -1,0 +1,190 @@
+"""What confining model code costs a runtime's first (full) smoke test.
+
+Usage (repository root, as root, Docker Engine running)::
+
+    .venv/bin/python bench/smoke_confinement.py [--n 10] [--wait-quiet SECONDS]
+
+One scikit-learn version is built through the real service (native builder, smoke test off),
+then its image is smoke-tested ``--n`` times each way, alternating, on the same engine:
+
+- **unconfined**, as the full smoke test ran before confinement (``git show
+  d408a17:src/mlflow_dock/build/smoke.py``): ``docker run`` on the host network with ``$PORT``,
+  ``/ping`` polled from the host every 0.5 s, the input example posted from the host;
+- **confined**, the service's own :class:`~mlflow_dock.imaging.smoke.SmokeTester`: no network,
+  memory/CPU/pids limits, read-only root, every capability dropped, user 10001, and the probe
+  run inside the container through the engine's ``exec``.
+
+Each time is from the container's creation to the example's answer and the container's
+removal. The target (issue 16): confined at most 10 % longer than unconfined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench"):
+    if str(_entry) not in sys.path:
+        sys.path.insert(0, str(_entry))
+
+import docker  # noqa: E402
+import httpx  # noqa: E402
+from alias_latency import wait_for_cpu  # noqa: E402
+from build_speed import code_state, cpu_busy  # noqa: E402
+from tests.support.servers import (  # noqa: E402
+    MlflowServer,
+    RegistryServer,
+    ServiceProcess,
+    ensure_base_image,
+    free_port,
+    log_sklearn_model,
+    start_mlflow_server,
+    start_registry,
+    start_service,
+)
+from v2_latency import MODEL_NAME, push_base, service_env, wait_for_build  # noqa: E402
+
+from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
+from mlflow_dock.imaging.smoke import SmokeLimits, SmokeTester  # noqa: E402
+
+EXAMPLE = "/opt/ml/model/serving_input_example.json"
+TARGET = 0.10
+
+
+def unconfined(client: docker.DockerClient, image: str, example: bytes) -> float:
+    """The pre-confinement full smoke test, step for step."""
+    started = time.monotonic()
+    port = free_port()
+    container = client.containers.run(
+        image,
+        name=f"bench-unconfined-{uuid.uuid4().hex[:8]}",
+        detach=True,
+        network_mode="host",
+        environment={"PORT": str(port)},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                raise RuntimeError(container.logs().decode()[-2000:])
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("no answer on /ping")
+            time.sleep(0.5)
+        answer = httpx.post(
+            f"{url}/invocations",
+            content=example,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        if answer.status_code != 200:
+            raise RuntimeError(answer.text)
+    finally:
+        container.remove(force=True)
+    return time.monotonic() - started
+
+
+def confined(tester: SmokeTester, image: str, example: Path) -> float:
+    started = time.monotonic()
+    tester.check(image, example, lambda _line: None)
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10, help="smoke tests each way")
+    parser.add_argument("--wait-quiet", type=float, default=600.0, metavar="SECONDS")
+    parser.add_argument("--quiet-threshold", type=float, default=0.25, help="CPU busy share")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    client = docker.from_env(timeout=600)
+    workdir = Path(tempfile.mkdtemp(prefix="mlflow-dock-smoke-bench-"))
+    registry: RegistryServer | None = None
+    mlflow_server: MlflowServer | None = None
+    service: ServiceProcess | None = None
+    try:
+        print("setup: registry, MLflow server, service, one native build...", flush=True)
+        registry = start_registry(workdir / "registry", "smoke", secrets.token_urlsafe(18))
+        base = push_base(client, registry, ensure_base_image())
+        mlflow_server = start_mlflow_server(workdir / "mlflow")
+        secret = secrets.token_urlsafe(32)
+        env = service_env(
+            registry, mlflow_server, secret=secret, data_dir=workdir / "data", base=base
+        )
+        env["MLFLOW_DOCK_MODELCAR"] = "false"
+        service = start_service(env, workdir / "service")
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=mlflow_server.url).create_webhook(
+            name=f"smoke-bench-{uuid.uuid4().hex[:8]}",
+            url=f"{service.url}/webhook",
+            events=["model_version.created"],
+            secret=secret,
+        )
+        time.sleep(1.5)
+        version = log_sklearn_model(mlflow_server.url, MODEL_NAME)
+        image = str(wait_for_build(service, version, timeout=1800)["image"])
+        client.images.pull(image, auth_config=registry.auth_config)
+        example_bytes = client.containers.run(image, ["cat", EXAMPLE], remove=True)
+        example = workdir / "serving_input_example.json"
+        example.write_bytes(example_bytes)
+        service.stop()
+        service = None
+
+        tester = SmokeTester(DockerEngine(), limits=SmokeLimits())
+        unconfined(client, image, example_bytes)  # warm-up: page cache, engine
+        confined(tester, image, example)
+        busy = (
+            cpu_busy(1.0)
+            if args.wait_quiet <= 0
+            else wait_for_cpu(args.wait_quiet, args.quiet_threshold)
+        )
+        times: dict[str, list[float]] = {"unconfined": [], "confined": []}
+        for round_ in range(args.n):
+            order = ("unconfined", "confined") if round_ % 2 == 0 else ("confined", "unconfined")
+            for side in order:
+                if side == "unconfined":
+                    times[side].append(unconfined(client, image, example_bytes))
+                else:
+                    times[side].append(confined(tester, image, example))
+            print(
+                f"round {round_ + 1}: unconfined {times['unconfined'][-1]:.2f} s,"
+                f" confined {times['confined'][-1]:.2f} s",
+                flush=True,
+            )
+        after = cpu_busy(1.0)
+        print(f"\ncode: {code_state()}; CPU busy before {busy:.0%}, after {after:.0%}")
+        print(f"image: {image}, n={args.n} each, alternating\n")
+        print("| smoke test | median | min | max |")
+        print("| --- | ---: | ---: | ---: |")
+        for side, values in times.items():
+            print(
+                f"| {side} | {statistics.median(values):.2f} s | {min(values):.2f} s"
+                f" | {max(values):.2f} s |"
+            )
+        ratio = statistics.median(times["confined"]) / statistics.median(times["unconfined"]) - 1
+        verdict = "met" if ratio <= TARGET else "NOT met"
+        print(f"\nconfined vs unconfined (medians): {ratio:+.1%} (target at most +10 %: {verdict})")
+        return 0
+    finally:
+        for server in (service, mlflow_server, registry):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
