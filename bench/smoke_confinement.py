@@ -107,6 +107,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10, help="smoke tests each way")
     parser.add_argument("--wait-quiet", type=float, default=600.0, metavar="SECONDS")
+    parser.add_argument(
+        "--cpus", type=float, default=None, help="the confined side's CPU limit (default: 1)"
+    )
     parser.add_argument("--quiet-threshold", type=float, default=0.25, help="CPU busy share")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -144,7 +147,8 @@ def main() -> int:
         service.stop()
         service = None
 
-        tester = SmokeTester(DockerEngine(), limits=SmokeLimits())
+        limits = SmokeLimits() if args.cpus is None else SmokeLimits(cpus=args.cpus)
+        tester = SmokeTester(DockerEngine(), limits=limits)
         unconfined(client, image, example_bytes)  # warm-up: page cache, engine
         confined(tester, image, example)
         busy = (
@@ -167,7 +171,7 @@ def main() -> int:
             )
         after = cpu_busy(1.0)
         print(f"\ncode: {code_state()}; CPU busy before {busy:.0%}, after {after:.0%}")
-        print(f"image: {image}, n={args.n} each, alternating\n")
+        print(f"image: {image}, n={args.n} each, alternating; confined to {limits.cpus:g} CPU(s)\n")
         print("| smoke test | median | min | max |")
         print("| --- | ---: | ---: | ---: |")
         for side, values in times.items():

@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     # writes it ("512m", "4g"; binary units). No swap on top.
     smoke_memory: str = Field(default="4g", validation_alias=_env("MLFLOW_DOCK_SMOKE_MEMORY"))
     smoke_cpus: float = Field(
-        default=1.0, gt=0, le=256, validation_alias=_env("MLFLOW_DOCK_SMOKE_CPUS")
+        default=2.0, gt=0, le=256, validation_alias=_env("MLFLOW_DOCK_SMOKE_CPUS")
     )
     smoke_pids: int = Field(default=512, ge=32, validation_alias=_env("MLFLOW_DOCK_SMOKE_PIDS"))
     # One deadline for a smoke test: container start, /ping and the input example.

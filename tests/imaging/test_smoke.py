@@ -32,6 +32,8 @@ from mlflow_dock.imaging.smoke import (
     SMOKE_LABEL,
     SmokeLimits,
     SmokeTester,
+    confinement,
+    engine_cpus,
 )
 
 
@@ -286,3 +288,22 @@ def test_only_a_dead_owners_leftovers_are_removed(model_dir: Path) -> None:
     # With its anonymous volume (a warm container's checks).
     assert dead.removed == {"force": True, "v": True}
     assert alive.removed is None and elsewhere.removed is None and unlabelled.removed is None
+
+
+def test_the_cpu_limit_is_lowered_to_the_cpus_the_engine_has() -> None:
+    """Docker refuses a container that asks for more CPUs than the machine has."""
+    assert confinement(SmokeLimits(cpus=8), cpus_available=2)["nano_cpus"] == 2_000_000_000
+    assert confinement(SmokeLimits(cpus=0.5), cpus_available=2)["nano_cpus"] == 500_000_000
+    assert confinement(SmokeLimits(cpus=8))["nano_cpus"] == 8_000_000_000
+    assert SmokeLimits().cpus == 2  # the default (MLFLOW_DOCK_SMOKE_CPUS)
+
+    class Engine:
+        def info(self) -> dict[str, int]:
+            return {"NCPU": 4}
+
+    class Silent:
+        def info(self) -> dict[str, int]:
+            raise ConnectionError("engine went away")
+
+    assert engine_cpus(Engine()) == 4
+    assert engine_cpus(Silent()) is None

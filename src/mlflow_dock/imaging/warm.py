@@ -40,7 +40,13 @@ from typing import IO, Any, Final
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.imaging.dockerfile import RUNTIME_UID
 from mlflow_dock.imaging.engine import DockerEngine, engine_error
-from mlflow_dock.imaging.smoke import SmokeLimits, confinement, last_json_line, run_in_container
+from mlflow_dock.imaging.smoke import (
+    SmokeLimits,
+    confinement,
+    engine_cpus,
+    last_json_line,
+    run_in_container,
+)
 from mlflow_dock.jobs.model import LogSink
 
 __all__ = ["WarmSmoke"]
@@ -323,7 +329,7 @@ class WarmSmoke:
 
         client = self._engine.client
         try:
-            options = confinement(self._limits)
+            options = confinement(self._limits, cpus_available=engine_cpus(client))
             # Checks fork the loader; BLAS thread pools do not survive a fork everywhere.
             options["environment"].update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
             options["labels"][WARM_LABEL] = "1"
