@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import secrets
 import signal
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -97,6 +99,20 @@ def unconfined(client: docker.DockerClient, image: str, example: bytes) -> float
     return time.monotonic() - started
 
 
+def file_in_image(client: docker.DockerClient, image: str, path: str) -> bytes:
+    """One file of ``image``, read from a container that is created but never started (the
+    log of a short-lived container that printed it can come back cut short)."""
+    container = client.containers.create(image)
+    try:
+        stream, _ = container.get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            member = archive.extractfile(archive.getmembers()[0])
+            assert member is not None
+            return member.read()
+    finally:
+        container.remove(force=True)
+
+
 def confined(tester: SmokeTester, image: str, example: Path) -> float:
     started = time.monotonic()
     tester.check(image, example, lambda _line: None)
@@ -141,7 +157,7 @@ def main() -> int:
         version = log_sklearn_model(mlflow_server.url, MODEL_NAME)
         image = str(wait_for_build(service, version, timeout=1800)["image"])
         client.images.pull(image, auth_config=registry.auth_config)
-        example_bytes = client.containers.run(image, ["cat", EXAMPLE], remove=True)
+        example_bytes = file_in_image(client, image, EXAMPLE)
         example = workdir / "serving_input_example.json"
         example.write_bytes(example_bytes)
         service.stop()
