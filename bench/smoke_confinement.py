@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import secrets
+import shutil
 import signal
 import statistics
 import sys
@@ -42,18 +42,12 @@ import docker  # noqa: E402
 import httpx  # noqa: E402
 from alias_latency import wait_for_cpu  # noqa: E402
 from build_speed import code_state, cpu_busy  # noqa: E402
+from stack import webhook_stack  # noqa: E402
 from tests.support.servers import (  # noqa: E402
-    MlflowServer,
-    RegistryServer,
-    ServiceProcess,
-    ensure_base_image,
     free_port,
     log_sklearn_model,
-    start_mlflow_server,
-    start_registry,
-    start_service,
 )
-from v2_latency import MODEL_NAME, push_base, service_env, wait_for_build  # noqa: E402
+from v2_latency import MODEL_NAME, wait_for_build  # noqa: E402
 
 from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
 from mlflow_dock.imaging.smoke import SmokeLimits, SmokeTester  # noqa: E402
@@ -131,79 +125,60 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     client = docker.from_env(timeout=600)
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-dock-smoke-bench-"))
-    registry: RegistryServer | None = None
-    mlflow_server: MlflowServer | None = None
-    service: ServiceProcess | None = None
     try:
         print("setup: registry, MLflow server, service, one native build...", flush=True)
-        registry = start_registry(workdir / "registry", "smoke", secrets.token_urlsafe(18))
-        base = push_base(client, registry, ensure_base_image())
-        mlflow_server = start_mlflow_server(workdir / "mlflow")
-        secret = secrets.token_urlsafe(32)
-        env = service_env(
-            registry, mlflow_server, secret=secret, data_dir=workdir / "data", base=base
-        )
-        env["MLFLOW_DOCK_MODELCAR"] = "false"
-        service = start_service(env, workdir / "service")
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking_uri=mlflow_server.url).create_webhook(
-            name=f"smoke-bench-{uuid.uuid4().hex[:8]}",
-            url=f"{service.url}/webhook",
-            events=["model_version.created"],
-            secret=secret,
-        )
-        time.sleep(1.5)
-        version = log_sklearn_model(mlflow_server.url, MODEL_NAME)
-        image = str(wait_for_build(service, version, timeout=1800)["image"])
-        client.images.pull(image, auth_config=registry.auth_config)
-        example_bytes = file_in_image(client, image, EXAMPLE)
+        with webhook_stack(client, workdir, label="smoke", MLFLOW_DOCK_MODELCAR="false") as stack:
+            version = log_sklearn_model(stack.mlflow_server.url, MODEL_NAME)
+            image = str(wait_for_build(stack.service, version, timeout=1800)["image"])
+            client.images.pull(image, auth_config=stack.registry.auth_config)
         example = workdir / "serving_input_example.json"
-        example.write_bytes(example_bytes)
-        service.stop()
-        service = None
-
-        limits = SmokeLimits() if args.cpus is None else SmokeLimits(cpus=args.cpus)
-        tester = SmokeTester(DockerEngine(), limits=limits)
-        unconfined(client, image, example_bytes)  # warm-up: page cache, engine
-        confined(tester, image, example)
-        busy = (
-            cpu_busy(1.0)
-            if args.wait_quiet <= 0
-            else wait_for_cpu(args.wait_quiet, args.quiet_threshold)
-        )
-        times: dict[str, list[float]] = {"unconfined": [], "confined": []}
-        for round_ in range(args.n):
-            order = ("unconfined", "confined") if round_ % 2 == 0 else ("confined", "unconfined")
-            for side in order:
-                if side == "unconfined":
-                    times[side].append(unconfined(client, image, example_bytes))
-                else:
-                    times[side].append(confined(tester, image, example))
-            print(
-                f"round {round_ + 1}: unconfined {times['unconfined'][-1]:.2f} s,"
-                f" confined {times['confined'][-1]:.2f} s",
-                flush=True,
-            )
-        after = cpu_busy(1.0)
-        print(f"\ncode: {code_state()}; CPU busy before {busy:.0%}, after {after:.0%}")
-        print(f"image: {image}, n={args.n} each, alternating; confined to {limits.cpus:g} CPU(s)\n")
-        print("| smoke test | median | min | max |")
-        print("| --- | ---: | ---: | ---: |")
-        for side, values in times.items():
-            print(
-                f"| {side} | {statistics.median(values):.2f} s | {min(values):.2f} s"
-                f" | {max(values):.2f} s |"
-            )
-        ratio = statistics.median(times["confined"]) / statistics.median(times["unconfined"]) - 1
-        verdict = "met" if ratio <= TARGET else "NOT met"
-        print(f"\nconfined vs unconfined (medians): {ratio:+.1%} (target at most +10 %: {verdict})")
-        return 0
+        example.write_bytes(file_in_image(client, image, EXAMPLE))
+        return measure(client, image, example, args)
     finally:
-        for server in (service, mlflow_server, registry):
-            if server is not None:
-                with contextlib.suppress(Exception):
-                    server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(
+    client: docker.DockerClient, image: str, example: Path, args: argparse.Namespace
+) -> int:
+    """The image stays in the engine once the stack is gone: only the engine is measured."""
+    example_bytes = example.read_bytes()
+    limits = SmokeLimits() if args.cpus is None else SmokeLimits(cpus=args.cpus)
+    tester = SmokeTester(DockerEngine(), limits=limits)
+    unconfined(client, image, example_bytes)  # warm-up: page cache, engine
+    confined(tester, image, example)
+    busy = (
+        cpu_busy(1.0)
+        if args.wait_quiet <= 0
+        else wait_for_cpu(args.wait_quiet, args.quiet_threshold)
+    )
+    times: dict[str, list[float]] = {"unconfined": [], "confined": []}
+    for round_ in range(args.n):
+        order = ("unconfined", "confined") if round_ % 2 == 0 else ("confined", "unconfined")
+        for side in order:
+            if side == "unconfined":
+                times[side].append(unconfined(client, image, example_bytes))
+            else:
+                times[side].append(confined(tester, image, example))
+        print(
+            f"round {round_ + 1}: unconfined {times['unconfined'][-1]:.2f} s,"
+            f" confined {times['confined'][-1]:.2f} s",
+            flush=True,
+        )
+    after = cpu_busy(1.0)
+    print(f"\ncode: {code_state()}; CPU busy before {busy:.0%}, after {after:.0%}")
+    print(f"image: {image}, n={args.n} each, alternating; confined to {limits.cpus:g} CPU(s)\n")
+    print("| smoke test | median | min | max |")
+    print("| --- | ---: | ---: | ---: |")
+    for side, values in times.items():
+        print(
+            f"| {side} | {statistics.median(values):.2f} s | {min(values):.2f} s"
+            f" | {max(values):.2f} s |"
+        )
+    ratio = statistics.median(times["confined"]) / statistics.median(times["unconfined"]) - 1
+    verdict = "met" if ratio <= TARGET else "NOT met"
+    print(f"\nconfined vs unconfined (medians): {ratio:+.1%} (target at most +10 %: {verdict})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -62,18 +61,13 @@ import docker  # noqa: E402
 import httpx  # noqa: E402
 from alias_latency import wait_for_cpu  # noqa: E402
 from build_speed import code_state, cpu_busy, machine_info  # noqa: E402
+from stack import BUSYBOX, Stack, webhook_stack  # noqa: E402
 from tests.support.servers import (  # noqa: E402
-    SYSTEM_CA_BUNDLE,
-    MlflowServer,
     RegistryServer,
     ServiceProcess,
-    ensure_base_image,
     free_port,
     log_sklearn_model,
     register_model_version,
-    start_mlflow_server,
-    start_registry,
-    start_service,
 )
 
 from mlflow_dock.imaging.modelcar import (  # noqa: E402
@@ -89,7 +83,6 @@ from mlflow_dock.serving.layer import v2_infer_path  # noqa: E402
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "v2-latency.md"
 MODEL_NAME = "v2-latency-iris"
-BUSYBOX = Path("/bin/busybox")
 COLUMNS = ("sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)")
 LATENCY_TARGET = 0.10  # V2 may add at most 10 % over /invocations, p50 and p99
 LAYER_TARGET = 1_000_000  # bytes the serving layer may add to an image
@@ -273,41 +266,6 @@ def modelcar_cost(
 # --------------------------------------------------------------------------- setup
 
 
-def service_env(
-    registry: RegistryServer, mlflow_server: MlflowServer, *, secret: str, data_dir: Path, base: str
-) -> dict[str, str]:
-    env = {
-        "MLFLOW_WEBHOOK_SECRET": secret,
-        "DOCKER_USERNAME": registry.username,
-        "DOCKER_REGISTRY_PASSWORD": registry.password,
-        "DOCKER_REGISTRY": registry.host,
-        "PORT": str(free_port()),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_DOCK_DATA_DIR": str(data_dir),
-        "MLFLOW_DOCK_BASE_IMAGE": base,
-        "MLFLOW_DOCK_BUILD_NETWORK": "host",
-        "MLFLOW_DOCK_SMOKE_TEST": "false",
-        "MLFLOW_DOCK_MODELCAR": "true",
-        "MLFLOW_DOCK_MODELCAR_BUSYBOX": str(BUSYBOX),
-    }
-    if SYSTEM_CA_BUNDLE.exists():
-        env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
-    return env
-
-
-def push_base(client: docker.DockerClient, registry: RegistryServer, base_image: str) -> str:
-    """The test base in the registry, as a user's base is in theirs (the native builder reads
-    it through the registry API)."""
-    repository, tag = f"{registry.host}/mlflow-dock-bench/base", "bookworm-py3.11"
-    client.images.get(base_image).tag(repository, tag)
-    for chunk in client.api.push(
-        repository, tag, stream=True, decode=True, auth_config=registry.auth_config
-    ):
-        if "error" in chunk:
-            raise RuntimeError(chunk["error"])
-    return f"{repository}:{tag}"
-
-
 @contextlib.contextmanager
 def container(client: docker.DockerClient, registry: RegistryServer, image: str) -> Any:
     client.images.pull(image, auth_config=registry.auth_config)
@@ -474,11 +432,6 @@ def main() -> int:
 
     client = docker.from_env(timeout=600)
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-dock-v2-latency-"))
-    registry: RegistryServer | None = None
-    mlflow_server: MlflowServer | None = None
-    service: ServiceProcess | None = None
-    mlflow_client: Any = None
-    webhook_id: str | None = None
 
     def quiet() -> float:
         if args.wait_quiet <= 0:
@@ -488,126 +441,109 @@ def main() -> int:
     try:
         machine = machine_info(client)
         print("setup: base image, registry, MLflow server...", flush=True)
-        registry = start_registry(workdir / "registry", "v2", secrets.token_urlsafe(18))
-        base = push_base(client, registry, ensure_base_image())
-        mlflow_server = start_mlflow_server(workdir / "mlflow")
-        secret = secrets.token_urlsafe(32)
-        env = service_env(
-            registry, mlflow_server, secret=secret, data_dir=workdir / "data", base=base
-        )
-        service = start_service(env, workdir / "service")
-        from mlflow import MlflowClient
-
-        mlflow_client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-        webhook_id = mlflow_client.create_webhook(
-            name=f"v2-latency-{uuid.uuid4().hex[:8]}",
-            url=f"{service.url}/webhook",
-            events=["model_version.created"],
-            secret=secret,
-        ).webhook_id
-        time.sleep(1.5)
-
-        print("setup: versions 1 (native), 2 and 3 (assembled)...", flush=True)
-        v1 = log_sklearn_model(mlflow_server.url, MODEL_NAME)
-        builds = [wait_for_build(service, v1, timeout=1800)]
-        growth = []
-        for _ in range(2):
-            before = registry.stored_bytes()
-            version = register_model_version(
-                mlflow_server.url, MODEL_NAME, from_model=MODEL_NAME, from_version=v1
-            )
-            builds.append(wait_for_build(service, version, timeout=600))
-            growth.append(registry.stored_bytes() - before)
-        host, _, rest = str(builds[0]["image"]).partition("/")
-        path = rest.rpartition(":")[0]
-        with RegistryClient(host, username=registry.username, password=registry.password) as reader:
-            raw = [reader.get_manifest(path, b["digest"]).body for b in builds]
-            manifests = [json.loads(body) for body in raw]
-            config = json.loads(reader.get_blob(path, manifests[0]["config"]["digest"]))
-            raw_cars = [reader.get_manifest(path, modelcar_tag(b["version"])).body for b in builds]
-            cars = [json.loads(body) for body in raw_cars]
-        history = [h for h in config["history"] if not h.get("empty_layer")]
-        index = next(i for i, h in enumerate(history) if "COPY serving/" in h.get("created_by", ""))
-        layer = manifests[0]["layers"][index]
-        shared = all(m["layers"][index]["digest"] == layer["digest"] for m in manifests) and (
-            len({c["layers"][0]["digest"] for c in cars}) == 1
-        )
-        # What each assembled version added, by part: its image's config and manifest, a model
-        # layer unless the artifacts are the same (here they are), its Modelcar's config and
-        # manifest; the rest is its SBOM (supply/attach.py).
-        parts = []
-        for number, manifest, body, car_doc, car_body, grown in zip(
-            (b["version"] for b in builds[1:]),
-            manifests[1:],
-            raw[1:],
-            cars[1:],
-            raw_cars[1:],
-            growth,
-            strict=True,
-        ):
-            model = manifest["layers"][-1]
-            new_model = model["digest"] != manifests[0]["layers"][-1]["digest"]
-            image_bytes = manifest["config"]["size"] + len(body)
-            car_bytes = car_doc["config"]["size"] + len(car_body)
-            parts.append(
-                {
-                    "version": number,
-                    "growth": grown,
-                    "image": image_bytes,
-                    "model": int(model["size"]) if new_model else 0,
-                    "modelcar": car_bytes,
-                    "rest": grown
-                    - image_bytes
-                    - (int(model["size"]) if new_model else 0)
-                    - car_bytes,
-                }
-            )
-        distinct = len({c["config"]["digest"] for c in cars}) == len(cars)
-        sizes = {
-            "layer": int(layer["size"]),
-            "shared": "yes" if shared else "**no**",
-            "parts": parts,
-            "distinct": distinct,
-        }
-
-        print("Modelcar step, in this process...", flush=True)
-        quiet()
-        car = modelcar_cost(registry, host, path, builds[2]["digest"], args.modelcar_n)
-
-        print("latency: version 1's image, once...", flush=True)
-        with container(client, registry, builds[0]["image"]) as url:
-            busy = quiet()
-            latency = measure_latency(url, MODEL_NAME, v1, args.n, (1, 100))
-            busy_after = cpu_busy(1.0)
-
-        notes = {
-            "code": code_state(),
-            "setup": "local CNCF Distribution (htpasswd) + `mlflow server` + `mlflow-dock "
-            "serve` (native builder, smoke test off, Modelcars on), all on this machine",
-            "model": f"{MODEL_NAME}: scikit-learn LogisticRegression on iris (4 FP64 columns); "
-            "builds took " + ", ".join(f"{b['duration_seconds']:.1f} s" for b in builds),
-            "latency": f"one httpx client on the host network, requests rotated per round, "
-            f"{max(20, args.n // 10)} warm-up rounds; CPU {busy:.0%} busy before, "
-            f"{busy_after:.0%} after (2 cores shared with other work)",
-            "modelcar": f"{args.modelcar_n} pairs, order alternated; registry growth from blob "
-            "bytes on disk before/after",
-        }
-        report = render(latency, sizes, car, machine=machine, notes=notes)
-        print(report)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        RESULT_FILE.write_text(report)
-        print(f"written to {RESULT_FILE}")
-        return 0
+        with webhook_stack(client, workdir, label="v2-latency") as stack:
+            return measure(client, stack, args, machine, quiet)
     finally:
-        if webhook_id is not None and mlflow_client is not None:
-            with contextlib.suppress(Exception):
-                mlflow_client.delete_webhook(webhook_id)
-        for process in (service, mlflow_server, registry):
-            if process is not None:
-                with contextlib.suppress(Exception):
-                    process.stop()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(
+    client: docker.DockerClient,
+    stack: Stack,
+    args: argparse.Namespace,
+    machine: dict[str, str],
+    quiet: Callable[[], float],
+) -> int:
+    registry, mlflow_server, service = stack.registry, stack.mlflow_server, stack.service
+    print("setup: versions 1 (native), 2 and 3 (assembled)...", flush=True)
+    v1 = log_sklearn_model(mlflow_server.url, MODEL_NAME)
+    builds = [wait_for_build(service, v1, timeout=1800)]
+    growth = []
+    for _ in range(2):
+        before = registry.stored_bytes()
+        version = register_model_version(
+            mlflow_server.url, MODEL_NAME, from_model=MODEL_NAME, from_version=v1
+        )
+        builds.append(wait_for_build(service, version, timeout=600))
+        growth.append(registry.stored_bytes() - before)
+    host, _, rest = str(builds[0]["image"]).partition("/")
+    path = rest.rpartition(":")[0]
+    with RegistryClient(host, username=registry.username, password=registry.password) as reader:
+        raw = [reader.get_manifest(path, b["digest"]).body for b in builds]
+        manifests = [json.loads(body) for body in raw]
+        config = json.loads(reader.get_blob(path, manifests[0]["config"]["digest"]))
+        raw_cars = [reader.get_manifest(path, modelcar_tag(b["version"])).body for b in builds]
+        cars = [json.loads(body) for body in raw_cars]
+    history = [h for h in config["history"] if not h.get("empty_layer")]
+    index = next(i for i, h in enumerate(history) if "COPY serving/" in h.get("created_by", ""))
+    layer = manifests[0]["layers"][index]
+    shared = all(m["layers"][index]["digest"] == layer["digest"] for m in manifests) and (
+        len({c["layers"][0]["digest"] for c in cars}) == 1
+    )
+    # What each assembled version added, by part: its image's config and manifest, a model
+    # layer unless the artifacts are the same (here they are), its Modelcar's config and
+    # manifest; the rest is its SBOM (supply/attach.py).
+    parts = []
+    for number, manifest, body, car_doc, car_body, grown in zip(
+        (b["version"] for b in builds[1:]),
+        manifests[1:],
+        raw[1:],
+        cars[1:],
+        raw_cars[1:],
+        growth,
+        strict=True,
+    ):
+        model = manifest["layers"][-1]
+        new_model = model["digest"] != manifests[0]["layers"][-1]["digest"]
+        image_bytes = manifest["config"]["size"] + len(body)
+        car_bytes = car_doc["config"]["size"] + len(car_body)
+        parts.append(
+            {
+                "version": number,
+                "growth": grown,
+                "image": image_bytes,
+                "model": int(model["size"]) if new_model else 0,
+                "modelcar": car_bytes,
+                "rest": grown - image_bytes - (int(model["size"]) if new_model else 0) - car_bytes,
+            }
+        )
+    distinct = len({c["config"]["digest"] for c in cars}) == len(cars)
+    sizes = {
+        "layer": int(layer["size"]),
+        "shared": "yes" if shared else "**no**",
+        "parts": parts,
+        "distinct": distinct,
+    }
+
+    print("Modelcar step, in this process...", flush=True)
+    quiet()
+    car = modelcar_cost(registry, host, path, builds[2]["digest"], args.modelcar_n)
+
+    print("latency: version 1's image, once...", flush=True)
+    with container(client, registry, builds[0]["image"]) as url:
+        busy = quiet()
+        latency = measure_latency(url, MODEL_NAME, v1, args.n, (1, 100))
+        busy_after = cpu_busy(1.0)
+
+    notes = {
+        "code": code_state(),
+        "setup": "local CNCF Distribution (htpasswd) + `mlflow server` + `mlflow-dock "
+        "serve` (native builder, smoke test off, Modelcars on), all on this machine",
+        "model": f"{MODEL_NAME}: scikit-learn LogisticRegression on iris (4 FP64 columns); "
+        "builds took " + ", ".join(f"{b['duration_seconds']:.1f} s" for b in builds),
+        "latency": f"one httpx client on the host network, requests rotated per round, "
+        f"{max(20, args.n // 10)} warm-up rounds; CPU {busy:.0%} busy before, "
+        f"{busy_after:.0%} after (2 cores shared with other work)",
+        "modelcar": f"{args.modelcar_n} pairs, order alternated; registry growth from blob "
+        "bytes on disk before/after",
+    }
+    report = render(latency, sizes, car, machine=machine, notes=notes)
+    print(report)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    RESULT_FILE.write_text(report)
+    print(f"written to {RESULT_FILE}")
+    return 0
 
 
 if __name__ == "__main__":
