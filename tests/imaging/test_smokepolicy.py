@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,20 +25,24 @@ class Recorder:
     calls: list[tuple[str, str]] = field(default_factory=list)
     # The warm containers asked for: one per model (its repository), never shared.
     repositories: list[str] = field(default_factory=list)
+    # The big model files each warm check or prewarm was told of: (files, image's files).
+    files: list[tuple[Any, Any]] = field(default_factory=list)
 
-    def check(self, *args, pull=None, repository=None) -> None:  # type: ignore[no-untyped-def]
+    def check(self, *args, pull=None, repository=None, files=None, image_files=None) -> None:  # type: ignore[no-untyped-def]
         # SmokeTester.check(image, example, log); WarmSmoke.check(key, image, ..., repository=,
-        # pull=)
+        # pull=, files=, image_files=)
         if pull is not None:
             pull()
             self.calls.append(("warm", args[1]))
             self.repositories.append(repository)
+            self.files.append((files, image_files))
         else:
             self.calls.append(("full", args[0]))
 
-    def prewarm(self, runtime: str, image: str, *, repository: str) -> None:
+    def prewarm(self, runtime: str, image: str, *, repository: str, image_files=None) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("prewarm", image))
         self.repositories.append(repository)
+        self.files.append((None, image_files))
 
 
 class DeadEngine(FakeEngine):
@@ -71,12 +76,21 @@ def test_a_staged_image_gets_a_full_run_after_a_pull_then_its_runtime_is_kept_wa
     assert engine.pulls == [("registry.test/team/m", MANIFEST.digest)]
     assert recorder.calls == [("full", staged), ("prewarm", staged)]
     assert recorder.repositories == ["registry.test/team/m"]
+    assert recorder.files == [(None, {})]
 
 
 def test_an_image_assembled_on_a_tested_one_is_checked_warm_in_that_image(tmp_path: Path) -> None:
     engine, recorder = FakeEngine(), Recorder()
-    policy(engine, recorder).check(StagedImage(MANIFEST, tested_on=TESTED), request(tmp_path, []))
+    candidate = StagedImage(
+        MANIFEST,
+        tested_on=TESTED,
+        model_files={"weights.bin": "sha256:new"},
+        tested_on_files={"weights.bin": "sha256:old"},
+    )
+    policy(engine, recorder).check(candidate, request(tmp_path, []))
     assert recorder.calls == [("warm", f"registry.test/team/m@{TESTED}")]
+    # What the warm runtime may hold already, so that it is not copied again.
+    assert recorder.files == [({"weights.bin": "sha256:new"}, {"weights.bin": "sha256:old"})]
     assert recorder.repositories == ["registry.test/team/m"]
     assert engine.pulls == [("registry.test/team/m", TESTED)]
 

@@ -169,3 +169,71 @@ def test_no_answer_from_the_loader_discards_the_container(model_dir: Path) -> No
     with pytest.raises(RetryableError, match="no answer from the warm runtime"):
         check(warm, model_dir, repository="reg/m", log=[])
     assert client.started[0].removed is not None
+
+
+def test_big_files_the_container_holds_are_linked_and_others_stored_once(tmp_path: Path) -> None:
+    """Version 1's image holds weights A; version 2 brings B (stored once, read-only, root's);
+    version 3 keeps B (nothing copied); version 4 is back to A (the image's copy), so the
+    stored B, which no check refers to any more, is removed."""
+    model = tmp_path / "model"
+    (model / "artifacts").mkdir(parents=True)
+    (model / "MLmodel").write_text("flavors: {}\n")
+    weights = model / "artifacts" / "weights.bin"
+    client = FakeClient()
+    removed: list[list[str]] = []
+    warm = make_warm(client)
+    log: list[str] = []
+
+    def version(content: bytes, digest: str, image_files: dict[str, str]) -> tarfile.TarFile:
+        weights.write_bytes(content)
+        warm.check(
+            "runtime-key",
+            "reg/team/model@sha256:1",
+            model,
+            None,
+            log.append,
+            repository="reg/team/model",
+            files={"artifacts/weights.bin": digest},
+            image_files=image_files,
+        )
+        container = client.started[0]
+        container.exec_run = lambda cmd, user: removed.append([*cmd[3:], user])  # type: ignore[attr-defined]
+        return tarfile.open(fileobj=io.BytesIO(container.archives[-1][1]))
+
+    first = version(b"B" * 100, "sha256:bbbb", {"artifacts/weights.bin": "sha256:aaaa"})
+    stored = first.getmember("files/sha256-bbbb")
+    assert (stored.uid, stored.mode, first.extractfile(stored).read()) == (0, 0o444, b"B" * 100)  # type: ignore[union-attr]
+    assert first.getmember("files").uid == 0 and first.getmember("files").mode == 0o755
+    (link,) = [m for m in first.getmembers() if m.name.endswith("/artifacts/weights.bin")]
+    assert link.issym() and link.linkname == "/mlflow-dock-checks/files/sha256-bbbb"
+
+    second = version(b"B" * 100, "sha256:bbbb", {})
+    assert [m.name for m in second.getmembers() if m.isfile()] == [
+        n for n in second.getnames() if n.endswith("/MLmodel")
+    ]
+    assert "1 of 1 big model file(s) not copied" in "\n".join(log)
+
+    third = version(b"A" * 100, "sha256:aaaa", {})
+    (link,) = [m for m in third.getmembers() if m.name.endswith("/artifacts/weights.bin")]
+    assert link.linkname == "/opt/ml/model/artifacts/weights.bin"
+    assert not any(m.name.startswith("files") for m in third.getmembers())
+    assert removed == [["/mlflow-dock-checks/files/sha256-bbbb", "0"]]
+    assert len(client.started) == 1
+
+
+def test_placement_links_what_the_image_or_the_store_holds_and_copies_content_once() -> None:
+    from mlflow_dock.imaging.warm import place_files
+
+    placement = place_files(
+        {"a.bin": "sha256:1", "b.bin": "sha256:2", "c.bin": "sha256:2"},
+        {"a.bin": "sha256:1"},
+        {"sha256:2"},
+    )
+    assert placement.links == {
+        "a.bin": "/opt/ml/model/a.bin",
+        "b.bin": "/mlflow-dock-checks/files/sha256-2",
+        "c.bin": "/mlflow-dock-checks/files/sha256-2",
+    }
+    assert placement.to_store == {} and placement.digests == {"sha256:2"}
+    fresh = place_files({"b.bin": "sha256:3", "c.bin": "sha256:3"}, {}, set())
+    assert fresh.to_store == {"b.bin": "sha256:3"}  # the same content is copied once

@@ -72,11 +72,15 @@ class SmokeTest:
                 request.log,
                 repository=target.repository,
                 pull=lambda: self._engine.pull(target.repository, tested),
+                files=candidate.model_files,
+                image_files=candidate.tested_on_files,
             )
             return None
         # Stored untagged: nothing is published until the smoke test passes.
         staged = str(target.with_digest(candidate.digest))
         self._engine.pull(target.repository, candidate.digest)
         self._full.check(staged, request.example, request.log)
-        self._warm.prewarm(key, staged, repository=target.repository)
+        self._warm.prewarm(
+            key, staged, repository=target.repository, image_files=candidate.model_files
+        )
         return None

@@ -17,6 +17,13 @@ imported, and each new version's artifacts are copied in and checked there:
   (:func:`mlflow_dock.imaging.smoke.confinement`: no network, limits, read-only root, no
   capabilities, user 10001, none of the service's environment); artifacts arrive through the
   engine's archive API into a private anonymous volume (the root filesystem is read-only);
+* a model's big files (those with a layer of their own, keyed by that layer's digest, which
+  depends on their bytes, path and mode only) are copied into a container at most once: one the
+  container's image holds at the same path is linked to from the check (read-only root), any
+  other is stored in the container's volume owned by root and read-only (no check can change
+  what a later check of the same model reads) and linked to by the next versions that keep it;
+  stored files no check refers to any more are removed. A version that keeps a gigabyte of
+  weights is checked without copying them (about 3 s per GiB before);
 * containers carry :data:`~mlflow_dock.imaging.smoke.SMOKE_LABEL` and this process as
   :data:`~mlflow_dock.imaging.smoke.OWNER_LABEL`: a crashed owner's are removed by the next start
   (``SmokeTester.remove_leftovers``), a live neighbour's never; idle ones are removed after
@@ -32,13 +39,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
 from mlflow_dock.errors import PermanentError, RetryableError
-from mlflow_dock.imaging.dockerfile import RUNTIME_UID
+from mlflow_dock.imaging.dockerfile import MODEL_DIR, RUNTIME_UID
 from mlflow_dock.imaging.engine import DockerEngine, engine_error
 from mlflow_dock.imaging.smoke import (
     SmokeLimits,
@@ -57,6 +65,9 @@ _SOCKET: Final = "/tmp/mlflow-dock-warm/loader.sock"  # noqa: S108 - inside the 
 # (Docker refuses tmpfs mounts there). Removed with the container.
 _VOLUME: Final = "/mlflow-dock-checks"
 _CHECKS: Final = "checks"  # under _VOLUME, writable by every check (sticky)
+_FILES: Final = "files"  # under _VOLUME: big model files by layer digest, root's, read-only
+# Run as root in the container (no capabilities needed: root owns the files and their directory).
+_UNLINK: Final = "import os, sys\nfor p in sys.argv[1:]:\n    os.path.exists(p) and os.unlink(p)"
 
 _LOADER: Final = r"""
 import contextlib, json, os, select, shutil, signal, socket, sys, time
@@ -179,6 +190,48 @@ print(data.decode().strip())
 class _Warm:
     container: Any
     last_used: float
+    # The model files with a layer of their own in the image it runs: path -> layer digest.
+    image_files: Mapping[str, str] = field(default_factory=dict)
+    # Layer digests of the files stored in its volume, and how many running checks use each.
+    stored: set[str] = field(default_factory=set)
+    in_use: Counter[str] = field(default_factory=Counter)
+    # One check at a time writes into the volume: two storing one file would race.
+    writing: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a check finds each of the model's big files, and which it must copy first."""
+
+    links: dict[str, str]  # path in the model -> where the container holds the file
+    to_store: dict[str, str]  # path in the model -> layer digest: copied into the store now
+    digests: frozenset[str] = frozenset()  # the stored files the check refers to
+
+
+def place_files(
+    files: Mapping[str, str], image_files: Mapping[str, str], stored: set[str]
+) -> Placement:
+    """Link each big file to the image's copy, else to the stored one, else store it (pure)."""
+    links: dict[str, str] = {}
+    to_store: dict[str, str] = {}
+    used: set[str] = set()
+    for path, digest in sorted(files.items()):
+        if image_files.get(path) == digest:
+            links[path] = f"{MODEL_DIR}/{path}"
+            continue
+        links[path] = _stored_path(digest)
+        used.add(digest)
+        if digest not in stored and digest not in to_store.values():
+            to_store[path] = digest
+    return Placement(links, to_store, frozenset(used))
+
+
+def _stored_name(digest: str) -> str:
+    return digest.replace(":", "-")  # a digest this service computed: "sha256:<hex>"
+
+
+def _stored_path(digest: str) -> str:
+    return f"{_VOLUME}/{_FILES}/{_stored_name(digest)}"
 
 
 class WarmSmoke:
@@ -210,6 +263,8 @@ class WarmSmoke:
         *,
         repository: str,
         pull: Callable[[], None] = lambda: None,
+        files: Mapping[str, str] | None = None,
+        image_files: Mapping[str, str] | None = None,
     ) -> None:
         """Load ``model_dir`` and score ``example`` in the warm container of this model.
 
@@ -220,12 +275,15 @@ class WarmSmoke:
         ``runtime_image`` must be an image of that repository that already passed a full smoke
         test and differs from the image under test only in its model; raises PermanentError if
         the check fails. ``pull`` makes the engine have ``runtime_image``; called only to start
-        a container.
+        a container. ``files``: the model's files with a layer of their own (path -> layer
+        digest), copied in only if the container holds none of them; ``image_files``: those of
+        ``runtime_image``.
         """
         started = time.monotonic()
         key = (runtime, repository)
         self._expire()
-        container = self._container(key, runtime_image, log, pull)
+        entry = self._container(key, runtime_image, log, pull, image_files or {})
+        container = entry.container
         relative = f"{_CHECKS}/{uuid.uuid4().hex}"
         check_dir = f"{_VOLUME}/{relative}"
         example_path = ""
@@ -234,9 +292,17 @@ class WarmSmoke:
                 raise ValueError("the input example must be inside the model directory")
             example_path = f"{check_dir}/{example.relative_to(model_dir).as_posix()}"
         budget = max(self._limits.timeout_seconds - (time.monotonic() - started), 1.0)
+        placement = Placement({}, {})
         try:
-            with _model_tar(model_dir, relative) as archive:
-                container.put_archive(_VOLUME, archive)
+            with entry.writing:
+                with self._lock:
+                    placement = place_files(files or {}, entry.image_files, entry.stored)
+                    entry.in_use.update(placement.digests)
+                with _model_tar(model_dir, relative, placement) as archive:
+                    container.put_archive(_VOLUME, archive)
+                with self._lock:
+                    entry.stored.update(placement.to_store.values())
+            _log_placement(placement, files or {}, log)
             code, output = run_in_container(
                 self._engine.client,
                 container,
@@ -246,6 +312,8 @@ class WarmSmoke:
             # The warm container itself failed (gone, engine trouble): never reuse it.
             self._discard(key)
             raise RetryableError(f"warm smoke test could not run: {exc}") from exc
+        finally:
+            self._release(entry, placement)
         result = last_json_line(output)
         if code != 0 or not result:
             self._discard(key)
@@ -267,18 +335,29 @@ class WarmSmoke:
             f"{result.get('detail')}"
         )
 
-    def prewarm(self, runtime: str, runtime_image: str, *, repository: str) -> None:
+    def prewarm(
+        self,
+        runtime: str,
+        runtime_image: str,
+        *,
+        repository: str,
+        image_files: Mapping[str, str] | None = None,
+    ) -> None:
         """Start the warm container of this model and runtime in the background.
 
         Called once a runtime's first version in ``repository`` passed its full smoke test (the
         engine has the image), so the next version's check finds it warm. Failures are ignored:
-        the check starts it again.
+        the check starts it again. ``image_files`` as for :meth:`check`.
         """
 
         def start() -> None:
             with contextlib.suppress(Exception):
                 self._container(
-                    (runtime, repository), runtime_image, lambda _line: None, lambda: None
+                    (runtime, repository),
+                    runtime_image,
+                    lambda _line: None,
+                    lambda: None,
+                    image_files or {},
                 )
 
         threading.Thread(target=start, name="warm-smoke-prewarm", daemon=True).start()
@@ -293,28 +372,55 @@ class WarmSmoke:
     # -- containers -----------------------------------------------------------------------
 
     def _container(
-        self, key: tuple[str, str], image: str, log: LogSink, pull: Callable[[], None]
-    ) -> Any:
+        self,
+        key: tuple[str, str],
+        image: str,
+        log: LogSink,
+        pull: Callable[[], None],
+        image_files: Mapping[str, str],
+    ) -> _Warm:
         with self._lock:
             entry = self._warm.get(key)
             if entry is not None:
                 entry.last_used = time.monotonic()
-                return entry.container
+                return entry
             starting = self._starting.setdefault(key, threading.Lock())
         with starting:
             with self._lock:
                 entry = self._warm.get(key)
                 if entry is not None:
-                    return entry.container
+                    return entry
             log(f"smoke test: starting a warm runtime from {image}")
             pull()
             container = self._start(image)
+            entry = _Warm(container, time.monotonic(), image_files=dict(image_files))
             with self._lock:
-                self._warm[key] = _Warm(container, time.monotonic())
+                self._warm[key] = entry
                 evicted = self._over_capacity()
             for old in evicted:
                 _remove(old.container)
-            return container
+            return entry
+
+    def _release(self, entry: _Warm, placement: Placement) -> None:
+        """The check is over: remove stored files that no check refers to any more.
+
+        Kept: those this check used (the next version most likely keeps them) and those a
+        running check uses. A failed removal only leaves a file in a volume that goes with the
+        container.
+        """
+        with self._lock:
+            entry.in_use.subtract(placement.digests)
+            stale = {
+                digest
+                for digest in entry.stored
+                if digest not in placement.digests and entry.in_use[digest] <= 0
+            }
+            entry.stored -= stale
+        if stale:
+            with contextlib.suppress(Exception):
+                entry.container.exec_run(
+                    ["python", "-c", _UNLINK, *sorted(map(_stored_path, stale))], user="0"
+                )
 
     def _over_capacity(self) -> list[_Warm]:
         """Take the least recently used containers beyond ``max_containers`` (lock held)."""
@@ -382,23 +488,51 @@ def _remove(container: Any) -> None:
         container.remove(force=True, v=True)
 
 
+def _log_placement(placement: Placement, files: Mapping[str, str], log: LogSink) -> None:
+    linked = [path for path in placement.links if path not in placement.to_store]
+    if linked:
+        log(
+            f"smoke test: {len(linked)} of {len(files)} big model file(s) not copied, the warm "
+            f"runtime holds them: {', '.join(sorted(linked)[:5])}"
+        )
+
+
 @contextlib.contextmanager
-def _model_tar(model_dir: Path, target: str) -> Iterator[IO[bytes]]:
+def _model_tar(
+    model_dir: Path, target: str, placement: Placement | None = None
+) -> Iterator[IO[bytes]]:
     """``model_dir`` as a tar placing it at ``target``, readable by the image's user.
 
     Written to a temporary file and streamed from there to the engine: a model's weights may be
     gigabytes, and held in memory they made the service's peak RSS grow with the model.
+    ``placement``: big files that become links, and those stored first.
     """
     with tempfile.TemporaryFile(prefix="mlflow-dock-warm-") as archive:
-        _write_model_tar(archive, model_dir, target)
+        _write_model_tar(archive, model_dir, target, placement or Placement({}, {}))
         archive.seek(0)
         yield archive
 
 
-def _write_model_tar(out: IO[bytes], model_dir: Path, target: str) -> None:
+def _write_model_tar(out: IO[bytes], model_dir: Path, target: str, placement: Placement) -> None:
     with tarfile.open(fileobj=out, mode="w") as tar:
+        if placement.to_store:
+            store = tarfile.TarInfo(_FILES)
+            store.type = tarfile.DIRTYPE
+            store.mode = 0o755  # root's: a check can neither add, replace nor remove a file
+            tar.addfile(store)
+            for path, digest in sorted(placement.to_store.items()):
+                stored_as = f"{_FILES}/{_stored_name(digest)}"
+                info = tar.gettarinfo(str(model_dir / path), arcname=stored_as)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o444
+                with (model_dir / path).open("rb") as data:
+                    tar.addfile(info, data)
+        linked = {f"{target}/{path}" for path in placement.links}
 
-        def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        def owned(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            if info.name in linked:
+                return None
             info.uid = info.gid = RUNTIME_UID
             info.uname = info.gname = ""
             info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
@@ -412,3 +546,9 @@ def _write_model_tar(out: IO[bytes], model_dir: Path, target: str) -> None:
             parent.mode = 0o1777
             tar.addfile(parent)
         tar.add(model_dir, arcname=target, filter=owned)
+        for path, location in sorted(placement.links.items()):
+            link = tarfile.TarInfo(f"{target}/{path}")
+            link.type = tarfile.SYMTYPE
+            link.linkname = location
+            link.uid = link.gid = RUNTIME_UID
+            tar.addfile(link)
