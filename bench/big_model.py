@@ -20,7 +20,9 @@ included) every 0.1 s: the peak of the summed RSS per version, and each process'
 
 In the same run, for each version: the floor, downloading the version's artifacts from MLflow
 (``mlflow.artifacts.download_artifacts``, as the service does) and hashing them once (sha256),
-which no builder can beat, measured right after the service's build; and stock: ``mlflow
+which no builder can beat, measured right after the service's build (with ``--in-place``, the
+service reads versions where MLflow stores them, MLFLOW_DOCK_ARTIFACTS_DESTINATION, and the
+floor is one hash of the files there); and stock: ``mlflow
 models generate-dockerfile`` + ``docker build`` + ``docker push`` exactly as
 ``bench/build_speed.py`` runs it, for every version after the service's three (which come
 minutes apart, as a team's versions do; stock's builds in between would outlast the warm
@@ -186,6 +188,22 @@ def floor_seconds(tracking_uri: str, logged: Logged, workdir: Path) -> float:
         shutil.rmtree(target, ignore_errors=True)
 
 
+def in_place_floor_seconds(mlflow_server: bs.MlflowServer, logged: Logged) -> float:
+    """Hash every file of the version once where the tracking server stores it (--in-place)."""
+    (found,) = [
+        path / "artifacts"
+        for path in mlflow_server.artifacts_dir.rglob(logged.model_id)
+        if path.is_dir()
+    ]
+    started = time.monotonic()
+    for path in sorted(p for p in found.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            while chunk := file.read(MIB):
+                digest.update(chunk)
+    return time.monotonic() - started
+
+
 def wait_for_tag(
     service: ServiceProcess,
     registry: bs.RegistryServer,
@@ -251,6 +269,12 @@ def main() -> int:
     parser.add_argument("--stock-max-gib", type=float, default=1.0)
     parser.add_argument("--first-weights-gib", type=float, default=None)
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="the service reads versions where MLflow stores them "
+        "(MLFLOW_DOCK_ARTIFACTS_DESTINATION); the floor is then one hash of them there",
+    )
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",") if s]
     bs.LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -284,6 +308,11 @@ def main() -> int:
                 "MLFLOW_DOCK_BASE_IMAGE": f"{registry.host}/bench-base/debian:seed",
                 "MLFLOW_DOCK_BUILD_CA_BUNDLE": str(bs.SYSTEM_CA_BUNDLE),
                 "MLFLOW_DOCK_RECONCILE_INTERVAL": "0",
+                **(
+                    {"MLFLOW_DOCK_ARTIFACTS_DESTINATION": str(mlflow_server.artifacts_dir)}
+                    if args.in_place
+                    else {}
+                ),
             },
             workdir / "service",
         )
@@ -339,7 +368,11 @@ def main() -> int:
                 row.uploads = uploads(registry) - uploads_before
                 row.lines += job_lines(service, model, row.version)
                 print(f"  {row.seconds:.1f} s, peak RSS {row.peak_rss / MIB:.0f} MiB", flush=True)
-                row.floor = floor_seconds(mlflow_server.url, logged, workdir)
+                row.floor = (
+                    in_place_floor_seconds(mlflow_server, logged)
+                    if args.in_place
+                    else floor_seconds(mlflow_server.url, logged, workdir)
+                )
                 print(f"  floor {row.floor:.1f} s", flush=True)
                 if stock_side:
                     logged_versions.append((row, logged))
@@ -392,8 +425,10 @@ def render(rows: list[Row], hwm: list[tuple[str, int]], machine: dict[str, str],
     lines = [
         f"Machine: {json.dumps(machine)}; {bs.code_state()}",
         "",
-        "| weights | version | mlflow-dock (registration to tag) | floor (download + hash) "
-        "| x floor | stock | vs stock | peak RSS (service tree) | blob uploads | registry growth |",
+        "| weights | version | mlflow-dock (registration to tag) | "
+        + ("floor (hash in place) " if args.in_place else "floor (download + hash) ")
+        + "| x floor | stock | vs stock | peak RSS (service tree) | blob uploads "
+        + "| registry growth |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:

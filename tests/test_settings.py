@@ -81,6 +81,7 @@ def test_missing_registry_credential_names_it_when_wired(env, name):
         ("MLFLOW_DOCK_MODEL_FILE_LAYER_MIB", "0", "MLFLOW_DOCK_MODEL_FILE_LAYER_MIB: "),
         ("MLFLOW_DOCK_MAX_LAYER_MIB", "-1", "MLFLOW_DOCK_MAX_LAYER_MIB: "),
         ("MLFLOW_DOCK_MODELCAR", "kserve", "MLFLOW_DOCK_MODELCAR: "),
+        ("MLFLOW_DOCK_ARTIFACTS_DESTINATION", "/nonexistent/mlartifacts", "MLFLOW_DOCK_ARTIF"),
     ],
 )
 def test_invalid_values_name_the_variable(env, name, value, message):
@@ -198,6 +199,7 @@ def test_trust_settings_are_read_and_passed_down(env):
     s = load_settings()
     assert s.allowed_source_list == ("s3://team/models/", "gs://team-b")
     assert not s.secure_cookie
+    assert Components(s).source._destination is None
     policy = Components(s).build_config.requirements
     assert policy.allow_direct_references and not policy.wheels_only
 

@@ -141,7 +141,11 @@ class Components:
     def source(self) -> MlflowSource:
         uri = self.settings.mlflow_tracking_uri
         allowed = AllowedSources(uri, self.settings.allowed_source_list)
-        return MlflowSource(uri, allowed_sources=allowed)
+        return MlflowSource(
+            uri,
+            allowed_sources=allowed,
+            artifacts_destination=self.settings.artifacts_destination,
+        )
 
     @cached_property
     def engine(self) -> DockerEngine:

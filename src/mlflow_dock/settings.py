@@ -236,6 +236,12 @@ class Settings(BaseSettings):
     # Where artifacts may be downloaded from besides the tracking server's own (mlflow/sources.py):
     # comma- or space-separated prefixes such as s3://team-bucket/models/, or a bare `s3:`.
     allowed_sources: str = Field(default="", validation_alias=_env("MLFLOW_DOCK_ALLOWED_SOURCES"))
+    # The tracking server's --artifacts-destination as a directory this service can read (a
+    # shared volume): mlflow-artifacts: versions are then read there in place instead of being
+    # downloaded through the tracking server (mlflow/client.py). None: always through it.
+    artifacts_destination: Path | None = Field(
+        default=None, validation_alias=_env("MLFLOW_DOCK_ARTIFACTS_DESTINATION")
+    )
     # The board's sign-in cookie is Secure (sent over HTTPS only; browsers also accept it on
     # http://localhost). false only for a deployment served over plain HTTP on purpose.
     cookie_secure: bool = Field(default=True, validation_alias=_env("MLFLOW_DOCK_COOKIE_SECURE"))
@@ -282,6 +288,13 @@ class Settings(BaseSettings):
                 "expected linux/amd64 and/or linux/arm64"
             )
         return ",".join(dict.fromkeys(names))
+
+    @field_validator("artifacts_destination")
+    @classmethod
+    def _directory_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"directory {value} does not exist")
+        return value
 
     @field_validator("allowed_sources")
     @classmethod

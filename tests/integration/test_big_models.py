@@ -1,8 +1,12 @@
 """A model with big weights through the service on its default (native) path, for real.
 
-Version 1 is built natively; version 2 keeps the weights and changes a small file (its MLmodel):
-it is assembled in the registry, its weights layer is found there and not uploaded again, the
-image serves, and its SBOM (from version 1's, not from its layers) lists what its Python sees.
+The service reads versions in place from the tracking server's artifact store
+(MLFLOW_DOCK_ARTIFACTS_DESTINATION). Version 1 is built natively and fully smoke-tested;
+version 2 keeps the weights and changes a small file (its MLmodel): it is assembled in the
+registry, its weights layer is found there and not uploaded again, its warm smoke test links to
+the weights version 1's image holds instead of copying them, the image serves, and its SBOM
+(from version 1's, not from its layers) lists what its Python sees. Version 3 brings new weights
+(uploaded, copied once into the warm runtime); version 4 keeps them (nothing uploaded or copied).
 """
 
 from __future__ import annotations
@@ -38,16 +42,21 @@ def test_a_version_that_keeps_its_weights_uploads_none_of_them_and_serves(
     service_factory, webhook_factory, mlflow_server, registry, docker_client, model_name, tmp_path
 ):
     service = service_factory(
-        # Smoke tests are tested elsewhere; the image is run below instead, once.
-        MLFLOW_DOCK_SMOKE_TEST="false",
         MLFLOW_DOCK_MODEL_FILE_LAYER_MIB="16",
+        MLFLOW_DOCK_ARTIFACTS_DESTINATION=str(mlflow_server.artifacts_dir),
     )
     webhook_factory(f"{service.url}/webhook", service_factory.secret)
     weights = write_weights(tmp_path / "weights.bin", WEIGHTS)
+    other_weights = write_weights(tmp_path / "other" / "weights.bin", WEIGHTS)
 
     jobs = []
-    for marker in ("one", "two"):
-        version = log_weights_model(mlflow_server.url, model_name, weights, marker=marker).version
+    for marker, path in (
+        ("one", weights),
+        ("two", weights),
+        ("three", other_weights),
+        ("four", other_weights),
+    ):
+        version = log_weights_model(mlflow_server.url, model_name, path, marker=marker).version
         assert version is not None
         job = wait_for_job(service, build_of(model_name, version))
         assert job["state"] == "succeeded", job
@@ -55,6 +64,15 @@ def test_a_version_that_keeps_its_weights_uploads_none_of_them_and_serves(
     logs = ["\n".join(job_detail(service, job["id"])["log_tail"]) for job in jobs]
     for log in logs:
         print(next(line for line in log.splitlines() if "model file" in line))
+        assert "read model in place" in log and "downloaded model" not in log
+    # The warm smoke test copies the weights into its runtime once: version 2's are version
+    # 1's image's, version 3 brings new ones, version 4 keeps version 3's.
+    assert "smoke test passed (" in logs[0]
+    not_copied = "1 of 1 big model file(s) not copied, the warm runtime holds them"
+    assert [not_copied in log for log in logs[1:]] == [True, False, True], logs[1:]
+    assert all("smoke test passed in a warm runtime" in log for log in logs[1:])
+    assert "(plain tar) uploaded" in logs[2]
+    assert "(plain tar) already in the registry, not uploaded" in logs[3], logs[3]
     assert "without an engine" in logs[0]
     assert "in the registry on top of version" in logs[1]
     assert "weights.bin (80.0 MiB)" in logs[0] and "(plain tar) uploaded" in logs[0]
@@ -69,6 +87,7 @@ def test_a_version_that_keeps_its_weights_uploads_none_of_them_and_serves(
         layers = [json.loads(client.get_manifest(path, j["digest"]).body)["layers"] for j in jobs]
         weight_layers = [[d for d in found if d["mediaType"] == PLAIN_LAYER] for found in layers]
         assert len(weight_layers[0]) == 1 and weight_layers[0] == weight_layers[1]
+        assert weight_layers[2] == weight_layers[3] != weight_layers[0]
         assert weight_layers[0][0]["size"] > WEIGHTS
         assert layers[0][-1] != layers[1][-1]  # the rest of the model: another MLmodel
         sbom = client.get_manifest(path, f"sha256-{jobs[1]['digest'][7:]}.sbom")

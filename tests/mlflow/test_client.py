@@ -263,3 +263,53 @@ def test_resolution_failures_keep_their_retry_class(monkeypatch, tmp_path):
     monkeypatch.setattr(mlflow_source, "_client", lambda: Down(""))
     with pytest.raises(RetryableError, match="cannot reach MLflow"):
         mlflow_source.download("Iris", "3", tmp_path / "download")
+
+
+def in_place_source(monkeypatch, tmp_path: Path, uri: str) -> tuple[MlflowSource, list[str]]:
+    fetched: list[str] = []
+
+    def download(**kw: Any) -> str:
+        fetched.append(kw["artifact_uri"])
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    source = MlflowSource("http://127.0.0.1:5000", artifacts_destination=tmp_path / "store")
+    monkeypatch.setattr(source, "_client", lambda: FakeClient(uri))
+    return source, fetched
+
+
+def test_a_version_in_the_artifact_destination_is_read_in_place(monkeypatch, tmp_path, model):
+    artifacts = tmp_path / "store" / "1" / "models" / "m-1" / "artifacts"
+    artifacts.parent.mkdir(parents=True)
+    model.rename(artifacts)
+    for uri in (
+        "mlflow-artifacts:/1/models/m-1/artifacts",
+        "mlflow-artifacts://127.0.0.1:5000/1/models/m-1/artifacts",
+    ):
+        source, fetched = in_place_source(monkeypatch, tmp_path, uri)
+        package = source.download("Iris", "3", tmp_path / "download")
+        assert package.in_place and package.path == artifacts.resolve() and fetched == []
+        assert not (tmp_path / "download").exists() or not any((tmp_path / "download").iterdir())
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mlflow-artifacts:/1/models/m-9/artifacts",  # not there (yet): downloaded as usual
+        "mlflow-artifacts:/1/escape/artifacts",  # a symlink out of the destination
+        "mlflow-artifacts://other-host:5000/1/models/m-1/artifacts",  # not the tracking server
+    ],
+)
+def test_anything_else_is_downloaded_never_read_outside(monkeypatch, tmp_path, model, uri):
+    (tmp_path / "store" / "1").mkdir(parents=True)
+    (tmp_path / "store" / "1" / "escape").symlink_to(model.parent)
+    model.rename(model.parent / "artifacts")
+    source, fetched = in_place_source(monkeypatch, tmp_path, uri)
+    if "other-host" in uri:
+        with pytest.raises(SourceNotAllowed):
+            source.download("Iris", "3", tmp_path / "download")
+        assert fetched == []
+        return
+    with pytest.raises(RetryableError, match="downloaded"):  # the fake download's answer
+        source.download("Iris", "3", tmp_path / "download")
+    assert fetched == [uri]

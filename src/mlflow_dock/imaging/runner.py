@@ -165,7 +165,8 @@ class BuildHandler:
         shutil.rmtree(work, ignore_errors=True)
         try:
             package = self._source.download(model_name, version, work / "download")
-            log(f"downloaded model, Python {package.python_version}")
+            fetched = "read model in place" if package.in_place else "downloaded model"
+            log(f"{fetched}, Python {package.python_version}")
             request = self._request(info, package, target, work, log, work_id)
             self._prepare_repository(target)
             adopted = self._already_published(request)

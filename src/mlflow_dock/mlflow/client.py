@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class ModelPackage:
     python_version: str  # major.minor
     requirements: str
     has_serving_example: bool
+    # Read where the tracking server stores it (MLFLOW_DOCK_ARTIFACTS_DESTINATION), not a
+    # downloaded copy: nothing may write into it.
+    in_place: bool = False
 
 
 class MlflowRefusedError(PermanentError):
@@ -74,10 +78,17 @@ _MAX_RESOLUTIONS = 5
 
 
 class MlflowSource:
-    def __init__(self, tracking_uri: str, *, allowed_sources: AllowedSources | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        allowed_sources: AllowedSources | None = None,
+        artifacts_destination: Path | None = None,
+    ) -> None:
         self._tracking_uri = tracking_uri
         # Without an explicit list: the tracking server's own artifacts only.
         self._allowed = allowed_sources or AllowedSources(tracking_uri)
+        self._destination = artifacts_destination
 
     @staticmethod
     def import_client() -> None:
@@ -126,6 +137,9 @@ class MlflowSource:
         except Exception as exc:
             raise translate_mlflow_error(exc, what) from exc
         self._allowed.check(uri)
+        in_place = self._in_place(uri)
+        if in_place is not None:
+            return dataclasses.replace(read_package(in_place), in_place=True)
         try:
             local = download_artifacts(
                 artifact_uri=uri, dst_path=str(dest), tracking_uri=self._tracking_uri
@@ -133,6 +147,25 @@ class MlflowSource:
         except Exception as exc:
             raise translate_mlflow_error(exc, what) from exc
         return read_package(Path(local))
+
+    def _in_place(self, uri: str) -> Path | None:
+        """The version's directory in the artifact store, if this service can read it there.
+
+        A gigabyte of weights then costs one read (the hash) instead of a download through the
+        tracking server (about 170 MB/s here, ~6 s per GiB) and a copy. The path comes from the
+        author's URI: it is used only if it resolves (symlinks included) inside the operator's
+        directory; anything else, or a directory not (yet) there, is downloaded as usual.
+        """
+        if self._destination is None:
+            return None
+        relative = self._allowed.proxied_path(uri)
+        if relative is None:
+            return None
+        root = self._destination.resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root) or not path.is_dir():
+            return None
+        return path
 
     def update_tags(
         self, name: str, version: str, set_tags: dict[str, str], delete_tags: tuple[str, ...]

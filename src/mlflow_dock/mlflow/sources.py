@@ -90,6 +90,19 @@ class AllowedSources:
             api = (_normalised_path(tracking.path) or "").rstrip("/") + _ARTIFACTS_API
             self._prefixes += (_Prefix(tracking.scheme, self._tracking_location, api),)
 
+    def proxied_path(self, uri: str) -> str | None:
+        """The path in the tracking server's artifact store of a `mlflow-artifacts:` URI it
+        serves (normalised, relative, never with '..'); None for any other URI."""
+        parsed = urlsplit(uri)
+        if parsed.scheme.lower() != PROXIED_SCHEME or self._tracking_location is None:
+            return None
+        if _location(parsed) not in ("", self._tracking_location):
+            return None
+        path = _normalised_path(parsed.path)
+        if path is None:
+            return None
+        return path.strip("/")
+
     def check(self, uri: str) -> None:
         """Raise SourceNotAllowed unless fetching `uri` stays where the operator allows."""
         parsed = urlsplit(uri)
