@@ -97,6 +97,7 @@ from tests.support.servers import (  # noqa: E402
 
 from mlflow_dock.app import Components  # noqa: E402
 from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
+from mlflow_dock.imaging.warm import WARM_LABEL  # noqa: E402
 from mlflow_dock.jobs.logs import BuildLogs  # noqa: E402
 from mlflow_dock.jobs.model import JobState  # noqa: E402
 from mlflow_dock.jobs.worker import execute_job  # noqa: E402
@@ -184,6 +185,8 @@ def active_containers(client: docker.DockerClient) -> list[str]:
     active = []
     now = datetime.now(UTC)
     for container in client.containers.list():
+        if WARM_LABEL in (container.labels or {}):
+            continue  # a service's warm smoke-test runtime: idle between checks
         started = str(container.attrs.get("State", {}).get("StartedAt", ""))
         try:
             # Docker gives nanoseconds ("2026-11-26T16:01:02.123456789Z"); keep microseconds.
