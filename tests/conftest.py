@@ -36,7 +36,6 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> None:
 # CI's 2 cores (see docs/testing.md); a stale entry only costs wall time.
 STARTED_FIRST = (
     "integration/test_build_secrets.py",
-    "integration/test_stock_builder.py",
     "integration/test_confinement.py",
     "integration/test_open_inference.py",
     "integration/test_faults.py",
