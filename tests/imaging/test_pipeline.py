@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
+from mlflow_dock.errors import PermanentError
 from mlflow_dock.imaging.builder import BuildRequest, NotApplicable, StagedImage
-from mlflow_dock.imaging.pipeline import Fallback, NoRuntimeLocks, OncePerRuntime
+from mlflow_dock.imaging.pipeline import Fallback, NoRuntimeLocks, OncePerRuntime, Pipeline
 from mlflow_dock.imaging.publisher import Published
+from mlflow_dock.jobs.model import JobOutcome
 from support.fakes import build_request as request
 
 
@@ -114,3 +117,61 @@ def test_a_staged_image_is_named_by_its_manifest_digest() -> None:
 
     manifest = Manifest.from_bytes(b"{}", "application/vnd.oci.image.manifest.v1+json")
     assert StagedImage(manifest).digest == manifest.digest
+
+
+@dataclass
+class StagingBuilder:
+    description: str = "registry assembly"
+    means: str = "an earlier image"
+
+    def build(self, request: BuildRequest) -> StagedImage:
+        from mlflow_dock.oci.manifest import Manifest
+
+        manifest = Manifest.from_bytes(b"{}", "application/vnd.oci.image.manifest.v1+json")
+        return StagedImage(manifest, tested_on="sha256:" + "c" * 64)
+
+
+@dataclass
+class Events:
+    seen: list[str] = field(default_factory=list)
+    attached: threading.Event = field(default_factory=threading.Event)
+    smoke_error: Exception | None = None
+
+    # The smoke policy: waits (bounded) for the attacher, which runs meanwhile.
+    def check(self, candidate: object, request: BuildRequest) -> None:
+        self.seen.append(f"smoke started, attached: {self.attached.wait(10)}")
+        if self.smoke_error is not None:
+            raise self.smoke_error
+
+    def attach(self, target: object, outcome: JobOutcome, log: object, **_: object) -> JobOutcome:
+        self.seen.append(f"attach {outcome.digest[:9]}")
+        self.attached.set()
+        return replace(outcome, sbom="sbom-ref")
+
+    # The publisher.
+    def stage(self, candidate: StagedImage, request: BuildRequest) -> StagedImage:
+        return candidate
+
+    def publish(self, staged: StagedImage, request: BuildRequest) -> Published:
+        self.seen.append("tag")
+        return Published(f"{request.target}:{request.tag}", staged.digest)
+
+
+def pipeline(events: Events) -> Pipeline:
+    return Pipeline(StagingBuilder(), smoke=events, publisher=events, attacher=events)  # type: ignore[arg-type]
+
+
+def test_an_image_staged_by_its_builder_gets_its_attachments_while_the_smoke_test_runs(
+    tmp_path: Path,
+) -> None:
+    events = Events()
+    outcome = pipeline(events).produce(request(tmp_path, []))
+    assert events.seen[1:] == ["smoke started, attached: True", "tag"]
+    assert outcome.sbom == "sbom-ref" and outcome.tags == ("registry.test/team/m:1",)
+
+
+def test_a_failed_smoke_test_writes_no_tag_whatever_was_attached(tmp_path: Path) -> None:
+    events = Events(smoke_error=PermanentError("smoke test: /invocations answered 500"))
+    with pytest.raises(PermanentError, match="answered 500"):
+        pipeline(events).produce(request(tmp_path, []))
+    assert "tag" not in events.seen
