@@ -178,14 +178,19 @@ def floor_seconds(tracking_uri: str, logged: Logged, workdir: Path) -> float:
                 artifact_uri=logged.source, dst_path=str(target), tracking_uri=tracking_uri
             )
         )
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            digest = hashlib.sha256()
-            with path.open("rb") as file:
-                while chunk := file.read(MIB):
-                    digest.update(chunk)
+        hash_files(local)
         return time.monotonic() - started
     finally:
         shutil.rmtree(target, ignore_errors=True)
+
+
+def hash_files(root: Path) -> None:
+    """sha256 of every file under ``root``, once."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            while chunk := file.read(MIB):
+                digest.update(chunk)
 
 
 def in_place_floor_seconds(mlflow_server: bs.MlflowServer, logged: Logged) -> float:
@@ -196,11 +201,7 @@ def in_place_floor_seconds(mlflow_server: bs.MlflowServer, logged: Logged) -> fl
         if path.is_dir()
     ]
     started = time.monotonic()
-    for path in sorted(p for p in found.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(MIB):
-                digest.update(chunk)
+    hash_files(found)
     return time.monotonic() - started
 
 

@@ -50,11 +50,12 @@ from support.jobs import (
     created_payload,
     invoke,
     job_detail,
+    serving_on_host_network,
     signed_delivery,
     wait_for_job,
 )
 from support.pyindex import PrivateIndex, start_private_index
-from support.servers import SYSTEM_CA_BUNDLE, free_port, log_sklearn_model
+from support.servers import SYSTEM_CA_BUNDLE, log_sklearn_model
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +148,32 @@ def _finished(build: Build, job: dict[str, Any]) -> None:
     build.details.append(detail)
 
 
+def _engine_free_or_layered(
+    builder: str,
+    versions: int,
+    factory: Any,
+    mlflow_server: Any,
+    index: PrivateIndex,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Build:
+    """`versions` versions of one model built with `builder`, smoke test off."""
+    service, marker = _start(
+        builder,
+        factory,
+        index,
+        tmp_path_factory,
+        MLFLOW_DOCK_SMOKE_TEST="false",  # what the images serve is checked by the tests
+    )
+    seen_before = len(index.authorized)
+    name = _model_name(builder)
+    build = Build(builder, service, name, index.token, marker, 0)
+    for _ in range(versions):
+        version = log_sklearn_model(mlflow_server.url, name)
+        _finished(build, _deliver_and_wait(service, factory.secret, name, version))
+    build.index_requests = len(index.authorized) - seen_before
+    return build
+
+
 @pytest.fixture(scope="module")
 def native_build(
     module_service_factory: Any,
@@ -154,21 +181,9 @@ def native_build(
     private_index: PrivateIndex,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Build:
-    service, marker = _start(
-        "native",
-        module_service_factory,
-        private_index,
-        tmp_path_factory,
-        MLFLOW_DOCK_SMOKE_TEST="false",  # what runs the image is not the point here
+    return _engine_free_or_layered(
+        "native", 1, module_service_factory, mlflow_server, private_index, tmp_path_factory
     )
-    seen_before = len(private_index.authorized)
-    name = _model_name("native")
-    version = log_sklearn_model(mlflow_server.url, name)
-    job = _deliver_and_wait(service, module_service_factory.secret, name, version)
-    build = Build("native", service, name, private_index.token, marker, 0)
-    _finished(build, job)
-    build.index_requests = len(private_index.authorized) - seen_before
-    return build
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +194,9 @@ def layered_build(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Build:
     """Two versions: the first built by the engine, the second assembled in the registry on it."""
-    service, marker = _start(
-        "layered",
-        module_service_factory,
-        private_index,
-        tmp_path_factory,
-        MLFLOW_DOCK_SMOKE_TEST="false",  # what the images serve is checked by the tests
+    return _engine_free_or_layered(
+        "layered", 2, module_service_factory, mlflow_server, private_index, tmp_path_factory
     )
-    seen_before = len(private_index.authorized)
-    name = _model_name("layered")
-    build = Build("layered", service, name, private_index.token, marker, 0)
-    for _ in range(2):
-        version = log_sklearn_model(mlflow_server.url, name)
-        _finished(build, _deliver_and_wait(service, module_service_factory.secret, name, version))
-    build.index_requests = len(private_index.authorized) - seen_before
-    return build
 
 
 @pytest.fixture(scope="module")
@@ -426,21 +429,8 @@ def _assert_answers_v2(
     docker_client: Any, registry: Any, image: str, model_name: str, version: str
 ) -> None:
     docker_client.images.pull(image, auth_config=registry.auth_config)
-    port = free_port()
-    container = docker_client.containers.run(
-        image, detach=True, network_mode="host", environment={"PORT": str(port)}
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    with serving_on_host_network(docker_client, image, "/v2/health/ready") as url:
         metadata = httpx.get(f"{url}/v2/models/{model_name}/versions/{version}", timeout=10)
-        assert metadata.status_code == 200, container.logs().decode()[-2000:]
+        assert metadata.status_code == 200, metadata.text
         assert metadata.json()["versions"] == [version]
         assert httpx.get(f"{url}/ping", timeout=10).status_code == 200
-    finally:
-        container.remove(force=True)

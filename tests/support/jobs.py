@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -85,22 +85,33 @@ def signed_delivery(
     )
 
 
-def invoke(docker_client: Any, image: str) -> httpx.Response:
-    """Run `image` as platforms do (host network, $PORT injected) and POST the iris input."""
+@contextlib.contextmanager
+def serving_on_host_network(
+    docker_client: Any, image: str, ready_path: str = "/ping"
+) -> Iterator[str]:
+    """Run `image` as platforms do (host network, $PORT injected); its URL once `ready_path`
+    answers 200. Removed afterwards."""
     port = free_port()
     container = docker_client.containers.run(
         image, detach=True, network_mode="host", environment={"PORT": str(port)}
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 # Stock images' nginx answers 502 until uvicorn is up; only 200 means ready.
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
         else:
             raise AssertionError(container.logs().decode()[-3000:])
-        return httpx.post(f"http://127.0.0.1:{port}/invocations", json=IRIS_INPUT, timeout=30)
+        yield url
     finally:
         container.remove(force=True)
+
+
+def invoke(docker_client: Any, image: str) -> httpx.Response:
+    """Run `image` as platforms do (host network, $PORT injected) and POST the iris input."""
+    with serving_on_host_network(docker_client, image) as url:
+        return httpx.post(f"{url}/invocations", json=IRIS_INPUT, timeout=30)
