@@ -498,9 +498,7 @@ def _log_placement(placement: Placement, files: Mapping[str, str], log: LogSink)
 
 
 @contextlib.contextmanager
-def _model_tar(
-    model_dir: Path, target: str, placement: Placement | None = None
-) -> Iterator[IO[bytes]]:
+def _model_tar(model_dir: Path, target: str, placement: Placement) -> Iterator[IO[bytes]]:
     """``model_dir`` as a tar placing it at ``target``, readable by the image's user.
 
     Written to a temporary file and streamed from there to the engine: a model's weights may be
@@ -508,7 +506,7 @@ def _model_tar(
     ``placement``: big files that become links, and those stored first.
     """
     with tempfile.TemporaryFile(prefix="mlflow-dock-warm-") as archive:
-        _write_model_tar(archive, model_dir, target, placement or Placement({}, {}))
+        _write_model_tar(archive, model_dir, target, placement)
         archive.seek(0)
         yield archive
 

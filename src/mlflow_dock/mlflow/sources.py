@@ -112,10 +112,8 @@ class AllowedSources:
                 f"model artifacts at {_shown(parsed)} are not downloaded: a relative or "
                 "'..' location is never allowed"
             )
-        if parsed.scheme.lower() == PROXIED_SCHEME and self._tracking_location is not None:
-            location = _location(parsed)
-            if location in ("", self._tracking_location):
-                return
+        if self.proxied_path(uri) is not None:
+            return
         if not parsed.scheme:
             parsed = urlsplit(f"file://{uri}")
         if any(prefix.covers(parsed, path) for prefix in self._prefixes):

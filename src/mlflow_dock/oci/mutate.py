@@ -410,8 +410,11 @@ class FileLayer(SizedReader):
         self._file.seek(offset)
         data = self._file.read(count)
         if len(data) != count:
-            raise PermanentError(f"model file {self.relative} changed while it was packed")
+            raise self._changed()
         return data
+
+    def _changed(self) -> PermanentError:
+        return PermanentError(f"model file {self.relative} changed while it was packed")
 
     def close(self) -> None:
         if self._file is not None:
@@ -433,7 +436,7 @@ class FileLayer(SizedReader):
             while left:
                 count = file.readinto(buffer[: min(_CHUNK, left)])
                 if not count:
-                    raise PermanentError(f"model file {self.relative} changed while it was packed")
+                    raise self._changed()
                 digest.update(buffer[:count])
                 left -= count
         digest.update(self._tail)
