@@ -65,14 +65,13 @@ import docker  # noqa: E402
 import httpx  # noqa: E402
 from build_speed import code_state, cpu_busy, machine_info  # noqa: E402
 from tests.support.servers import (  # noqa: E402
-    SYSTEM_CA_BUNDLE,
     MlflowServer,
     RegistryServer,
     ServiceProcess,
     ensure_base_image,
-    free_port,
     log_sklearn_model,
     register_model_version,
+    service_environment,
     start_mlflow_server,
     start_registry,
     start_service,
@@ -412,21 +411,15 @@ def service_env(
     base_image: str,
 ) -> dict[str, str]:
     """As tests/integration/conftest.py's ServiceFactory.env, plus host network, no smoke."""
-    env = {
-        "MLFLOW_WEBHOOK_SECRET": secret,
-        "DOCKER_USERNAME": registry.username,
-        "DOCKER_REGISTRY_PASSWORD": registry.password,
-        "DOCKER_REGISTRY": registry.host,
-        "PORT": str(free_port()),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_DOCK_DATA_DIR": str(data_dir),
-        "MLFLOW_DOCK_BASE_IMAGE": base_image,
-        "MLFLOW_DOCK_BUILD_NETWORK": "host",
-        "MLFLOW_DOCK_SMOKE_TEST": "false",
-    }
-    if SYSTEM_CA_BUNDLE.exists():
-        env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
-    return env
+    return service_environment(
+        registry,
+        mlflow_server,
+        secret=secret,
+        data_dir=data_dir,
+        base_image=base_image,
+        MLFLOW_DOCK_BUILD_NETWORK="host",
+        MLFLOW_DOCK_SMOKE_TEST="false",
+    )
 
 
 def remove_local_images(client: docker.DockerClient, registry_host: str) -> int:

@@ -17,12 +17,11 @@ from typing import Any
 
 import docker
 from tests.support.servers import (
-    SYSTEM_CA_BUNDLE,
     MlflowServer,
     RegistryServer,
     ServiceProcess,
     ensure_base_image,
-    free_port,
+    service_environment,
     start_mlflow_server,
     start_registry,
     start_service,
@@ -43,23 +42,17 @@ def service_env(
     registry: RegistryServer, mlflow_server: MlflowServer, *, secret: str, data_dir: Path, base: str
 ) -> dict[str, str]:
     """The service as the V2 bench runs it: native builder, smoke test off, Modelcars on."""
-    env = {
-        "MLFLOW_WEBHOOK_SECRET": secret,
-        "DOCKER_USERNAME": registry.username,
-        "DOCKER_REGISTRY_PASSWORD": registry.password,
-        "DOCKER_REGISTRY": registry.host,
-        "PORT": str(free_port()),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_DOCK_DATA_DIR": str(data_dir),
-        "MLFLOW_DOCK_BASE_IMAGE": base,
-        "MLFLOW_DOCK_BUILD_NETWORK": "host",
-        "MLFLOW_DOCK_SMOKE_TEST": "false",
-        "MLFLOW_DOCK_MODELCAR": "true",
-        "MLFLOW_DOCK_MODELCAR_BUSYBOX": str(BUSYBOX),
-    }
-    if SYSTEM_CA_BUNDLE.exists():
-        env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
-    return env
+    return service_environment(
+        registry,
+        mlflow_server,
+        secret=secret,
+        data_dir=data_dir,
+        base_image=base,
+        MLFLOW_DOCK_BUILD_NETWORK="host",
+        MLFLOW_DOCK_SMOKE_TEST="false",
+        MLFLOW_DOCK_MODELCAR="true",
+        MLFLOW_DOCK_MODELCAR_BUSYBOX=str(BUSYBOX),
+    )
 
 
 def push_base(client: docker.DockerClient, registry: RegistryServer, base_image: str) -> str:

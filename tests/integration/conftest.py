@@ -20,14 +20,13 @@ from mlflow.entities.webhook import Webhook
 
 from mlflow import MlflowClient
 from support.servers import (
-    SYSTEM_CA_BUNDLE,
     MlflowServer,
     RegistryServer,
     ServiceProcess,
     ensure_base_image,
-    free_port,
     log_tail,
     missing_integration_prerequisites,
+    service_environment,
     start_mlflow_server,
     start_registry,
     start_service,
@@ -215,21 +214,15 @@ class ServiceFactory:
 
     def env(self, workdir: Path | None = None, **overrides: str | None) -> dict[str, str]:
         workdir = workdir or self.tmp_path / f"service-{len(self.services)}"
-        env: dict[str, str] = {
-            "MLFLOW_WEBHOOK_SECRET": self.secret,
-            "DOCKER_USERNAME": self.registry.username,
-            "DOCKER_REGISTRY_PASSWORD": self.registry.password,
-            "DOCKER_REGISTRY": self.registry.host,
-            "PORT": str(free_port()),
-            "MLFLOW_TRACKING_URI": self.mlflow_server.url,
-            "MLFLOW_DOCK_DATA_DIR": str(workdir / "data"),
-            "MLFLOW_DOCK_BASE_IMAGE": self.base_image,
-        }
+        env = service_environment(
+            self.registry,
+            self.mlflow_server,
+            secret=self.secret,
+            data_dir=workdir / "data",
+            base_image=self.base_image,
+        )
         if self.cache_dir is not None:
             env["MLFLOW_DOCK_CACHE_DIR"] = str(self.cache_dir)
-        # pip inside build containers reaches PyPI on this machine only via the system bundle.
-        if SYSTEM_CA_BUNDLE.exists():
-            env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
         for key, value in overrides.items():
             if value is None:
                 env.pop(key, None)

@@ -39,10 +39,10 @@ from mlflow_dock.oci.remote import RegistryClient
 from support.jobs import build_of, wait_for_job
 from support.oip import columns_as_tensors, infer_with_kserve, infer_with_tritonclient
 from support.servers import (
-    SYSTEM_CA_BUNDLE,
     free_port,
     log_sklearn_model,
     log_tail,
+    service_environment,
     start_service,
 )
 from support.v2_models import IRIS_COLUMNS
@@ -83,21 +83,16 @@ def built(registry, mlflow_server, registry_base_image, tmp_path_factory) -> Ite
         pytest.fail(f"{BUSYBOX} missing: apt-get install busybox-static (bash .ci/run does)")
     workdir = tmp_path_factory.mktemp("oip-service")
     secret = secrets.token_urlsafe(32)
-    env = {
-        "MLFLOW_WEBHOOK_SECRET": secret,
-        "DOCKER_USERNAME": registry.username,
-        "DOCKER_REGISTRY_PASSWORD": registry.password,
-        "DOCKER_REGISTRY": registry.host,
-        "PORT": str(free_port()),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_DOCK_DATA_DIR": str(workdir / "data"),
-        "MLFLOW_DOCK_BASE_IMAGE": registry_base_image,
-        "MLFLOW_DOCK_BUILD_NETWORK": "host",
-        "MLFLOW_DOCK_MODELCAR": "true",
-        "MLFLOW_DOCK_MODELCAR_BUSYBOX": str(BUSYBOX),
-    }
-    if SYSTEM_CA_BUNDLE.exists():
-        env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
+    env = service_environment(
+        registry,
+        mlflow_server,
+        secret=secret,
+        data_dir=workdir / "data",
+        base_image=registry_base_image,
+        MLFLOW_DOCK_BUILD_NETWORK="host",
+        MLFLOW_DOCK_MODELCAR="true",
+        MLFLOW_DOCK_MODELCAR_BUSYBOX=str(BUSYBOX),
+    )
     service = start_service(env, workdir)
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     hook = client.create_webhook(

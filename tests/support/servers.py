@@ -785,6 +785,33 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def service_environment(
+    registry: RegistryServer,
+    mlflow_server: MlflowServer,
+    *,
+    secret: str,
+    data_dir: Path,
+    base_image: str,
+    **extra: str,
+) -> dict[str, str]:
+    """What a `mlflow-dock serve` publishing to ``registry`` for ``mlflow_server``'s webhooks
+    needs, on a free port, with ``extra`` settings on top."""
+    env = {
+        "MLFLOW_WEBHOOK_SECRET": secret,
+        "DOCKER_USERNAME": registry.username,
+        "DOCKER_REGISTRY_PASSWORD": registry.password,
+        "DOCKER_REGISTRY": registry.host,
+        "PORT": str(free_port()),
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_DOCK_DATA_DIR": str(data_dir),
+        "MLFLOW_DOCK_BASE_IMAGE": base_image,
+    }
+    # pip inside build containers reaches PyPI on this machine only via the system bundle.
+    if SYSTEM_CA_BUNDLE.exists():
+        env["MLFLOW_DOCK_BUILD_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
+    return {**env, **extra}
+
+
 def start_service(
     env: Mapping[str, str],
     workdir: Path,
