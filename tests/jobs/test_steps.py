@@ -14,6 +14,7 @@ from mlflow_dock.jobs.steps import (
     StepRecorder,
     current,
     enter_step,
+    fail_open_step,
 )
 
 
@@ -46,6 +47,22 @@ def test_the_step_open_at_a_failure_is_its_cause(store):
     steps = store.steps_for([job.id])[job.id]
     assert steps[-1].outcome == STEP_FAILED and steps[-1].attempt == 2
     assert store.figures(bucket_bounds=(1.0,)).smoke_failures == 1
+
+
+def test_a_failed_step_is_stored_before_the_attempt_ends(store):
+    # The worker stores the job's outcome between these two calls: a board that reads the
+    # failed job then must find the step that failed, not one still running.
+    job, _ = store.request_build("m", "1")
+    recorder = StepRecorder(store, job_id=job.id, attempt=1, kind="build")
+    with recorder.active():
+        enter_step("resolve")
+        fail_open_step()
+    [step] = store.steps_for([job.id])[job.id]
+    assert (step.name, step.outcome) == ("resolve", STEP_FAILED)
+    recorder.finish(ATTEMPT_FAILED)
+    assert recorder.failed_step == "resolve"
+    assert [s.outcome for s in store.steps_for([job.id])[job.id]] == [STEP_FAILED]
+    assert store.figures(bucket_bounds=(1.0,)).attempts == {("build", ATTEMPT_FAILED): 1}
 
 
 def test_enter_step_outside_a_job_does_nothing():

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 from mlflow_dock.errors import PermanentError, RetryableError
 from mlflow_dock.jobs.logs import BuildLogs
 from mlflow_dock.jobs.model import Job, JobOutcome, JobState
+from mlflow_dock.jobs.steps import STEP_FAILED, enter_step
 from mlflow_dock.jobs.worker import WorkerPool, execute_job
 from mlflow_dock.store.facade import JobStore
 
@@ -154,6 +155,34 @@ def test_permanent_failures_fail(store, tmp_path):
         lease_seconds=30,
     )
     assert ended is not None and ended.state is JobState.FAILED and ended.permanent
+
+
+def test_a_failed_job_is_stored_with_its_failed_step(store, tmp_path):
+    # A board polling the store must never see the job failed while its step still runs.
+    class Resolving(Runner):
+        def run(self, job: Job, log) -> JobOutcome:
+            enter_step("resolve")
+            raise PermanentError("model not found")
+
+    class Watching(FlakyStore):
+        def fail(self, job_id: str, *args, **kwargs):
+            seen.extend(s.outcome for s in store.steps_for([job_id])[job_id])
+            return self._store.fail(job_id, *args, **kwargs)
+
+    seen: list[str] = []
+    store.request_build("m", "1")
+    claimed = store.claim_next(owner="w", lease_seconds=30)
+    ended = execute_job(
+        claimed,
+        store=Watching(store),  # type: ignore[arg-type]
+        runner=Resolving(),
+        logs=BuildLogs(tmp_path / "logs"),
+        max_attempts=5,
+        backoff_seconds=1,
+        lease_seconds=30,
+    )
+    assert ended is not None and ended.state is JobState.FAILED
+    assert seen == [STEP_FAILED]
 
 
 def test_outcome_tags_are_stored_with_the_outcome(store, tmp_path):

@@ -144,6 +144,14 @@ class StepRecorder:
         with self._lock:
             self._bytes[outcome] = self._bytes.get(outcome, 0) + max(0, size)
 
+    def fail_open(self) -> None:
+        """Close the open step as failed now. Called before the job's outcome is stored: a
+        reader who sees the job failed must also see which step failed, and `finish` runs
+        only after the outcome is written."""
+        if self._open is not None:
+            self.failed_step = self._open[0]
+        self._close(STEP_FAILED)
+
     def finish(self, outcome: str, *, cause: str | None = None) -> None:
         """Close the open step and record how the attempt ended (`cause`: override the step)."""
         if outcome != ATTEMPT_SUCCEEDED and self._open is not None:
@@ -184,6 +192,13 @@ class StepRecorder:
 def current() -> StepRecorder | None:
     """The recorder of the job running in this thread, if any."""
     return _current.get()
+
+
+def fail_open_step() -> None:
+    """The job running in this thread failed in its open step; a no-op outside a job."""
+    recorder = _current.get()
+    if recorder is not None:
+        recorder.fail_open()
 
 
 def enter_step(name: str) -> None:

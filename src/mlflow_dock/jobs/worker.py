@@ -41,6 +41,7 @@ from mlflow_dock.jobs.steps import (
     CAUSE_INTERRUPTED,
     StepLog,
     StepRecorder,
+    fail_open_step,
 )
 from mlflow_dock.observe.context import log_context
 from mlflow_dock.store.database import store_unavailable
@@ -280,6 +281,7 @@ def _run_and_record(
     try:
         outcome = runner.run(job, log)
     except Exception as exc:
+        fail_open_step()
         reason = logs.redact(_one_line(exc))
         # The runner reads the store too (earlier images, alias targets): a database that is
         # restarting is a transient fault like any other, not a crash.
