@@ -62,7 +62,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import docker  # noqa: E402
-import httpx  # noqa: E402
 from build_speed import code_state, cpu_busy, machine_info  # noqa: E402
 from tests.support.servers import (  # noqa: E402
     MlflowServer,
@@ -79,6 +78,7 @@ from tests.support.servers import (  # noqa: E402
 
 from mlflow_dock.oci.reference import alias_tag  # noqa: E402
 from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
+from support import web  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "alias-latency.md"
@@ -138,7 +138,7 @@ def parse_time(value: str | None) -> float:
 
 
 def list_jobs(service: ServiceProcess) -> list[dict[str, Any]]:
-    response = httpx.get(
+    response = web.get(
         f"{service.url}/builds", params={"model": MODEL_NAME, "limit": 1000}, timeout=10
     )
     response.raise_for_status()
@@ -514,7 +514,7 @@ def main() -> int:
             env["PYTHONPATH"] = str(service_src)
         print("setup: mlflow-dock service...", flush=True)
         service = running = start_service(env, workdir / "service")
-        ready = httpx.get(f"{service.url}/ready", timeout=10).json()
+        ready = web.get(f"{service.url}/ready", timeout=10).json()
         print(f"  /ready checks: {ready['checks']}", flush=True)
 
         from mlflow import MlflowClient

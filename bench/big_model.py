@@ -60,12 +60,12 @@ for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench", REPO_ROOT / "t
 import build_speed as bs  # noqa: E402
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
-import httpx  # noqa: E402
 import psutil  # noqa: E402
 from native_build import uploads  # noqa: E402
 
 from mlflow_dock.oci.reference import repository_name  # noqa: E402
 from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
+from support import web  # noqa: E402
 from support.big_models import Logged, log_weights_model, register  # noqa: E402
 from support.servers import ServiceProcess, start_service  # noqa: E402
 
@@ -224,7 +224,7 @@ def wait_for_tag(
                 return time.monotonic()
             if time.monotonic() - last_jobs > 2:
                 last_jobs = time.monotonic()
-                for job in httpx.get(f"{service.url}/builds", timeout=10).json():
+                for job in web.get(f"{service.url}/builds", timeout=10).json():
                     if (job["model_name"], job["version"], job["state"]) == (
                         model,
                         version,
@@ -236,9 +236,9 @@ def wait_for_tag(
 
 
 def job_lines(service: ServiceProcess, model: str, version: str) -> list[str]:
-    jobs = httpx.get(f"{service.url}/builds", timeout=10).json()
+    jobs = web.get(f"{service.url}/builds", timeout=10).json()
     job = next(j for j in jobs if j["model_name"] == model and j["version"] == version)
-    detail = httpx.get(
+    detail = web.get(
         f"{service.url}/builds/{job['id']}", params={"log_lines": 200}, timeout=10
     ).json()
     wanted = (

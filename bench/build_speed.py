@@ -84,7 +84,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import docker  # noqa: E402
-import httpx  # noqa: E402
 from tests.support.servers import (  # noqa: E402
     SYSTEM_CA_BUNDLE,
     MlflowServer,
@@ -103,6 +102,7 @@ from mlflow_dock.jobs.model import JobState  # noqa: E402
 from mlflow_dock.jobs.worker import execute_job  # noqa: E402
 from mlflow_dock.oci.reference import repository_name  # noqa: E402
 from mlflow_dock.settings import Settings  # noqa: E402
+from support import web  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
@@ -351,7 +351,7 @@ def image_size(client: docker.DockerClient, reference: str) -> int | None:
 def manifest_size(registry: RegistryServer, repository_path: str, digest: str) -> int | None:
     """Compressed image size as the registry holds it: config blob + layer blobs."""
     url = f"{registry.url}/v2/{repository_path}/manifests/{digest}"
-    response = httpx.get(url, auth=registry.auth, headers={"Accept": MANIFEST_ACCEPT}, timeout=30)
+    response = web.get(url, auth=registry.auth, headers={"Accept": MANIFEST_ACCEPT}, timeout=30)
     response.raise_for_status()
     manifest = response.json()
     if "manifests" in manifest:  # an index: measure its first (only) platform

@@ -51,6 +51,7 @@ from v2_latency import MODEL_NAME, wait_for_build  # noqa: E402
 
 from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
 from mlflow_dock.imaging.smoke import SmokeLimits, SmokeTester  # noqa: E402
+from support import web  # noqa: E402
 
 EXAMPLE = "/opt/ml/model/serving_input_example.json"
 TARGET = 0.10
@@ -75,12 +76,12 @@ def unconfined(client: docker.DockerClient, image: str, example: bytes) -> float
             if container.status in ("exited", "dead"):
                 raise RuntimeError(container.logs().decode()[-2000:])
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                if web.get(f"{url}/ping", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("no answer on /ping")
             time.sleep(0.5)
-        answer = httpx.post(
+        answer = web.post(
             f"{url}/invocations",
             content=example,
             headers={"Content-Type": "application/json"},

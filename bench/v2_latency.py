@@ -79,6 +79,7 @@ from mlflow_dock.imaging.modelcar import (  # noqa: E402
 from mlflow_dock.oci.reference import ImageRef, modelcar_tag  # noqa: E402
 from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
 from mlflow_dock.serving.layer import v2_infer_path  # noqa: E402
+from support import web  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "v2-latency.md"
@@ -100,7 +101,7 @@ def wait_for_build(service: ServiceProcess, version: str, timeout: float) -> dic
     """The version's build job once it succeeded; raises if it failed or never came."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = httpx.get(
+        response = web.get(
             f"{service.url}/builds", params={"model": MODEL_NAME, "limit": 100}, timeout=10
         )
         response.raise_for_status()
@@ -278,7 +279,7 @@ def container(client: docker.DockerClient, registry: RegistryServer, image: str)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                if web.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
         else:

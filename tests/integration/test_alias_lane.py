@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.jobs import alias_of, build_of, job_detail, wait_for_job
 from support.servers import log_sklearn_model, register_model_version
 from support.slowproxy import SlowProxy, slow_proxy
@@ -43,7 +43,7 @@ BUILD_HOLD = 4.0
 
 
 def jobs_of(service: Any, model: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{service.url}/builds", params={"model": model, "limit": 100}, timeout=10)
+    response = web.get(f"{service.url}/builds", params={"model": model, "limit": 100}, timeout=10)
     response.raise_for_status()
     jobs: list[dict[str, Any]] = response.json()
     return jobs

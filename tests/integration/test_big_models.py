@@ -19,6 +19,7 @@ import pytest
 
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.big_models import log_weights_model, write_weights
 from support.jobs import build_of, job_detail, wait_for_job
 from support.servers import free_port
@@ -107,14 +108,14 @@ def test_a_version_that_keeps_its_weights_uploads_none_of_them_and_serves(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                if web.get(f"{url}/ping", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         else:
             raise AssertionError(container.logs(tail=30).decode())
-        answer = httpx.post(
+        answer = web.post(
             f"{url}/invocations", json={"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
         )
         assert answer.status_code == 200, answer.text

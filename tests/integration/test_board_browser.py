@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.jobs import BUILD_TIMEOUT, created_payload, signed_delivery
 from support.servers import log_sklearn_model
 
@@ -69,7 +69,7 @@ def wait_for_row(page, timeout: float, **attributes: str):
 
 
 def scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    text = web.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -134,7 +134,7 @@ def test_board_follows_a_real_build_and_a_failure(
     shown = done.locator("code.digest").inner_text().strip()
     job = next(
         j
-        for j in httpx.get(
+        for j in web.get(
             f"{service.url}/builds",
             params={"model": model_name},
             headers={"Authorization": f"Bearer {token}"},

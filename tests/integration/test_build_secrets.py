@@ -45,6 +45,7 @@ import pytest
 
 from mlflow import MlflowClient
 from mlflow_dock.oci import reference as naming
+from support import web
 from support.jobs import (
     build_of,
     created_payload,
@@ -316,7 +317,7 @@ def test_index_credentials_and_ca_bundle_are_in_nothing_published(
     for detail in build.details:
         texts += ["\n".join(detail["log_tail"]), json.dumps(detail)]
     for params in ({"model": model_name}, {}):
-        texts.append(httpx.get(f"{service.url}/builds", params=params, timeout=10).text)
+        texts.append(web.get(f"{service.url}/builds", params=params, timeout=10).text)
     for text in texts:
         assert build.token not in text and build.marker not in text
     # The service's files: job store, work directories, and the (shared) uv cache.
@@ -430,7 +431,7 @@ def _assert_answers_v2(
 ) -> None:
     docker_client.images.pull(image, auth_config=registry.auth_config)
     with serving_on_host_network(docker_client, image, "/v2/health/ready") as url:
-        metadata = httpx.get(f"{url}/v2/models/{model_name}/versions/{version}", timeout=10)
+        metadata = web.get(f"{url}/v2/models/{model_name}/versions/{version}", timeout=10)
         assert metadata.status_code == 200, metadata.text
         assert metadata.json()["versions"] == [version]
-        assert httpx.get(f"{url}/ping", timeout=10).status_code == 200
+        assert web.get(f"{url}/ping", timeout=10).status_code == 200

@@ -22,6 +22,7 @@ import sqlalchemy
 
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.cluster import (
     PostgresServer,
     RedisServer,
@@ -134,7 +135,7 @@ def deliver(replica: Any, secret: str, model: str, version: str, delivery: str) 
 
 
 def builds(replica: Any, model: str) -> list[dict[str, Any]]:
-    jobs = httpx.get(f"{replica.url}/builds", params={"model": model, "limit": 500}, timeout=10)
+    jobs = web.get(f"{replica.url}/builds", params={"model": model, "limit": 500}, timeout=10)
     return [j for j in jobs.json() if j["kind"] == "build"]
 
 
@@ -244,9 +245,7 @@ def test_100_versions_delivered_to_both_replicas_by_mlflow_are_built_once(
     assert len(jobs) == VERSIONS
     # The runtime was built once; every other version was assembled on an earlier image.
     logs = [
-        httpx.get(f"{replicas[0].url}/builds/{j['id']}", params={"log_lines": 500}).json()[
-            "log_tail"
-        ]
+        web.get(f"{replicas[0].url}/builds/{j['id']}", params={"log_lines": 500}).json()["log_tail"]
         for j in jobs
     ]
     assembled = [log for log in logs if any("in the registry on top of" in line for line in log)]
@@ -264,7 +263,7 @@ def test_100_versions_delivered_to_both_replicas_by_mlflow_are_built_once(
 def wait_running(replica: Any, job_id: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = httpx.get(f"{replica.url}/builds/{job_id}", timeout=10).json()["state"]
+        state = web.get(f"{replica.url}/builds/{job_id}", timeout=10).json()["state"]
         if state == "running":
             return
         assert state == "queued", state
@@ -291,7 +290,7 @@ def test_killed_worker_and_killed_replica(cluster, mlflow_server, registry):
     jobs = wait_all_succeeded(replicas[1], model, 2)
     taken_over = next(j for j in jobs if j["id"] == job_id)
     assert taken_over["attempts"] == 2  # the killed attempt and the one that finished
-    detail = httpx.get(f"{replicas[1].url}/builds/{job_id}", params={"log_lines": 500}).json()
+    detail = web.get(f"{replicas[1].url}/builds/{job_id}", params={"log_lines": 500}).json()
     assert any("expired" in line for line in detail["log_tail"]), detail["log_tail"]
     # Written by the workers, read by a replica that shares no disk with them.
     assert any("published" in line for line in detail["log_tail"]), detail["log_tail"]

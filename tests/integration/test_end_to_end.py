@@ -14,12 +14,12 @@ import uuid
 from datetime import datetime
 
 import docker.errors
-import httpx
 import pytest
 
 from mlflow_dock.imaging.smoke import OWNER_LABEL
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.jobs import (
     alias_of,
     build_of,
@@ -86,7 +86,7 @@ def test_registered_versions_and_aliases_become_images(
     assert naming.repository_name(model_name) != model_name  # the name needed sanitising
     assert job["image"] == f"{repository}:{version}"
     assert job["digest"].startswith("sha256:")
-    detail = httpx.get(f"{service.url}/builds/{job['id']}").json()
+    detail = web.get(f"{service.url}/builds/{job['id']}").json()
     assert any("published" in line for line in detail["log_tail"])
     assert all(registry.password not in line for line in detail["log_tail"])
 
@@ -126,7 +126,7 @@ def test_registered_versions_and_aliases_become_images(
     assert first.json()["job_id"] == replay.json()["job_id"] == other.json()["job_id"] == job["id"]
     builds = [
         j
-        for j in httpx.get(f"{service.url}/builds", params={"model": model_name}).json()
+        for j in web.get(f"{service.url}/builds", params={"model": model_name}).json()
         if j["kind"] == "build"
     ]
     assert len(builds) == 1 and builds[0]["attempts"] == 1
@@ -146,7 +146,7 @@ def test_registered_versions_and_aliases_become_images(
             d["digest"] for d in json.loads(client.get_manifest(path, second).body)["layers"]
         ]
     assert layers1[:-1] == layers2[:-1] and layers1[-1] != layers2[-1]
-    detail2 = httpx.get(f"{service.url}/builds/{job2['id']}", params={"log_lines": 500}).json()
+    detail2 = web.get(f"{service.url}/builds/{job2['id']}", params={"log_lines": 500}).json()
     assert any("assembled" in line for line in detail2["log_tail"])
     assert predict(docker_client, f"{repository}:{second}", registry) == [0, 2]
 
@@ -168,7 +168,7 @@ def test_registered_versions_and_aliases_become_images(
         service, lambda j: j["kind"] == "unalias" and j["model_name"] == model_name, timeout=120
     )
     assert removed["state"] == "succeeded" and removed["version"] == second
-    detail = httpx.get(f"{service.url}/builds/{removed['id']}").json()
+    detail = web.get(f"{service.url}/builds/{removed['id']}").json()
     assert any("left in place" in line for line in detail["log_tail"])
     with RegistryClient(
         registry.host, username=registry.username, password=registry.password
@@ -192,7 +192,7 @@ def test_killed_mid_build_resumes_after_restart(
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        jobs = httpx.get(f"{service.url}/builds", params={"model": model_name}).json()
+        jobs = web.get(f"{service.url}/builds", params={"model": model_name}).json()
         if jobs and jobs[0]["state"] == "running":
             break
         time.sleep(0.2)
@@ -205,7 +205,7 @@ def test_killed_mid_build_resumes_after_restart(
     job = wait_for_job(service, build_of(model_name, version))
     assert job["state"] == "succeeded", job
     assert job["attempts"] == 2
-    detail = httpx.get(f"{service.url}/builds/{job['id']}", params={"log_lines": 500}).json()
+    detail = web.get(f"{service.url}/builds/{job['id']}", params={"log_lines": 500}).json()
     # The killed process's lease ran out, so the restarted one took the job over (leases,
     # not "requeue everything at start": see README, Scaling out).
     assert any("expired; queued again" in line for line in detail["log_tail"])

@@ -11,8 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
-
+from support import web
 from support.jobs import created_payload, signed_delivery
 from support.servers import log_sklearn_model, register_model_version, start_registry
 
@@ -37,7 +36,7 @@ def deliver(service, secret, model, version) -> str:
 
 def job(service, job_id, log_lines: int = 0):
     params = {"log_lines": log_lines} if log_lines else None
-    return httpx.get(f"{service.url}/builds/{job_id}", params=params, timeout=10).json()
+    return web.get(f"{service.url}/builds/{job_id}", params=params, timeout=10).json()
 
 
 def wait_state(service, job_id, states, timeout: float = 600):

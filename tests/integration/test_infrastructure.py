@@ -21,6 +21,7 @@ import mlflow.artifacts
 import pytest
 
 from mlflow import MlflowClient
+from support import web
 from support.servers import (
     MlflowServer,
     RegistryServer,
@@ -56,14 +57,14 @@ def _push_errors(events: list[dict]) -> list[str]:
 
 
 def test_registry_requires_auth(registry: RegistryServer) -> None:
-    anonymous = httpx.get(f"{registry.url}/v2/_catalog", timeout=5)
+    anonymous = web.get(f"{registry.url}/v2/_catalog", timeout=5)
     assert anonymous.status_code == 401
     assert "basic" in anonymous.headers.get("www-authenticate", "").lower()
 
-    wrong = httpx.get(f"{registry.url}/v2/_catalog", auth=("dock", "wrong"), timeout=5)
+    wrong = web.get(f"{registry.url}/v2/_catalog", auth=("dock", "wrong"), timeout=5)
     assert wrong.status_code == 401
 
-    ok = httpx.get(f"{registry.url}/v2/_catalog", auth=registry.auth, timeout=5)
+    ok = web.get(f"{registry.url}/v2/_catalog", auth=registry.auth, timeout=5)
     assert ok.status_code == 200
     assert "repositories" in ok.json()
 
@@ -87,7 +88,7 @@ def test_push_with_per_call_credentials(
         docker_client.images.remove(f"{repo}:v1", force=True, noprune=True)
 
     name = repo.split("/", 1)[1]
-    tags = httpx.get(f"{registry.url}/v2/{name}/tags/list", auth=registry.auth, timeout=5)
+    tags = web.get(f"{registry.url}/v2/{name}/tags/list", auth=registry.auth, timeout=5)
     assert tags.status_code == 200
     assert tags.json()["tags"] == ["v1"]
     assert registry.stored_bytes() > before
@@ -169,17 +170,17 @@ HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 def test_service_starter_lifecycle(tmp_path: Path) -> None:
     service = start_service({}, tmp_path, command=(sys.executable, "-c", _STAND_IN))
     try:
-        assert httpx.get(f"{service.url}/health", timeout=5).status_code == 200
+        assert web.get(f"{service.url}/health", timeout=5).status_code == 200
         first_pid = service.pid
 
         service.kill()
         assert not service.running
         with pytest.raises(httpx.TransportError):
-            httpx.get(f"{service.url}/health", timeout=2)
+            web.get(f"{service.url}/health", timeout=2)
 
         service.restart()
         assert service.running and service.pid != first_pid
-        assert httpx.get(f"{service.url}/health", timeout=5).status_code == 200
+        assert web.get(f"{service.url}/health", timeout=5).status_code == 200
     finally:
         assert service.stop() == 0
     assert service.log_text().count("stand-in up") == 2
@@ -197,7 +198,7 @@ def test_service_starter_reports_log_tail_on_early_exit(tmp_path: Path) -> None:
 )
 def test_real_service_becomes_healthy(service_factory) -> None:
     service = service_factory()
-    health = httpx.get(f"{service.url}/health", timeout=5)
+    health = web.get(f"{service.url}/health", timeout=5)
     assert health.status_code == 200
     assert service.stop() is not None
     print(json.dumps({k: v for k, v in service.env.items() if k.startswith("MLFLOW_DOCK")}))

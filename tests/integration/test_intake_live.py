@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 
-import httpx
-
 from mlflow import MlflowClient
+from support import web
 from support.servers import MlflowServer, log_sklearn_model, register_model_version
 
 
 def _jobs(url: str, model: str) -> list[dict]:
-    response = httpx.get(f"{url}/builds", params={"model": model}, timeout=10)
+    response = web.get(f"{url}/builds", params={"model": model}, timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -54,5 +53,5 @@ def test_mlflow_deliveries_become_jobs_through_the_asgi_receiver(
         ("build", second, None, "queued"),
     ]
     # Every delivery answered 202 (MLflow retries anything else, which would show here).
-    metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
+    metrics = web.get(f"{service.url}/metrics", timeout=10).text
     assert 'mlflow_dock_webhook_deliveries_total{outcome="202"} 3.0' in metrics, metrics

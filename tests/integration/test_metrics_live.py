@@ -12,17 +12,17 @@ import json
 import time
 import uuid
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlflow_dock.intake.signatures import sign
+from support import web
 from support.jobs import build_of, created_payload, signed_delivery, wait_for_job
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(url: str) -> Samples:
-    response = httpx.get(f"{url}/metrics", timeout=10)
+    response = web.get(f"{url}/metrics", timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -37,7 +37,7 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
-    return httpx.post(f"{url}/webhook", content=body, headers=headers, timeout=10).status_code
+    return web.post(f"{url}/webhook", content=body, headers=headers, timeout=10).status_code
 
 
 def test_metrics_and_json_logs_move_with_real_events(service_factory, tmp_path):

@@ -18,7 +18,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mlflow_dock.imaging.dockerfile import serving_requirements
@@ -28,6 +27,7 @@ from mlflow_dock.imaging.wheels import Platform
 from mlflow_dock.mlflow.client import MlflowSource
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.images import copy_image, push_rootfs, put_index
 from support.jobs import build_of, invoke, job_detail, wait_for_job
 from support.servers import SYSTEM_CA_BUNDLE, RegistryServer, log_sklearn_model
@@ -161,7 +161,7 @@ def test_native_images_without_an_engine_share_package_layers_across_fresh_servi
 
 
 def _tags(registry: RegistryServer, path: str) -> list[str]:
-    response = httpx.get(f"{registry.url}/v2/{path}/tags/list", auth=registry.auth, timeout=10)
+    response = web.get(f"{registry.url}/v2/{path}/tags/list", auth=registry.auth, timeout=10)
     response.raise_for_status()
     return list(response.json().get("tags") or [])
 

@@ -36,6 +36,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.jobs import build_of, wait_for_job
 from support.oip import columns_as_tensors, infer_with_kserve, infer_with_tritonclient
 from support.servers import (
@@ -140,7 +141,7 @@ def running(docker_client, registry, image: str, **options: Any) -> Iterator[Run
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                if web.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
             container.reload()
             if container.status == "exited":
@@ -154,7 +155,7 @@ def running(docker_client, registry, image: str, **options: Any) -> Iterator[Run
 
 
 def invocations(url: str, payload: dict[str, Any]) -> Any:
-    response = httpx.post(f"{url}/invocations", json=payload, timeout=60)
+    response = web.post(f"{url}/invocations", json=payload, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()["predictions"]
 
@@ -198,7 +199,7 @@ def test_a_tensor_based_pyfunc_assembled_on_the_first_version(built, docker_clie
         )
         kserve = infer_with_kserve(server.url, built.model_name, {"x": x})
         # Another version's name answers 404: the V2 env is this version's, not version 1's.
-        assert httpx.get(f"{server.url}/v2/models/{built.model_name}/versions/1").status_code == 404
+        assert web.get(f"{server.url}/v2/models/{built.model_name}/versions/1").status_code == 404
     assert triton.outputs["scaled"].tolist() == expected["scaled"]
     assert triton.outputs["sum"].tolist() == expected["sum"]
     assert kserve.outputs["sum"].tolist() == expected["sum"]
@@ -249,7 +250,7 @@ def test_every_version_shares_the_serving_layer_and_records_both_protocols(
     assert len({tuple(layer[-1:]) for layer in layers}) == 3
     mlflow = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     for version in built.versions.values():
-        detail = httpx.get(f"{built.service_url}/builds/{version.job['id']}").json()
+        detail = web.get(f"{built.service_url}/builds/{version.job['id']}").json()
         assert detail["v2_model"] == built.model_name
         assert detail["modelcar"].startswith(f"{built.repository}@sha256:")
         tags = wait_for_tag(mlflow, built.model_name, version.number, "mlflow_dock.modelcar")
@@ -259,7 +260,7 @@ def test_every_version_shares_the_serving_layer_and_records_both_protocols(
             f"POST /v2/models/{encoded}/versions/{version.number}/infer"
             in (tags["mlflow_dock.endpoints"])
         )
-    board = httpx.get(f"{built.service_url}/", params={"model": built.model_name}).text
+    board = web.get(f"{built.service_url}/", params={"model": built.model_name}).text
     assert "POST /v2/models/" in board and "KServe Modelcar" in board
 
 

@@ -24,6 +24,7 @@ import pytest
 from mlflow_dock.errors import PermanentError
 from mlflow_dock.oci.manifest import DOCKER_MANIFEST
 from mlflow_dock.oci.remote import RegistryClient, RegistryPermanentError
+from support import web
 from support.servers import RegistryServer
 
 pytestmark = pytest.mark.integration
@@ -140,9 +141,7 @@ def test_delete_tag_never_touches_other_tags(
     client.tag(repo, "1", "champion")
 
     # What Distribution itself answers to a DELETE by tag, recorded for whoever reads this.
-    raw = httpx.delete(
-        f"{registry.url}/v2/{repo}/manifests/champion", auth=registry.auth, timeout=10
-    )
+    raw = web.delete(f"{registry.url}/v2/{repo}/manifests/champion", auth=registry.auth, timeout=10)
     deleted = client.delete_tag(repo, "champion")
 
     if distribution_major_version() == 2:

@@ -23,6 +23,7 @@ import pytest
 from docker.models.containers import Container
 from docker.models.images import Image
 
+from support import web
 from support.servers import free_port
 from support.service_image import ImageBuildError, build_image, service_build_context
 
@@ -118,7 +119,7 @@ def _wait_healthy(container: Container, url: str, timeout: float = 90.0) -> None
             pytest.fail(f"service container exited early:\n{logs[-4000:]}", pytrace=False)
         if not answered:
             with contextlib.suppress(httpx.HTTPError):
-                answered = httpx.get(url, timeout=2).status_code == 200
+                answered = web.get(url, timeout=2).status_code == 200
         health = container.attrs["State"].get("Health", {}).get("Status")
         if answered and health == "healthy":
             return
@@ -170,7 +171,7 @@ def test_serves_health_as_non_root_with_engine_access(
         },
     )
     _wait_healthy(container, f"http://127.0.0.1:{port}/health")
-    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"status": "healthy"}
+    assert web.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"status": "healthy"}
 
     assert _exec(container, ["id", "-u"]) == UID
     # The server process itself, not only execs, runs unprivileged.

@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mlflow import MlflowClient
+from support import web
 from support.jobs import build_of, created_payload, job_detail, signed_delivery, wait_for_job
 from support.servers import MlflowServer
 
@@ -151,10 +151,10 @@ def test_requirements_that_read_worker_files_or_reach_hosts_fail_before_any_requ
         detail = job_detail(service, job["id"])
         shown_everywhere = [
             job["error"],
-            httpx.get(f"{service.url}/builds", params={"model": model_name}).text,
+            web.get(f"{service.url}/builds", params={"model": model_name}).text,
             "\n".join(detail["log_tail"]),
-            httpx.get(f"{service.url}/").text,
-            httpx.get(f"{service.url}/models/{model_name}").text,
+            web.get(f"{service.url}/").text,
+            web.get(f"{service.url}/models/{model_name}").text,
             wait_for_error_tag(mlflow_client, model_name, versions[case]),
         ]
         for text in shown_everywhere:

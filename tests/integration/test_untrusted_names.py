@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-import httpx
-
 from mlflow import MlflowClient
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.manifest import OCI_INDEX
 from mlflow_dock.oci.remote import RegistryClient
+from support import web
 from support.jobs import alias_of, build_of, job_detail, wait_for_job
 from support.servers import RegistryServer, log_sklearn_model
 
@@ -26,9 +25,7 @@ SERVICE_REPOSITORY = "mlflow-dock-base"
 
 
 def tags_of(registry: RegistryServer, repository: str) -> list[str]:
-    response = httpx.get(
-        f"{registry.url}/v2/{repository}/tags/list", auth=registry.auth, timeout=10
-    )
+    response = web.get(f"{registry.url}/v2/{repository}/tags/list", auth=registry.auth, timeout=10)
     if response.status_code == 404:  # no such repository: nothing was ever pushed there
         return []
     response.raise_for_status()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 
+from support import web
 from support.oip import columns_as_tensors, infer_with_kserve, infer_with_tritonclient
 from support.servers import ModelServer, start_model_server
 from support.v2_models import IRIS_COLUMNS, MODEL_NAME, MODEL_VERSION
@@ -52,7 +52,7 @@ def iris_frame(rows):
 
 
 def invocations(url, payload):
-    response = httpx.post(f"{url}/invocations", json=payload, timeout=30)
+    response = web.post(f"{url}/invocations", json=payload, timeout=30)
     response.raise_for_status()
     return response.json()["predictions"]
 
@@ -98,7 +98,7 @@ def test_both_clients_against_a_tensor_model(tensor_server):
 
 
 def test_ping_still_answers_as_mlflow(iris_server):
-    response = httpx.get(f"{iris_server.url}/ping", timeout=10)
+    response = web.get(f"{iris_server.url}/ping", timeout=10)
     assert (response.status_code, response.text) == (200, "\n")
 
 

@@ -36,6 +36,7 @@ import httpx
 import yaml
 from docker.models.containers import Container
 
+from support import web
 from support.servers import REPO_ROOT, SYSTEM_CA_BUNDLE, free_port
 from support.service_image import (
     CONTEXT_FILES,
@@ -351,7 +352,7 @@ class ComposeStack:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=5).status_code == 200:
+                if web.get(url, timeout=5).status_code == 200:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} not answering after {timeout:.0f}s\n{self.logs()}")

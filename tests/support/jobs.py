@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from mlflow_dock.intake.signatures import sign
+from support import web
 from support.servers import free_port
 
 Job = dict[str, Any]
@@ -37,7 +38,7 @@ def wait_for_job(
     deadline = time.monotonic() + timeout
     jobs: list[Job] = []
     while time.monotonic() < deadline:
-        jobs = httpx.get(f"{service.url}/builds", timeout=10).json()
+        jobs = web.get(f"{service.url}/builds", timeout=10).json()
         for job in jobs:
             if predicate(job) and job["state"] in ("succeeded", "failed"):
                 return job
@@ -46,7 +47,7 @@ def wait_for_job(
 
 
 def job_detail(service: Any, job_id: str, log_lines: int = 500) -> Job:
-    return httpx.get(f"{service.url}/builds/{job_id}", params={"log_lines": log_lines}).json()
+    return web.get(f"{service.url}/builds/{job_id}", params={"log_lines": log_lines}).json()
 
 
 def build_of(model: str, version: str) -> Callable[[Job], bool]:
@@ -72,7 +73,7 @@ def signed_delivery(
     body = json.dumps(payload).encode()
     delivery_id = delivery_id or str(uuid.uuid4())
     ts = str(int(time.time()))
-    return httpx.post(
+    return web.post(
         f"{service.url}/webhook",
         content=body,
         headers={
@@ -101,7 +102,7 @@ def serving_on_host_network(
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 # Stock images' nginx answers 502 until uvicorn is up; only 200 means ready.
-                if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
+                if web.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
         else:
@@ -114,4 +115,4 @@ def serving_on_host_network(
 def invoke(docker_client: Any, image: str) -> httpx.Response:
     """Run `image` as platforms do (host network, $PORT injected) and POST the iris input."""
     with serving_on_host_network(docker_client, image) as url:
-        return httpx.post(f"{url}/invocations", json=IRIS_INPUT, timeout=30)
+        return web.post(f"{url}/invocations", json=IRIS_INPUT, timeout=30)

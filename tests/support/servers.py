@@ -30,6 +30,8 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
+from support import web
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUPPORT_DIR = Path(__file__).resolve().parent
 BASE_IMAGE_SCRIPT = SUPPORT_DIR / "build-base-image.sh"
@@ -152,7 +154,7 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> N
 
 def _answers(url: str, status: int) -> Callable[[], bool]:
     def check() -> bool:
-        return httpx.get(url, timeout=2).status_code == status
+        return web.get(url, timeout=2).status_code == status
 
     return check
 
