@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from mlflow_dock.errors import PermanentError
+from mlflow_dock.errors import PermanentError, RetryableError
+from mlflow_dock.imaging import smoke
 from mlflow_dock.imaging.dockerfile import MODEL_DIR, SERVING_PORT
 from mlflow_dock.imaging.smoke import (
     OWNER_LABEL,
@@ -50,6 +51,10 @@ class FakeContainer:
     # OOM-killed while the probe runs; the engine reports the exit only after this many reloads.
     killed_during_probe: bool = False
     reloads_until_exit: int = 0
+    # The probe dies and the container runs on; with ``oom_event`` the kernel killed it for the
+    # container's memory, OOMKilled stays false and only the engine's 'oom' event tells.
+    probe_dies: bool = False
+    oom_event: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = "running"
     removed: dict[str, Any] | None = None
@@ -121,6 +126,10 @@ class FakeApi:
 
     def exec_start(self, exec_id: str, stream: bool) -> Iterator[bytes]:
         container, cmd = self._execs[exec_id]
+        if container.probe_dies:
+            self._codes[exec_id] = 137
+            yield b""
+            return
         if container.killed_during_probe:
             container.oom, container.reloads_until_exit = True, 3
             self._codes[exec_id] = 137
@@ -162,6 +171,16 @@ class FakeEngine:
     def __init__(self, containers: FakeContainers) -> None:
         self.client = type("Client", (), {"containers": containers, "api": None})()
         self.client.api = FakeApi(containers)
+
+        def events(
+            since: int, until: int, filters: dict[str, str], decode: bool
+        ) -> Iterator[dict[str, Any]]:
+            assert filters["event"] == "oom" and decode and since < until
+            for container in containers.started:
+                if container.id == filters["container"] and container.oom_event:
+                    yield {"Action": "oom", "id": container.id}
+
+        self.client.events = events
 
 
 def make_tester(containers: FakeContainers, timeout: float = 20.0) -> SmokeTester:
@@ -232,6 +251,27 @@ def test_a_model_killed_while_probed_fails_once_the_engine_reports_the_exit(
     """The probe's stream ends before the engine marks the container exited: not a retry."""
     containers = FakeContainers(model_dir, behaviour={"killed_during_probe": True})
     with pytest.raises(PermanentError, match=r"memory limit \(512 MiB, MLFLOW_DOCK_SMOKE_MEMORY\)"):
+        make_tester(containers).check("reg/m:1", example, lambda _line: None)
+
+
+def test_a_probe_killed_for_the_containers_memory_fails_naming_the_limit(
+    model_dir: Path, example: Path
+) -> None:
+    """The container runs on (its main process was spared): the engine's 'oom' event decides."""
+    containers = FakeContainers(model_dir, behaviour={"probe_dies": True, "oom_event": True})
+    with pytest.raises(PermanentError, match=r"memory limit \(512 MiB, MLFLOW_DOCK_SMOKE_MEMORY\)"):
+        make_tester(containers).check("reg/m:1", example, lambda _line: None)
+    assert containers.started[0].status == "running"
+    assert containers.started[0].removed is not None
+
+
+def test_a_probe_that_dies_for_no_reported_reason_is_retried(
+    model_dir: Path, example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither an exit nor an 'oom' event within the grace: nothing says the model is at fault."""
+    monkeypatch.setattr(smoke, "EXIT_GRACE_SECONDS", 0.5)
+    containers = FakeContainers(model_dir, behaviour={"probe_dies": True})
+    with pytest.raises(RetryableError, match="the probe gave no answer"):
         make_tester(containers).check("reg/m:1", example, lambda _line: None)
 
 

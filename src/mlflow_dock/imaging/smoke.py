@@ -238,11 +238,12 @@ class SmokeTester:
         """
         started = time.monotonic()
         deadline = started + self._limits.timeout_seconds
+        since = time.time()
         container = self._start(image)
         try:
             log(f"smoke test: waiting for {image} to answer /ping (no network, confined)")
             path = f"{MODEL_DIR}/{example.name}" if example is not None else ""
-            detail = self._probe(container, deadline, path)
+            detail = self._probe(container, deadline, path, since)
             if example is not None:
                 log(f"smoke test: /invocations answered 200: {detail[:200]}")
             log(f"smoke test passed ({time.monotonic() - started:.1f}s)")
@@ -264,8 +265,11 @@ class SmokeTester:
         except Exception as exc:
             raise engine_error(exc, f"starting a smoke test of {image}") from exc
 
-    def _probe(self, container: Any, deadline: float, example: str) -> str:
-        """Wait for /ping and post the example inside the container; the answer's body."""
+    def _probe(self, container: Any, deadline: float, example: str, since: float) -> str:
+        """Wait for /ping and post the example inside the container; the answer's body.
+
+        ``since``: the wall-clock time the container was started, for the engine's events.
+        """
         budget = deadline - time.monotonic()
         command = ["python", "-I", "-S", "-c", _PROBE, str(SERVING_PORT), f"{budget:.1f}", example]
         try:
@@ -277,16 +281,19 @@ class SmokeTester:
                 raise engine_error(exc, "running the smoke-test probe") from exc
         result = last_json_line(output)
         if not result:
-            # The probe died with the container (the server exited or was killed). The engine
-            # records the exit a moment after the exec's stream ends: without the grace, an
-            # OOM kill looked like a probe that failed for no reason, and was retried.
-            if self._exited(container, grace=EXIT_GRACE_SECONDS):
-                raise PermanentError(self._exit_reason(container))
+            # The probe died with the container (the server exited or was killed), or the
+            # kernel killed the probe itself or a server's child for the container's memory:
+            # then the container runs on, and only the engine's 'oom' event says why. Both are
+            # reported a moment after the exec's stream ends (seconds on a loaded engine):
+            # without the grace, an OOM kill looked like a probe that failed for no reason, and
+            # was retried.
+            if self._ended(container, since, grace=EXIT_GRACE_SECONDS):
+                raise PermanentError(self._exit_reason(container, since))
             raise RetryableError(f"smoke test: the probe gave no answer: {output[-300:]}")
         state = result.get("state")
         if state == "timeout":
             if self._exited(container):
-                raise PermanentError(self._exit_reason(container))
+                raise PermanentError(self._exit_reason(container, since))
             what = "on /ping" if result.get("stage") == "ping" else "from /invocations"
             raise PermanentError(
                 f"smoke test: no answer {what} within {self._limits.timeout_seconds:.0f} s "
@@ -294,7 +301,7 @@ class SmokeTester:
             )
         if state == "error" or result.get("status") != 200:
             if self._exited(container):
-                raise PermanentError(self._exit_reason(container))
+                raise PermanentError(self._exit_reason(container, since))
             answer = result.get("detail") or f"answered {result.get('status')}: " + str(
                 result.get("body", "")
             )
@@ -304,21 +311,45 @@ class SmokeTester:
         return str(result.get("body", ""))
 
     @staticmethod
-    def _exited(container: Any, *, grace: float = 0.0) -> bool:
-        """Whether ``container`` has stopped, waiting up to ``grace`` seconds for it to."""
+    def _exited(container: Any) -> bool:
+        """Whether ``container`` has stopped, as the engine reports it now."""
+        with contextlib.suppress(Exception):
+            container.reload()
+        return container.status in ("exited", "dead")
+
+    def _ended(self, container: Any, since: float, *, grace: float) -> bool:
+        """Whether ``container`` stopped or had a process OOM-killed, waiting up to ``grace``."""
         give_up = time.monotonic() + grace
         while True:
-            with contextlib.suppress(Exception):
-                container.reload()
-            if container.status in ("exited", "dead"):
+            if self._exited(container) or self._oom_reported(container, since):
                 return True
             if time.monotonic() >= give_up:
                 return False
             time.sleep(0.2)
 
-    def _exit_reason(self, container: Any) -> str:
+    def _oom_reported(self, container: Any, since: float) -> bool:
+        """Whether the engine reported an OOM kill of any of the container's processes.
+
+        Its ``OOMKilled`` state covers only the container's main process; the 'oom' event covers
+        every process in its memory cgroup, the exec'd probe included.
+        """
+        try:
+            # Whole seconds (the engine's own timestamp format would read a fraction as
+            # nanoseconds); ``until`` just past now, so the stream ends instead of following.
+            events = self._engine.client.events(
+                since=int(since) - 1,
+                until=int(time.time()) + 1,
+                filters={"container": container.id, "event": "oom"},
+                decode=True,
+            )
+            return any(True for _event in events)
+        except Exception:
+            # No events from the engine: the exit, if any, still speaks for itself.
+            return False
+
+    def _exit_reason(self, container: Any, since: float) -> str:
         state = container.attrs.get("State") or {}
-        if state.get("OOMKilled"):
+        if state.get("OOMKilled") or self._oom_reported(container, since):
             return (
                 "smoke test: the model's server was killed for exceeding the memory limit "
                 f"({self._limits.memory_text}, MLFLOW_DOCK_SMOKE_MEMORY); " + _log_tail(container)
