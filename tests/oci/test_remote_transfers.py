@@ -221,7 +221,8 @@ def test_open_blob_streams_seeks_with_ranges_and_checks_the_digest():
         with c.open_blob(REPO, digest, size=len(data)) as blob:
             blob.seek(len(data) - 10)
             assert blob.read() == data[-10:]
-        registry.blobs[(REPO, digest)] = data[:-1] + b"!"
+        # The last byte flipped: a fixed replacement was no change when the random byte was it.
+        registry.blobs[(REPO, digest)] = data[:-1] + bytes([data[-1] ^ 0xFF])
         with c.open_blob(REPO, digest) as blob, pytest.raises(PermanentError, match="digest"):
             blob.read()
     ranged = [e for e in registry.log if e.response.status_code == 206]
