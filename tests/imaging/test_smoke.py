@@ -35,6 +35,7 @@ from mlflow_dock.imaging.smoke import (
     SmokeTester,
     confinement,
     engine_cpus,
+    owner_of,
 )
 
 
@@ -224,7 +225,7 @@ def test_a_serving_image_passes_confined_and_its_container_is_removed(
     assert options["environment"] == {"HOME": "/tmp", "MLFLOW_MODELS_WORKERS": "1"}
     # Labelled so a later start can tell whose container it was.
     assert options["labels"][SMOKE_LABEL] == "1"
-    assert options["labels"][OWNER_LABEL] == f"{socket.gethostname()}:{os.getpid()}"
+    assert options["labels"][OWNER_LABEL] == owner_of(os.getpid())
 
 
 def test_a_container_that_exits_fails_with_its_last_log_line(
@@ -319,15 +320,22 @@ def test_only_a_dead_owners_leftovers_are_removed(model_dir: Path) -> None:
         labels = {SMOKE_LABEL: "1"} | ({OWNER_LABEL: owner} if owner else {})
         return FakeContainer({"labels": labels}, model_dir)
 
-    dead = labelled(f"{host}:{_dead_pid()}")
-    alive = labelled(f"{host}:{os.getpid()}")
-    elsewhere = labelled("other-machine:1")
+    dead_pid = _dead_pid()
+    dead = labelled(owner_of(dead_pid))
+    alive = labelled(owner_of(os.getpid()))
+    elsewhere = labelled("other-machine:4026531836:1")
+    # A service in a container on the host's network: the host's name, its own PIDs. A PID
+    # that is dead here may be a live process there.
+    other_namespace = labelled(f"{host}:1:{dead_pid}")
+    # Labels written before the namespace was part of them say too little to tell.
+    legacy = labelled(f"{host}:{dead_pid}")
     unlabelled = labelled(None)
-    containers = FakeContainers(model_dir, existing=[dead, alive, elsewhere, unlabelled])
+    spared = [alive, elsewhere, other_namespace, legacy, unlabelled]
+    containers = FakeContainers(model_dir, existing=[dead, *spared])
     assert make_tester(containers).remove_leftovers() == 1
     # With its anonymous volume (a warm container's checks).
     assert dead.removed == {"force": True, "v": True}
-    assert alive.removed is None and elsewhere.removed is None and unlabelled.removed is None
+    assert [c.removed for c in spared] == [None] * len(spared)
 
 
 def test_the_cpu_limit_is_lowered_to_the_cpus_the_engine_has() -> None:

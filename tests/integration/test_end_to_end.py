@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from datetime import datetime
 import docker.errors
 import pytest
 
-from mlflow_dock.imaging.smoke import OWNER_LABEL
+from mlflow_dock.imaging.smoke import OWNER_LABEL, owner_of
 from mlflow_dock.oci import reference as naming
 from mlflow_dock.oci.remote import RegistryClient
 from support import web
@@ -211,7 +210,7 @@ def test_killed_mid_build_resumes_after_restart(
     assert any("expired; queued again" in line for line in detail["log_tail"])
     # A smoke-test container the killed process left behind is cleaned up on restart (and
     # only that: other processes' smoke containers on the same engine are theirs).
-    owned = f"{OWNER_LABEL}={socket.gethostname()}:{killed_pid}"
+    owned = f"{OWNER_LABEL}={owner_of(killed_pid)}"
     assert docker_client.containers.list(all=True, filters={"label": owned}) == []
 
 

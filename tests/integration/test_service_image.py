@@ -23,6 +23,7 @@ import pytest
 from docker.models.containers import Container
 from docker.models.images import Image
 
+from mlflow_dock.imaging.smoke import OWNER_LABEL, SMOKE_LABEL, owner_of
 from support import web
 from support.servers import free_port
 from support.service_image import ImageBuildError, build_image, service_build_context
@@ -134,7 +135,10 @@ def _wait_healthy(container: Container, url: str, timeout: float = 90.0) -> None
 
 
 def test_serves_health_as_non_root_with_engine_access(
-    service_image: Image, run_container: ContainerFactory
+    service_image: Image,
+    run_container: ContainerFactory,
+    docker_client: docker.DockerClient,
+    base_image: str,
 ) -> None:
     config = service_image.attrs["Config"]
     assert config["User"] == f"{UID}:{UID}"
@@ -147,6 +151,15 @@ def test_serves_health_as_non_root_with_engine_access(
     assert config["Labels"]["org.opencontainers.image.title"] == "mlflow-dock"
     assert config["Labels"]["org.opencontainers.image.version"] == "0.0.0-test"
 
+    # A running smoke test of a service on this host. The service below, on the host's network,
+    # has the host's name but its own PIDs: at start it removes crashed owners' leftovers, and
+    # must not take this live process for a dead one of its own.
+    neighbour = run_container(
+        docker_client.images.get(base_image),
+        ["sleep", "600"],
+        network_mode="none",
+        labels={SMOKE_LABEL: "1", OWNER_LABEL: owner_of(os.getpid())},
+    )
     port = free_port()
     access = _engine_access()
     container = run_container(
@@ -172,6 +185,8 @@ def test_serves_health_as_non_root_with_engine_access(
     )
     _wait_healthy(container, f"http://127.0.0.1:{port}/health")
     assert web.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"status": "healthy"}
+    neighbour.reload()  # NotFound if the service removed it
+    assert neighbour.status == "running"
 
     assert _exec(container, ["id", "-u"]) == UID
     # The server process itself, not only execs, runs unprivileged.

@@ -47,13 +47,14 @@ __all__ = [
     "SmokeLimits",
     "SmokeTester",
     "confinement",
+    "owner_of",
     "run_in_container",
 ]
 
 SMOKE_LABEL: Final = "io.mlflow-dock.smoke-test"
-# Which process started a smoke container: "<hostname>:<pid>". Several services (or a test
-# suite beside a running service) may share one engine; only a dead owner's containers are
-# leftovers, a live neighbour's are its own business.
+# Which process started a smoke container: "<hostname>:<pid namespace>:<pid>" (owner_of).
+# Several services (or a test suite beside a running service) may share one engine; only a dead
+# owner's containers are leftovers, a live neighbour's are its own business.
 OWNER_LABEL: Final = "io.mlflow-dock.smoke-owner"
 
 # Writable, empty and private to the container. nginx's directories are for MLflow's stock image
@@ -170,14 +171,33 @@ done(state="answered", status=status, body=body.decode("utf-8", "replace"))
 """
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (its inode), or "" where the kernel does not say."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def owner_of(pid: int) -> str:
+    """The :data:`OWNER_LABEL` of containers started by process ``pid`` of this PID namespace.
+
+    Host name, PID namespace and PID: a service in a container on the host's network has the
+    host's name but its own PIDs, and must not read a live host process's PID as a dead one of
+    its own (it removed a neighbour's running smoke tests so).
+    """
+    return f"{socket.gethostname()}:{_pid_namespace()}:{pid}"
+
+
 def _this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return owner_of(os.getpid())
 
 
 def _owner_is_gone(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        # Another machine's process (an engine shared over DOCKER_HOST): we cannot tell.
+    host, namespace, pid = [*owner.split(":"), "", ""][:3]
+    if (host, namespace) != (socket.gethostname(), _pid_namespace()) or not pid.isdigit():
+        # Another machine's or another PID namespace's process (an engine shared over
+        # DOCKER_HOST or a socket), or a label without a namespace: we cannot tell.
         return False
     try:
         os.kill(int(pid), 0)
