@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench"):
+for _entry in (REPO_ROOT / "src", REPO_ROOT / "bench", REPO_ROOT / "tests"):
     if str(_entry) not in sys.path:
         sys.path.insert(0, str(_entry))
 
@@ -63,7 +63,11 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import docker  # noqa: E402
 from build_speed import code_state, cpu_busy, machine_info  # noqa: E402
-from tests.support.servers import (  # noqa: E402
+
+from mlflow_dock.oci.reference import alias_tag  # noqa: E402
+from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
+from support import web  # noqa: E402
+from support.servers import (  # noqa: E402
     MlflowServer,
     RegistryServer,
     ServiceProcess,
@@ -75,10 +79,6 @@ from tests.support.servers import (  # noqa: E402
     start_registry,
     start_service,
 )
-
-from mlflow_dock.oci.reference import alias_tag  # noqa: E402
-from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
-from support import web  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "alias-latency.md"

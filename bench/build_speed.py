@@ -71,10 +71,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Run as a plain script: the repo root makes `tests.support` importable (tests/ has no
-# __init__.py, so it is a namespace package), src/ finds mlflow_dock even without the editable
+# Run as a plain script: tests/ makes the test support importable as the tests import it
+# (`support.*`, one copy of each module), src/ finds mlflow_dock even without the editable
 # install.
-for _entry in (REPO_ROOT / "src", REPO_ROOT):
+for _entry in (REPO_ROOT / "src", REPO_ROOT / "tests"):
     if str(_entry) not in sys.path:
         sys.path.insert(0, str(_entry))
 
@@ -84,15 +84,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import docker  # noqa: E402
-from tests.support.servers import (  # noqa: E402
-    SYSTEM_CA_BUNDLE,
-    MlflowServer,
-    RegistryServer,
-    ensure_base_image,
-    log_sklearn_model,
-    start_mlflow_server,
-    start_registry,
-)
 
 from mlflow_dock.app import Components  # noqa: E402
 from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
@@ -103,6 +94,15 @@ from mlflow_dock.jobs.worker import execute_job  # noqa: E402
 from mlflow_dock.oci.reference import repository_name  # noqa: E402
 from mlflow_dock.settings import Settings  # noqa: E402
 from support import web  # noqa: E402
+from support.servers import (  # noqa: E402
+    SYSTEM_CA_BUNDLE,
+    MlflowServer,
+    RegistryServer,
+    ensure_base_image,
+    log_sklearn_model,
+    start_mlflow_server,
+    start_registry,
+)
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"

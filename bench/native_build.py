@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench"):
+for _entry in (REPO_ROOT / "src", REPO_ROOT / "bench", REPO_ROOT / "tests"):
     if str(_entry) not in sys.path:
         sys.path.insert(0, str(_entry))
 

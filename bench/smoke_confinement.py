@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench"):
+for _entry in (REPO_ROOT / "src", REPO_ROOT / "bench", REPO_ROOT / "tests"):
     if str(_entry) not in sys.path:
         sys.path.insert(0, str(_entry))
 
@@ -43,15 +43,15 @@ import httpx  # noqa: E402
 from alias_latency import wait_for_cpu  # noqa: E402
 from build_speed import code_state, cpu_busy  # noqa: E402
 from stack import webhook_stack  # noqa: E402
-from tests.support.servers import (  # noqa: E402
-    free_port,
-    log_sklearn_model,
-)
 from v2_latency import MODEL_NAME, wait_for_build  # noqa: E402
 
 from mlflow_dock.imaging.engine import DockerEngine  # noqa: E402
 from mlflow_dock.imaging.smoke import SmokeLimits, SmokeTester  # noqa: E402
 from support import web  # noqa: E402
+from support.servers import (  # noqa: E402
+    free_port,
+    log_sklearn_model,
+)
 
 EXAMPLE = "/opt/ml/model/serving_input_example.json"
 TARGET = 0.10

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import docker
-from tests.support.servers import (
+
+from support.servers import (
     MlflowServer,
     RegistryServer,
     ServiceProcess,

@@ -50,7 +50,7 @@ from types import SimpleNamespace
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _entry in (REPO_ROOT / "src", REPO_ROOT, REPO_ROOT / "bench"):
+for _entry in (REPO_ROOT / "src", REPO_ROOT / "bench", REPO_ROOT / "tests"):
     if str(_entry) not in sys.path:
         sys.path.insert(0, str(_entry))
 
@@ -62,13 +62,6 @@ import httpx  # noqa: E402
 from alias_latency import wait_for_cpu  # noqa: E402
 from build_speed import code_state, cpu_busy, machine_info  # noqa: E402
 from stack import BUSYBOX, Stack, webhook_stack  # noqa: E402
-from tests.support.servers import (  # noqa: E402
-    RegistryServer,
-    ServiceProcess,
-    free_port,
-    log_sklearn_model,
-    register_model_version,
-)
 
 from mlflow_dock.imaging.modelcar import (  # noqa: E402
     BusyboxModelcars,
@@ -80,6 +73,13 @@ from mlflow_dock.oci.reference import ImageRef, modelcar_tag  # noqa: E402
 from mlflow_dock.oci.remote import RegistryClient  # noqa: E402
 from mlflow_dock.serving.layer import v2_infer_path  # noqa: E402
 from support import web  # noqa: E402
+from support.servers import (  # noqa: E402
+    RegistryServer,
+    ServiceProcess,
+    free_port,
+    log_sklearn_model,
+    register_model_version,
+)
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RESULT_FILE = RESULTS_DIR / "v2-latency.md"
