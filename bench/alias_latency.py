@@ -402,26 +402,6 @@ def render_report(
 # --------------------------------------------------------------------------- main
 
 
-def service_env(
-    registry: RegistryServer,
-    mlflow_server: MlflowServer,
-    *,
-    secret: str,
-    data_dir: Path,
-    base_image: str,
-) -> dict[str, str]:
-    """As tests/integration/conftest.py's ServiceFactory.env, plus host network, no smoke."""
-    return service_environment(
-        registry,
-        mlflow_server,
-        secret=secret,
-        data_dir=data_dir,
-        base_image=base_image,
-        MLFLOW_DOCK_BUILD_NETWORK="host",
-        MLFLOW_DOCK_SMOKE_TEST="false",
-    )
-
-
 def remove_local_images(client: docker.DockerClient, registry_host: str) -> int:
     """Remove the version images the service built for this run's registry (unique port)."""
     removed = 0
@@ -503,12 +483,15 @@ def main() -> int:
         registry = start_registry(workdir / "registry", "alias", secrets.token_urlsafe(18))
         mlflow_server = start_mlflow_server(workdir / "mlflow")
         secret = secrets.token_urlsafe(32)
-        env = service_env(
+        # The tests' service environment, on the host network and without smoke tests.
+        env = service_environment(
             registry,
             mlflow_server,
             secret=secret,
             data_dir=workdir / "service" / "data",
             base_image=base_image,
+            MLFLOW_DOCK_BUILD_NETWORK="host",
+            MLFLOW_DOCK_SMOKE_TEST="false",
         )
         if service_src is not None:
             env["PYTHONPATH"] = str(service_src)
