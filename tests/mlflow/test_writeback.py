@@ -125,6 +125,18 @@ def test_failures_stay_pending_and_are_never_raised(store):
     ]
 
 
+def test_the_status_is_written_last_so_its_reader_finds_the_rest(store):
+    """The status row is older (queued, running) than the error's: still applied after it."""
+    source = FlakySource(failures=0)
+    wb = MlflowWriteBack(source, store)  # type: ignore[arg-type]
+    wb.job_changed(job(state=JobState.RUNNING))
+    wb.job_changed(job(state=JobState.FAILED, error="smoke test: no answer"))
+    assert wb.flush_once() == 2
+    ((_, _, set_tags, _),) = source.applied
+    assert list(set_tags) == ["mlflow_dock.error", "mlflow_dock.status"]
+    assert set_tags["mlflow_dock.status"] == "failed"
+
+
 def test_newest_value_wins_and_survives_a_restart(tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     first = JobStore.from_url(url)

@@ -172,11 +172,11 @@ class MlflowSource:
     ) -> None:
         from mlflow.exceptions import MlflowException
 
+        """Delete ``delete_tags``, then set ``set_tags`` in their order, one call each (MLflow has
+        no batch for version tags): stale tags are gone before any new value is visible."""
         what = f"writing tags of '{name}' version {version}"
         client = self._client()
         try:
-            for key, value in set_tags.items():
-                client.set_model_version_tag(name, version, key, value)
             for key in delete_tags:
                 try:
                     client.delete_model_version_tag(name, version, key)
@@ -184,6 +184,8 @@ class MlflowSource:
                     # Deleting a tag that is not there is the outcome we wanted.
                     if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
+            for key, value in set_tags.items():
+                client.set_model_version_tag(name, version, key, value)
         except Exception as exc:
             raise translate_mlflow_error(exc, what) from exc
 

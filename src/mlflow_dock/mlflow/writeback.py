@@ -37,6 +37,7 @@ from mlflow_dock.serving.layer import v2_infer_path
 logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "mlflow_dock."
+STATUS_TAG = f"{TAG_PREFIX}status"
 # MLflow's refusals that no later attempt changes: the version does not exist (a webhook or
 # reconciliation named one MLflow never had) or the value is invalid. Credential refusals are
 # not here: an operator can fix those, and the tags then still arrive.
@@ -59,7 +60,7 @@ def updates_for(job: Job) -> list[TagUpdate]:
     if not job.version:
         return []
     if job.kind is JobKind.BUILD:
-        tags = {f"{TAG_PREFIX}status": job.state.value}
+        tags = {STATUS_TAG: job.state.value}
         deletes: tuple[str, ...] = ()
         if job.state is JobState.SUCCEEDED and job.image and job.digest:
             tags[f"{TAG_PREFIX}image"] = pinned(job.image, job.digest)
@@ -198,7 +199,14 @@ class MlflowWriteBack:
             groups.setdefault((write.model_name, write.version), []).append(write)
         written = 0
         for (model_name, version), writes in groups.items():
-            sets = {w.tag: w.value for w in writes if w.value is not None}
+            # MLflow takes one tag per call, so a reader may see any prefix of them: the status
+            # goes last, as it is what people and scripts wait on. Once it says "failed", the
+            # error is there; once "succeeded", the image is (deletes go first, see update_tags).
+            sets = {
+                w.tag: w.value
+                for w in sorted(writes, key=lambda w: w.tag == STATUS_TAG)
+                if w.value is not None
+            }
             deletes = tuple(w.tag for w in writes if w.value is None)
             try:
                 self._source.update_tags(model_name, version, sets, deletes)
